@@ -1,0 +1,156 @@
+"""``gb28181-sim``: run a fleet of simulated GB/T 28181 IPCs or NVRs against a server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from gb28181.ids import IdError, parse_id
+
+from .fleet import Fleet, FleetConfig, device_ids
+
+__all__ = ["main"]
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:5060)")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _gb_id(text: str) -> str:
+    try:
+        return parse_id(text).value
+    except IdError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _read_passwords(path: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.replace(",", " ").replace(";", " ").split()
+        if len(parts) < 2:
+            raise SystemExit(f"gb28181-sim: {path}:{n}: expected 'DEVICE_ID PASSWORD', got {line!r}")
+        out[parts[0]] = parts[1]
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gb28181-sim",
+        description="Emulate N GB/T 28181 devices (IPCs, or NVRs with channels) in one process: "
+                    "digest REGISTER, refresh, keepalives, re-register with back-off, and "
+                    "answers to DeviceInfo/Catalog/DeviceStatus queries.")
+    p.add_argument("--server", type=_host_port, default=("127.0.0.1", 5060), metavar="HOST:PORT",
+                   help="the platform's SIP address (default 127.0.0.1:5060)")
+    p.add_argument("--server-id", type=_gb_id, default="34020000002000000001",
+                   help="the platform's 20-digit ID; its first 10 digits are the SIP domain")
+    p.add_argument("--devices", "-n", type=int, default=1, help="how many devices (default 1)")
+    p.add_argument("--first-id", type=_gb_id, default="34020000001320000001",
+                   help="ID of the first device; the others count up from its serial")
+    p.add_argument("--nvr", action="store_true", help="simulate NVRs (type 118) with --channels each")
+    p.add_argument("--channels", type=int, default=16, help="channels per NVR (default 16)")
+    p.add_argument("--password", default="12345678", help="password of every device (default 12345678)")
+    p.add_argument("--passwords", metavar="FILE",
+                   help="per-device passwords, lines of 'DEVICE_ID PASSWORD' (override --password)")
+    p.add_argument("--transport", choices=("udp", "tcp"), default="udp")
+    p.add_argument("--bind", default="127.0.0.1", help="local address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="local SIP port of the shared socket (0: any)")
+    p.add_argument("--per-device-ports", action="store_true",
+                   help="one socket per device instead of one shared socket")
+    p.add_argument("--expires", type=int, default=3600, help="REGISTER Expires (default 3600)")
+    p.add_argument("--keepalive-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="seconds between keepalives (default 60)")
+    p.add_argument("--rate", type=float, default=500.0,
+                   help="devices started per second, to spread the first REGISTERs (default 500)")
+    p.add_argument("--retry-min", type=float, default=60.0, metavar="SECONDS",
+                   help="first back-off after a failed REGISTER (default 60, per §9.1.1)")
+    p.add_argument("--catalog-items", type=int, default=2,
+                   help="catalog items per Response MESSAGE (default 2, like a Hik NVR)")
+    p.add_argument("--duration", type=float, default=0.0, metavar="SECONDS",
+                   help="stop after this long (default: run until Ctrl-C)")
+    p.add_argument("--unregister", action="store_true", help="unregister every device on exit")
+    p.add_argument("--progress", type=float, default=1.0, metavar="SECONDS",
+                   help="progress line interval (0: none)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> FleetConfig:
+    if args.devices < 1:
+        raise SystemExit("gb28181-sim: --devices must be at least 1")
+    try:
+        device_ids(args.first_id, args.devices, nvr=args.nvr)
+    except ValueError as exc:
+        raise SystemExit(f"gb28181-sim: {exc}; lower --devices or --first-id's serial") from None
+    return FleetConfig(
+        server_host=args.server[0], server_port=args.server[1], server_id=args.server_id,
+        devices=args.devices, first_id=args.first_id, nvr=args.nvr, channels=args.channels,
+        password=args.password, passwords=_read_passwords(args.passwords) if args.passwords else {},
+        transport=args.transport, bind_host=args.bind, bind_port=args.port,
+        per_device_ports=args.per_device_ports, expires=args.expires,
+        keepalive_interval=args.keepalive_interval, register_rate=args.rate,
+        retry_min=args.retry_min, catalog_items_per_message=args.catalog_items)
+
+
+async def _run(cfg: FleetConfig, args: argparse.Namespace) -> dict:
+    fleet = Fleet(cfg)
+    await fleet.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    deadline = time.monotonic() + args.duration if args.duration > 0 else None
+    step = args.progress if args.progress > 0 else 1.0
+    while not stop.is_set():
+        timeout = step if deadline is None else max(0.0, min(step, deadline - time.monotonic()))
+        try:
+            await asyncio.wait_for(stop.wait(), timeout)
+        except TimeoutError:
+            pass
+        if args.progress > 0:
+            s = fleet.summary()
+            print(f"[{s['elapsed_s']:7.1f}s] registered {s['registered']}/{s['devices']}  "
+                  f"register failures {s['register_failures']}  keepalives ok {s['keepalives_ok']} "
+                  f"failed {s['keepalives_failed']}  queries answered {s['queries_answered']}",
+                  file=sys.stderr, flush=True)
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+    await fleet.stop(unregister=args.unregister)
+    return fleet.summary()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    cfg = config_from_args(args)
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    summary = asyncio.run(_run(cfg, args))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        lat = summary["register_latency_ms"]
+        print(f"devices {summary['devices']}: registered {summary['registered']}, "
+              f"never registered {summary['never_registered']}, register failures "
+              f"{summary['register_failures']}; keepalives {summary['keepalives_ok']} ok / "
+              f"{summary['keepalives_failed']} failed; REGISTER latency ms p50 {lat['p50']} "
+              f"p95 {lat['p95']} p99 {lat['p99']}")
+        for err, n in summary["errors"].items():
+            print(f"  {n} x {err}")
+    return 0 if summary["never_registered"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

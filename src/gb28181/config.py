@@ -1,0 +1,228 @@
+"""Server configuration: a YAML file validated by pydantic, every key overridable from the environment.
+
+Environment names follow the pydantic-settings convention and are a public contract that
+deployment scripts rely on: prefix ``GB28181_``, ``__`` between section and key
+(``GB28181_SIP__PORT``, ``GB28181_API__TOKEN``, ``GB28181_DATA_DIR``). The environment beats
+the file, the file beats the defaults. A bad value is reported as one line per fault naming
+the key, what is allowed and the environment variable that sets it (``ConfigError``).
+
+The defaults are a working single-host server: SQLite under ``./data``, SIP on 5060 (UDP and
+TCP), HTTP on 8080, the timers of GB/T 28181-2016 (§9.1.1, §9.6.1).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .ids import IdError, parse_id
+
+__all__ = ["Config", "ConfigError", "load_config", "ensure_api_token"]
+
+ENV_PREFIX = "GB28181_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSection(_Section):
+    id: str = Field("34020000002000000001", description="this platform's 20-digit ID (type code 200)")
+    domain: str = Field("3402000000", description="SIP domain: normally the first 10 digits of the ID")
+    realm: str | None = Field(None, description="digest realm; defaults to the domain")
+    name: str = "gb28181"
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, v: str) -> str:
+        try:
+            parse_id(v)
+        except IdError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("domain")
+    @classmethod
+    def _valid_domain(cls, v: str) -> str:
+        if not v or any(c.isspace() for c in v):
+            raise ValueError("the SIP domain must be a non-empty token such as 3402000000")
+        return v
+
+
+class SipSection(_Section):
+    host: str = Field("0.0.0.0", description="address to bind SIP UDP and TCP on")
+    port: int = Field(5060, ge=0, le=65535)
+    external_host: str | None = Field(None, description="address devices reach us at, if not host")
+    udp: bool = True
+    tcp: bool = True
+    max_message_size: int = Field(65535, ge=1024, le=4 * 1024 * 1024)
+    max_tcp_connections: int = Field(20000, ge=1)
+    t1: float = Field(0.5, gt=0, le=10, description="RFC 3261 T1 in seconds")
+
+
+class HttpSection(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class ApiSection(_Section):
+    token: str | None = Field(None, description="bearer token; generated into DATA_DIR/api-token if unset")
+    metrics_public: bool = Field(True, description="serve /metrics without the token")
+
+    @field_validator("token")
+    @classmethod
+    def _token_len(cls, v: str | None) -> str | None:
+        if v is not None and len(v) < 8:
+            raise ValueError("the API token must be at least 8 characters")
+        return v
+
+
+class AuthSection(_Section):
+    default_password: str = Field("12345678", min_length=1)
+    unknown_devices: Literal["admit", "refuse"] = Field(
+        "admit", description="admit unknown IDs with the default password, or refuse them (403)")
+    qop: bool = Field(False, description="offer qop=auth in challenges (some devices mishandle it)")
+    nonce_ttl: float = Field(300.0, gt=0)
+    max_failures: int = Field(5, ge=1, description="wrong passwords before a device ID/source is locked out")
+    failure_window: float = Field(300.0, gt=0)
+    lockout_seconds: float = Field(600.0, ge=0)
+
+
+class KeepaliveSection(_Section):
+    interval: float = Field(60.0, gt=0, description="expected keepalive interval, seconds (§9.6.1)")
+    count: int = Field(3, ge=1, description="missed keepalives before a device is offline")
+
+
+class RegistrationSection(_Section):
+    min_expires: int = Field(60, ge=1, description="shorter Expires get 423 Interval Too Brief")
+    max_expires: int = Field(86400, ge=1, description="longer Expires are cut to this")
+    default_expires: int = Field(3600, ge=1, description="granted when a REGISTER has no Expires")
+    query_device_info: bool = Field(True, description="ask DeviceInfo after each new registration")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RegistrationSection:
+        if not self.min_expires <= self.default_expires <= self.max_expires:
+            raise ValueError("need min_expires <= default_expires <= max_expires")
+        return self
+
+
+class DatabaseSection(_Section):
+    path: str | None = Field(None, description="SQLite file; defaults to DATA_DIR/gb28181.db")
+    flush_interval: float = Field(0.5, gt=0, le=60)
+
+
+class LogSection(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(BaseSettings):
+    """The whole configuration; see configs/default.yaml for a commented example."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__",
+                                      extra="forbid", case_sensitive=False)
+
+    data_dir: Path = Path("data")
+    server: ServerSection = ServerSection()
+    sip: SipSection = SipSection()
+    http: HttpSection = HttpSection()
+    api: ApiSection = ApiSection()
+    auth: AuthSection = AuthSection()
+    keepalive: KeepaliveSection = KeepaliveSection()
+    registration: RegistrationSection = RegistrationSection()
+    database: DatabaseSection = DatabaseSection()
+    log: LogSection = LogSection()
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource):
+        # The YAML file arrives as init kwargs; the environment must win over it.
+        return (env_settings, init_settings)
+
+    @property
+    def realm(self) -> str:
+        return self.server.realm or self.server.domain
+
+    @property
+    def database_path(self) -> Path:
+        return Path(self.database.path) if self.database.path else self.data_dir / "gb28181.db"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; ``str()`` is one line per fault."""
+
+
+def _env_name(loc: tuple) -> str:
+    return ENV_PREFIX + "__".join(str(p).upper() for p in loc)
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not isinstance(p, int))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against configs/default.yaml)"
+        got = err.get("input")
+        got_text = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) \
+            else f" (got {got!r})"
+        lines.append(f"config error: {key}: {msg}{got_text}; set it in {source} or {_env_name(loc)}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Config:
+    """Read ``path`` (YAML; None = defaults only), apply the environment, validate."""
+    data: dict[str, Any] = {}
+    source = str(path) if path else "the config file"
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"config error: cannot read {path}: {exc.strerror}; "
+                              f"pass an existing file to --config") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config error: {path} is not valid YAML{where}: "
+                              f"{getattr(exc, 'problem', exc)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config error: {path} must hold a mapping of sections "
+                              f"(server:, sip:, ...), not a {type(loaded).__name__}")
+        data = loaded
+    data.update(overrides)
+    try:
+        return Config(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def ensure_api_token(config: Config) -> tuple[str, Path | None]:
+    """The API token: from config/env, else read or create DATA_DIR/api-token (mode 600)."""
+    if config.api.token:
+        return config.api.token, None
+    path = config.data_dir / "api-token"
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+        if len(token) >= 8:
+            return token, path
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(token + "\n")
+    return token, path

@@ -1,0 +1,94 @@
+"""Incoming MESSAGE requests with MANSCDP bodies (§9.3–9.7): keepalives and query responses.
+
+Every MESSAGE is answered at once with a bodiless 200 (A.1) unless it is refused:
+415 for a body that is not MANSCDP, 400 for a body that cannot be read (the reason says why),
+404 for a sender we have never seen and 403 for a keepalive from a device whose registration
+is over, so that it registers again (PROTOCOL.md §3.1, WVP behaviour).
+
+A keepalive refreshes the device's address (it may have moved behind NAT), its ``keepalive_at``
+and, if it had gone offline, brings it back online. After a server restart, devices whose
+registration is still valid are online again with their next keepalive, without
+re-registering. Responses are handed to ``DeviceQueries``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from registry.devices import DeviceRegistry
+
+from . import manscdp
+from .presence import Presence
+from .queries import DeviceQueries
+from .sip.endpoint import SipEndpoint
+from .sip.message import make_response, new_tag, user_of
+from .sip.transaction import RequestReceived
+from .stats import Counters
+
+__all__ = ["MessageHandler"]
+
+log = logging.getLogger("gb28181.messages")
+
+
+class MessageHandler:
+    """Answers MESSAGE requests; see the module docstring."""
+
+    def __init__(self, *, registry: DeviceRegistry, presence: Presence, endpoint: SipEndpoint,
+                 queries: DeviceQueries, counters: Counters,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.registry = registry
+        self.presence = presence
+        self.endpoint = endpoint
+        self.queries = queries
+        self.counters = counters
+        self.clock = clock
+
+    def handle(self, ev: RequestReceived) -> None:
+        req = ev.request
+        txn = ev.transaction
+        assert txn is not None
+        counters = self.counters
+
+        def reply(status: int, reason: str = "") -> None:
+            self.endpoint.respond(txn, make_response(req, status, reason, to_tag=new_tag()))
+
+        if req.content_type != "application/manscdp+xml":
+            counters.messages_rejected["unsupported-content-type"] += 1
+            reply(415, "Unsupported Media Type: expected Application/MANSCDP+xml")
+            return
+        try:
+            msg = manscdp.parse(req.body)
+        except manscdp.ManscdpError as exc:
+            counters.messages_rejected["bad-body"] += 1
+            reply(400, f"Bad Request: {str(exc)[:100]}".replace("\r", " ").replace("\n", " "))
+            return
+        counters.messages[msg.cmd_type if len(counters.messages) < 64 else "other"] += 1
+        sender = user_of(req.headers["from"][0]) or msg.device_id
+        device = self.registry.get(sender)
+        if device is None:
+            counters.messages_rejected["unknown-device"] += 1
+            reply(404, "Not Found: unknown device; REGISTER first")
+            return
+        now = self.clock()
+        if msg.root == "Notify" and msg.cmd_type == "Keepalive":
+            if device.expires_at <= now:
+                counters.keepalives_rejected["not-registered"] += 1
+                reply(403, "Forbidden: not registered; REGISTER first")
+                return
+            counters.keepalives += 1
+            device.keepalive_at = now
+            device.last_seen = now
+            device.transport = ev.transport
+            device.host, device.port = ev.addr
+            if not device.online:
+                self.registry.set_online(device, True, "keepalive", at=now)
+            self.registry.touch(device)
+            self.presence.seen(device)
+            reply(200)
+            return
+        device.last_seen = now
+        reply(200)
+        if msg.root == "Response":
+            self.queries.resolve(sender, msg)

@@ -1,0 +1,114 @@
+"""MANSCDP queries to devices as awaitable request/response pairs (§9.5, A.2.4, A.2.6).
+
+A query is a MESSAGE with a ``<Query>`` body; the device answers it with a bodiless 200 and
+later sends the data in a separate MESSAGE whose ``<Response>`` carries the same CmdType and
+SN (A.1). ``DeviceQueries.query`` sends the first and waits for the second; the MESSAGE
+handler hands every incoming Response to ``resolve``. A semaphore bounds the queries in
+flight so that ten thousand devices registering at once do not become ten thousand
+simultaneous MESSAGEs (no storms, DEVELOPERS.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from registry.models import Device
+
+from . import manscdp
+from .config import Config
+from .sip.endpoint import SipEndpoint, SipTimeoutError, SipTransportError
+from .sip.message import new_request
+from .stats import Counters
+
+__all__ = ["DeviceQueries", "QueryError", "MANSCDP_CONTENT_TYPE"]
+
+log = logging.getLogger("gb28181.queries")
+
+MANSCDP_CONTENT_TYPE = "Application/MANSCDP+xml"
+
+
+class QueryError(RuntimeError):
+    """A query failed: refused by the device, not answered, or the device is unreachable."""
+
+
+class DeviceQueries:
+    """Send MANSCDP requests to devices and await their Responses."""
+
+    def __init__(self, *, config: Config, endpoint: SipEndpoint, counters: Counters,
+                 concurrency: int = 64, encoding: str = "GB2312") -> None:
+        self.config = config
+        self.endpoint = endpoint
+        self.counters = counters
+        self.encoding = encoding
+        self._limit = asyncio.Semaphore(concurrency)
+        self._sn = itertools.count(random.randint(1, 100_000))
+        self._pending: dict[tuple[str, str, int], asyncio.Future] = {}
+
+    def next_sn(self) -> int:
+        return next(self._sn)
+
+    def message_to(self, device: Device, body: bytes) -> Any:
+        """A MESSAGE request from this platform to ``device`` carrying ``body``."""
+        server = self.config.server
+        ep = self.endpoint
+        domain = device.device_id[:10]
+        return new_request(
+            "MESSAGE", f"sip:{device.device_id}@{device.host}:{device.port}",
+            via=ep.via(device.transport),
+            from_uri=f"sip:{server.id}@{server.domain}",
+            to_uri=f"sip:{device.device_id}@{domain}",
+            body=body, content_type=MANSCDP_CONTENT_TYPE, user_agent="gb28181")
+
+    async def query(self, device: Device, cmd_type: str,
+                    fields: Sequence[tuple[str, Any]] = (), *, timeout: float = 10.0,
+                    root: str = "Query") -> manscdp.Manscdp:
+        """Send ``<Query><CmdType>cmd_type</CmdType>…`` and return the device's Response."""
+        if not device.host:
+            raise QueryError(f"device {device.device_id} has no known address; it must register first")
+        async with self._limit:
+            sn = self.next_sn()
+            body = manscdp.build(root, cmd_type, sn, device.device_id, fields, encoding=self.encoding)
+            key = (device.device_id, cmd_type, sn)
+            future = asyncio.get_running_loop().create_future()
+            self._pending[key] = future
+            self.counters.queries_sent += 1
+            try:
+                request = self.message_to(device, body)
+                try:
+                    resp = await self.endpoint.request(request, (device.host, device.port),
+                                                       device.transport, timeout=timeout)
+                except (SipTimeoutError, SipTransportError) as exc:
+                    raise QueryError(f"{cmd_type} query to {device.device_id} not delivered: {exc}") from None
+                if resp.status >= 300:
+                    raise QueryError(f"{device.device_id} refused the {cmd_type} query: "
+                                     f"{resp.status} {resp.reason}")
+                try:
+                    return await asyncio.wait_for(future, timeout)
+                except TimeoutError:
+                    self.counters.queries_timed_out += 1
+                    raise QueryError(f"{device.device_id} accepted the {cmd_type} query but sent "
+                                     f"no Response within {timeout} s") from None
+            finally:
+                self._pending.pop(key, None)
+
+    def resolve(self, device_id: str, msg: manscdp.Manscdp) -> bool:
+        """Hand a Response to whoever waits for it; False if nobody does."""
+        if msg.sn is None:
+            return False
+        future = self._pending.get((device_id, msg.cmd_type, msg.sn))
+        if future is None:
+            # Some devices put a channel ID in <DeviceID>; the SN is unique enough to match.
+            for (dev, cmd, sn), fut in self._pending.items():
+                if sn == msg.sn and cmd == msg.cmd_type and msg.device_id.startswith(dev[:10]):
+                    future = fut
+                    break
+        if future is None or future.done():
+            return False
+        self.counters.queries_answered += 1
+        future.set_result(msg)
+        return True

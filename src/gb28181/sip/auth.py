@@ -1,0 +1,212 @@
+"""HTTP Digest authentication for SIP (RFC 2617 / RFC 3261 §22) as GB/T 28181 devices use it.
+
+Both sides live here: ``DigestServer`` issues nonces, checks ``Authorization`` headers and
+refuses replays; ``digest_response``/``authorization_header`` let the simulator (or a lower
+platform registering upward) answer a challenge.
+
+Nonces are self-validating: ``<issued-at hex>.<random hex>.<HMAC>``, so a forged or garbled
+nonce is refused without a lookup and an expired one is reported as stale (the device retries
+with the fresh nonce of the 401, without counting as a wrong password). Each issued nonce is
+also remembered (bounded) with the highest ``nc`` it was used with: without qop a nonce is
+good for one REGISTER, with qop ``nc`` must grow. That is what makes a captured REGISTER
+useless to replay. Retransmissions of one REGISTER never reach this code: the transaction
+layer absorbs them.
+
+Per PROTOCOL.md §2 the ``uri`` parameter is hashed exactly as sent (sipp sends
+``sip:<server ip>:<port>``, not the Request-URI), any realm is accepted, and both the qop and
+the plain RFC 2069 forms verify.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+
+__all__ = [
+    "AuthResult",
+    "DigestServer",
+    "authorization_header",
+    "digest_response",
+    "parse_auth_params",
+]
+
+_PARAM_RE = re.compile(r'\s*([A-Za-z0-9_-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*(?:,|$)')
+
+
+def parse_auth_params(value: str) -> tuple[str, dict[str, str]]:
+    """Split ``Digest k="v", k2=v2`` into the scheme and a dict with lower-case keys."""
+    value = value.strip()
+    scheme, _, rest = value.partition(" ")
+    params: dict[str, str] = {}
+    pos = 0
+    rest = rest.strip()
+    while pos < len(rest):
+        m = _PARAM_RE.match(rest, pos)
+        if not m or m.end() == pos:
+            break
+        raw = m.group(2)
+        if len(raw) >= 2 and raw[0] == '"' and raw[-1] == '"':
+            raw = raw[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+        params[m.group(1).lower()] = raw
+        pos = m.end()
+    return scheme, params
+
+
+def _md5(text: str) -> str:
+    return hashlib.md5(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def digest_response(*, username: str, realm: str, password: str, method: str, uri: str,
+                    nonce: str, qop: str | None = None, nc: str = "00000001",
+                    cnonce: str = "") -> str:
+    """The ``response`` value: MD5(HA1:nonce[:nc:cnonce:qop]:HA2) in lower-case hex."""
+    ha1 = _md5(f"{username}:{realm}:{password}")
+    ha2 = _md5(f"{method}:{uri}")
+    if qop:
+        return _md5(f"{ha1}:{nonce}:{nc}:{cnonce}:{qop}:{ha2}")
+    return _md5(f"{ha1}:{nonce}:{ha2}")
+
+
+def authorization_header(challenge: str, *, username: str, password: str, method: str,
+                         uri: str, nc: int = 1) -> str:
+    """Answer a ``WWW-Authenticate: Digest …`` challenge (client side)."""
+    _, params = parse_auth_params(challenge)
+    realm = params.get("realm", "")
+    nonce = params.get("nonce", "")
+    qop_offer = params.get("qop")
+    qop = None
+    if qop_offer is not None:
+        offered = [q.strip() for q in qop_offer.split(",")]
+        qop = "auth" if "auth" in offered else None
+    cnonce = os.urandom(8).hex() if qop else ""
+    ncs = f"{nc:08x}"
+    resp = digest_response(username=username, realm=realm, password=password, method=method,
+                           uri=uri, nonce=nonce, qop=qop, nc=ncs, cnonce=cnonce)
+    parts = [f'Digest username="{username}"', f'realm="{realm}"', f'nonce="{nonce}"',
+             f'uri="{uri}"', f'response="{resp}"', "algorithm=MD5"]
+    if qop:
+        parts += [f"qop={qop}", f"nc={ncs}", f'cnonce="{cnonce}"']
+    if "opaque" in params:
+        parts.append(f'opaque="{params["opaque"]}"')
+    return ", ".join(parts)
+
+
+@dataclass(slots=True, frozen=True)
+class AuthResult:
+    """Outcome of checking an Authorization header.
+
+    ``ok`` — verified. ``stale`` — the nonce is expired, unknown or already used: challenge
+    again with ``stale=true`` (not a password failure). Otherwise ``reason`` says why it
+    failed and ``wrong_password`` is set when the digest itself did not match.
+    """
+
+    ok: bool
+    stale: bool = False
+    wrong_password: bool = False
+    reason: str = ""
+
+
+class DigestServer:
+    """Issue challenges and verify digests; see the module docstring."""
+
+    def __init__(self, realm: str, *, nonce_ttl: float = 300.0, qop: bool = False,
+                 max_nonces: int = 200_000, secret: bytes | None = None) -> None:
+        self.realm = realm
+        self.nonce_ttl = nonce_ttl
+        self.qop = qop
+        self.max_nonces = max_nonces
+        self._secret = secret or os.urandom(32)
+        #: nonce -> highest nc seen (-1: issued, never used). Oldest first, for eviction.
+        self._nonces: OrderedDict[str, int] = OrderedDict()
+
+    def challenge(self, now: float, *, stale: bool = False) -> str:
+        """A fresh ``WWW-Authenticate`` value."""
+        nonce = self._new_nonce(now)
+        parts = [f'Digest realm="{self.realm}"', f'nonce="{nonce}"', "algorithm=MD5"]
+        if self.qop:
+            parts.append('qop="auth"')
+        if stale:
+            parts.append("stale=true")
+        return ", ".join(parts)
+
+    def _new_nonce(self, now: float) -> str:
+        body = f"{int(now * 1000):x}.{os.urandom(8).hex()}"
+        mac = hmac.new(self._secret, body.encode(), hashlib.sha256).hexdigest()[:16]
+        nonce = f"{body}.{mac}"
+        nonces = self._nonces
+        nonces[nonce] = -1
+        while len(nonces) > self.max_nonces:
+            nonces.popitem(last=False)
+        return nonce
+
+    def _nonce_age(self, nonce: str, now: float) -> float | None:
+        """Age in seconds of a nonce we issued, None if it is not one of ours."""
+        body, _, mac = nonce.rpartition(".")
+        if not body or len(mac) != 16:
+            return None
+        expect = hmac.new(self._secret, body.encode(), hashlib.sha256).hexdigest()[:16]
+        if not hmac.compare_digest(expect, mac):
+            return None
+        try:
+            issued = int(body.partition(".")[0], 16) / 1000
+        except ValueError:
+            return None
+        return now - issued
+
+    def verify(self, authorization: str, *, method: str, password: str, now: float,
+               username: str | None = None) -> AuthResult:
+        """Check an Authorization header value for ``method`` against ``password``."""
+        scheme, p = parse_auth_params(authorization)
+        if scheme.lower() != "digest":
+            return AuthResult(False, reason=f"unsupported authentication scheme {scheme[:20]!r}")
+        for key in ("username", "nonce", "uri", "response"):
+            if not p.get(key):
+                return AuthResult(False, reason=f"Authorization lacks the {key} parameter")
+        if username is not None and p["username"] != username:
+            return AuthResult(False, reason="Authorization username does not match the device ID")
+        algorithm = p.get("algorithm", "MD5")
+        if algorithm.upper() != "MD5":
+            return AuthResult(False, reason=f"unsupported digest algorithm {algorithm[:20]!r}")
+        nonce = p["nonce"]
+        age = self._nonce_age(nonce, now)
+        if age is None:
+            return AuthResult(False, stale=True, reason="nonce was not issued by this server")
+        if age > self.nonce_ttl or age < -5:
+            self._nonces.pop(nonce, None)
+            return AuthResult(False, stale=True, reason="nonce expired")
+        last_nc = self._nonces.get(nonce)
+        if last_nc is None:
+            # Ours and fresh, but forgotten (evicted under load or issued before a restart).
+            return AuthResult(False, stale=True, reason="nonce no longer tracked")
+        qop = p.get("qop")
+        if qop:
+            if qop.lower() != "auth":
+                return AuthResult(False, reason=f"unsupported qop {qop[:20]!r}")
+            try:
+                nc = int(p.get("nc", ""), 16)
+            except ValueError:
+                return AuthResult(False, reason="invalid nc parameter")
+            if nc <= last_nc:
+                return AuthResult(False, stale=True, reason="replayed nonce count")
+            expected = digest_response(
+                username=p["username"], realm=p.get("realm", ""), password=password,
+                method=method, uri=p["uri"], nonce=nonce, qop=qop, nc=p.get("nc", ""),
+                cnonce=p.get("cnonce", ""))
+        else:
+            if last_nc >= 0:
+                return AuthResult(False, stale=True, reason="replayed nonce")
+            nc = 0
+            expected = digest_response(username=p["username"], realm=p.get("realm", ""),
+                                       password=password, method=method, uri=p["uri"],
+                                       nonce=nonce)
+        if not hmac.compare_digest(expected, p["response"].lower()):
+            # Burn the nonce: each guess at a password costs the guesser a new challenge.
+            self._nonces[nonce] = max(nc, 0)
+            return AuthResult(False, wrong_password=True,
+                              reason="digest does not match (wrong password)")
+        self._nonces[nonce] = nc
+        return AuthResult(True)

@@ -1,0 +1,412 @@
+"""asyncio transports around the sans-IO SIP core: UDP and TCP on one port.
+
+``SipEndpoint`` is deliberately thin. Datagrams and TCP segments are cut and parsed
+(``framing``, ``message``), handed to the ``TransactionLayer`` with ``loop.time()`` as now,
+and whatever the layer wants sent goes out on the matching socket. One ``call_at`` handle
+drives all transaction timers. New requests reach the application through ``on_request``, a
+plain callable that may answer at once with ``respond`` (the registrar does, which keeps a
+REGISTER on one trip through the event loop) or start a task and answer later.
+
+Responses go back to the packet source (Via ``rport`` semantics, PROTOCOL.md §0): GB/T 28181
+devices are routinely behind NAT, and the source address is the only one that works.
+Broken input never escapes: a request we can make sense of gets a 400 naming the fault, the
+rest is counted and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .framing import FramingError, SipStreamFramer
+from .message import (
+    MAX_MESSAGE_SIZE,
+    SipParseError,
+    SipRequest,
+    SipResponse,
+    make_response,
+    new_branch,
+    parse_message,
+)
+from .transaction import (
+    Addr,
+    CancelReceived,
+    ClientTransaction,
+    RequestReceived,
+    ResponseReceived,
+    ServerTransaction,
+    StrayResponse,
+    TransactionLayer,
+    TransactionTimedOut,
+)
+
+__all__ = ["EndpointStats", "SipEndpoint", "SipTimeoutError", "SipTransportError"]
+
+log = logging.getLogger("gb28181.sip")
+
+
+class SipTimeoutError(TimeoutError):
+    """No final response arrived in time (Timer B/F, i.e. a 408 of our own)."""
+
+
+class SipTransportError(ConnectionError):
+    """The request could not be sent (TCP connect refused, connection lost)."""
+
+
+@dataclass(slots=True)
+class EndpointStats:
+    """Counters the metrics module exports."""
+
+    received: int = 0
+    sent: int = 0
+    parse_errors: int = 0
+    bad_requests_answered: int = 0
+    tcp_connections: int = 0
+    tcp_refused: int = 0
+
+
+class _Pending:
+    __slots__ = ("future", "on_provisional")
+
+    def __init__(self, future: asyncio.Future, on_provisional: Callable | None) -> None:
+        self.future = future
+        self.on_provisional = on_provisional
+
+
+class SipEndpoint:
+    """One SIP endpoint (server or simulator fleet) bound on UDP and TCP at one port."""
+
+    def __init__(
+        self,
+        host: str = "0.0.0.0",
+        port: int = 5060,
+        *,
+        advertised_host: str | None = None,
+        on_request: Callable[[RequestReceived], Any] | None = None,
+        on_cancel: Callable[[CancelReceived], Any] | None = None,
+        on_server_timeout: Callable[[ServerTransaction], Any] | None = None,
+        udp: bool = True,
+        tcp: bool = True,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+        max_tcp_connections: int = 20_000,
+        t1: float = 0.5,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.advertised_host = advertised_host or _advertise(host)
+        self.on_request = on_request
+        self.on_cancel = on_cancel
+        self.on_server_timeout = on_server_timeout
+        self.enable_udp = udp
+        self.enable_tcp = tcp
+        self.max_message_size = max_message_size
+        self.max_tcp_connections = max_tcp_connections
+        self.layer = TransactionLayer(t1=t1)
+        self.stats = EndpointStats()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp_server: asyncio.AbstractServer | None = None
+        self._tcp_conns: dict[Addr, _SipTcpProtocol] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when: float | None = None
+        self._closing = False
+        self._error_log_at = 0.0
+
+    # -- life cycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        if self.enable_udp:
+            self._udp, _ = await loop.create_datagram_endpoint(
+                lambda: _SipUdpProtocol(self), local_addr=(self.host, self.port),
+                reuse_port=False)
+            sock = self._udp.get_extra_info("socket")
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                try:  # a registrar takes bursts of thousands of datagrams: give it room
+                    sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
+                except OSError:
+                    pass
+            self.port = sock.getsockname()[1]
+        if self.enable_tcp:
+            self._tcp_server = await loop.create_server(
+                lambda: _SipTcpProtocol(self, None), self.host, self.port, reuse_address=True,
+                backlog=1024)
+            if not self.port:
+                self.port = self._tcp_server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        for txn in list(self.layer.client.values()):
+            pending = txn.context
+            if isinstance(pending, _Pending) and not pending.future.done():
+                pending.future.set_exception(SipTransportError("endpoint closed"))
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp_server is not None:
+            self._tcp_server.close()
+        for conn in list(self._tcp_conns.values()):
+            conn.close()
+        if self._tcp_server is not None:
+            await self._tcp_server.wait_closed()
+
+    # -- helpers for building requests --------------------------------------------------------
+    def via(self, transport: str = "udp", branch: str | None = None) -> str:
+        return (f"SIP/2.0/{transport.upper()} {self.advertised_host}:{self.port}"
+                f";rport;branch={branch or new_branch()}")
+
+    @property
+    def now(self) -> float:
+        return self._loop.time() if self._loop is not None else time.monotonic()
+
+    # -- sending ---------------------------------------------------------------------------
+    async def request(self, request: SipRequest, addr: Addr, transport: str = "udp", *,
+                      timeout: float | None = None,
+                      on_provisional: Callable[[SipResponse], Any] | None = None,
+                      ) -> SipResponse:
+        """Send ``request`` in a client transaction and wait for its final response.
+
+        Raises ``SipTimeoutError`` when the transaction times out (or ``timeout`` passes) and
+        ``SipTransportError`` when a TCP connection cannot be made.
+        """
+        if self._loop is None:
+            raise RuntimeError("SipEndpoint.start() has not been called")
+        if transport == "tcp" and addr not in self._tcp_conns:
+            await self._connect(addr)
+        future = self._loop.create_future()
+        txn = self.layer.send_request(request, addr, transport, self.now)
+        txn.context = _Pending(future, on_provisional)
+        self._flush()
+        try:
+            if timeout is None:
+                return await future
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            self.layer.fail(txn)
+            raise SipTimeoutError(f"no final response to {request.method} from "
+                                  f"{addr[0]}:{addr[1]} within {timeout} s") from None
+
+    def send_request_nowait(self, request: SipRequest, addr: Addr, transport: str = "udp",
+                            callback: Callable[[SipResponse | None], Any] | None = None,
+                            ) -> ClientTransaction:
+        """Fire a request without awaiting; ``callback`` gets the final response or None on timeout.
+
+        Over TCP only an existing connection is used.
+        """
+        txn = self.layer.send_request(request, addr, transport, self.now)
+        txn.context = callback
+        self._flush()
+        return txn
+
+    def respond(self, txn: ServerTransaction, response: SipResponse) -> None:
+        self.layer.send_response(txn, response, self.now)
+        self._flush()
+
+    def send_stateless(self, message: SipRequest | SipResponse, addr: Addr,
+                       transport: str = "udp") -> None:
+        self.layer.send_stateless(message.serialize(), addr, transport)
+        self._flush()
+
+    # -- internals -------------------------------------------------------------------------
+    async def _connect(self, addr: Addr) -> None:
+        assert self._loop is not None
+        try:
+            await self._loop.create_connection(lambda: _SipTcpProtocol(self, addr), addr[0], addr[1])
+        except OSError as exc:
+            raise SipTransportError(f"cannot open TCP connection to {addr[0]}:{addr[1]}: {exc}") from exc
+
+    def _flush(self) -> None:
+        out = self.layer.datagrams_to_send()
+        for data, transport, addr in out:
+            self.stats.sent += 1
+            if transport == "udp":
+                if self._udp is not None:
+                    self._udp.sendto(data, addr)
+            else:
+                conn = self._tcp_conns.get(addr)
+                if conn is not None:
+                    conn.write(data)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        when = self.layer.get_timer()
+        if when is None or self._closing or self._loop is None:
+            return
+        if self._timer_when is not None and self._timer_when <= when:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_when = when
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_when = None
+        self._dispatch(self.layer.handle_timer(self.now))
+        self._flush()
+
+    def _dispatch(self, events: list) -> None:
+        for ev in events:
+            try:
+                if isinstance(ev, RequestReceived):
+                    if self.on_request is not None:
+                        self.on_request(ev)
+                    elif ev.transaction is not None:
+                        self.respond(ev.transaction, make_response(ev.request, 501))
+                elif isinstance(ev, ResponseReceived):
+                    self._on_response(ev)
+                elif isinstance(ev, TransactionTimedOut):
+                    txn = ev.transaction
+                    if isinstance(txn, ClientTransaction):
+                        self._complete(txn, None)
+                    elif self.on_server_timeout is not None:
+                        self.on_server_timeout(txn)
+                elif isinstance(ev, CancelReceived):
+                    if self.on_cancel is not None:
+                        self.on_cancel(ev)
+                    else:
+                        self.respond(ev.transaction, make_response(ev.transaction.request, 487))
+                elif isinstance(ev, StrayResponse):
+                    pass
+            except Exception:  # an application bug must not take the transport down
+                log.exception("error handling %r", ev)
+
+    def _on_response(self, ev: ResponseReceived) -> None:
+        resp = ev.response
+        txn = ev.transaction
+        if resp.status < 200:
+            pending = txn.context
+            if isinstance(pending, _Pending) and pending.on_provisional is not None:
+                pending.on_provisional(resp)
+            return
+        self._complete(txn, resp)
+
+    def _complete(self, txn: ClientTransaction, resp: SipResponse | None) -> None:
+        ctx = txn.context
+        if isinstance(ctx, _Pending):
+            if not ctx.future.done():
+                if resp is None:
+                    ctx.future.set_exception(SipTimeoutError(
+                        f"no final response to {txn.method} from {txn.addr[0]}:{txn.addr[1]}"))
+                else:
+                    ctx.future.set_result(resp)
+        elif ctx is not None:
+            ctx(resp)
+
+    def _receive(self, data: bytes, addr: Addr, transport: str) -> None:
+        self.stats.received += 1
+        try:
+            msg = parse_message(data, max_size=self.max_message_size, stream=transport != "udp")
+        except SipParseError as exc:
+            self._bad_message(exc, addr, transport)
+            return
+        if isinstance(msg, SipRequest):
+            _mark_received(msg, addr)
+        self._dispatch(self.layer.receive(msg, addr, transport, self.now))
+        self._flush()
+
+    def _bad_message(self, exc: SipParseError, addr: Addr, transport: str) -> None:
+        self.stats.parse_errors += 1
+        now = time.monotonic()
+        if now - self._error_log_at > 1.0:  # a flood of garbage must not flood the log too
+            self._error_log_at = now
+            log.warning("unparsable SIP message from %s:%s/%s: %s", addr[0], addr[1], transport, exc)
+        partial = exc.message
+        if isinstance(partial, SipRequest) and partial.method != "ACK" and all(
+                partial.headers.get(h) for h in ("via", "from", "to", "call-id", "cseq")):
+            reason = str(exc).replace("\r", " ").replace("\n", " ")[:120]
+            try:
+                resp = make_response(partial, 400, f"Bad Request: {reason}")
+                self.layer.send_stateless(resp.serialize(), addr, transport)
+                self.stats.bad_requests_answered += 1
+                self._flush()
+            except (KeyError, ValueError):
+                pass
+
+
+def _mark_received(request: SipRequest, addr: Addr) -> None:
+    """Fill ``received``/``rport`` into the top Via (RFC 3261 §18.2.1, RFC 3581) for our answers."""
+    vias = request.headers["via"]
+    top = vias[0]
+    if ";rport" in top:
+        pos = top.find(";rport")
+        end = pos + 6
+        if end >= len(top) or top[end] == ";":
+            vias[0] = f"{top[:end]}={addr[1]};received={addr[0]}{top[end:]}"
+    elif ";received=" not in top:
+        vias[0] = f"{top};received={addr[0]}"
+
+
+def _advertise(host: str) -> str:
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+class _SipUdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, endpoint: SipEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        if len(data) <= 4 and not data.strip():
+            return  # CRLF keep-alive
+        self.endpoint._receive(data, (addr[0], addr[1]), "udp")
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable from a device that went away: nothing to do, the
+        # transaction will time out and the device go offline in time.
+        log.debug("UDP error: %s", exc)
+
+
+class _SipTcpProtocol(asyncio.Protocol):
+    def __init__(self, endpoint: SipEndpoint, peer: Addr | None) -> None:
+        self.endpoint = endpoint
+        self.peer = peer
+        self.framer = SipStreamFramer(endpoint.max_message_size)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        ep = self.endpoint
+        peername = transport.get_extra_info("peername")
+        self.peer = (peername[0], peername[1])
+        if len(ep._tcp_conns) >= ep.max_tcp_connections:
+            ep.stats.tcp_refused += 1
+            log.warning("refusing TCP connection from %s:%s: %d connections open (sip.max_tcp_connections)",
+                        *self.peer, len(ep._tcp_conns))
+            transport.abort()
+            return
+        ep._tcp_conns[self.peer] = self
+        ep.stats.tcp_connections += 1
+
+    def data_received(self, data: bytes) -> None:
+        assert self.peer is not None
+        try:
+            messages = self.framer.feed(data)
+        except FramingError as exc:
+            self.endpoint._bad_message(exc, self.peer, "tcp")
+            self.close()
+            return
+        for raw in messages:
+            self.endpoint._receive(raw, self.peer, "tcp")
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None and self.endpoint._tcp_conns.get(self.peer) is self:
+            del self.endpoint._tcp_conns[self.peer]

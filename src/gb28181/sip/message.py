@@ -1,0 +1,587 @@
+"""SIP message codec: bytes in, ``SipRequest``/``SipResponse`` out, and back (RFC 3261 §7, §20).
+
+This is the bottom of the SIP stack. The transaction layer (``transaction.py``) and the TCP
+framer (``framing.py``) sit above it; nothing here does I/O. It is written for what GB/T 28181
+devices really send (PROTOCOL.md §9): any header order, compact header names, names in any case,
+folded lines, space-padded Content-Length, LF-only line ends, ``Route`` from devices,
+``.spvmn.cn`` and ``IP:port`` hosts. Garbage raises ``SipParseError``; nothing else escapes.
+
+Headers are kept in a dict from lower-case long name to a list of values, in arrival order, and
+written back with their canonical spelling. Header bytes are decoded as UTF-8 with
+``surrogateescape`` so that a device's odd bytes (a GB2312 display name) survive a round trip.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+__all__ = [
+    "MAX_MESSAGE_SIZE",
+    "NameAddr",
+    "SipMessage",
+    "SipParseError",
+    "SipRequest",
+    "SipResponse",
+    "SipUri",
+    "Via",
+    "make_response",
+    "new_branch",
+    "new_call_id",
+    "new_request",
+    "new_tag",
+    "parse_message",
+    "parse_name_addr",
+    "parse_uri",
+    "parse_via",
+    "REASONS",
+]
+
+#: A message larger than this is refused (UDP cannot carry more than 64 KiB anyway; over TCP
+#: the framer enforces the same bound so one peer cannot make us buffer without limit).
+MAX_MESSAGE_SIZE = 256 * 1024
+
+_COMPACT = {
+    "i": "call-id", "m": "contact", "e": "content-encoding", "l": "content-length",
+    "c": "content-type", "f": "from", "s": "subject", "k": "supported", "t": "to",
+    "v": "via", "o": "event", "u": "allow-events", "r": "refer-to", "b": "referred-by",
+    "x": "session-expires",
+}
+
+_CANONICAL = {
+    "call-id": "Call-ID", "cseq": "CSeq", "www-authenticate": "WWW-Authenticate",
+    "mime-version": "MIME-Version", "sip-etag": "SIP-ETag", "sip-if-match": "SIP-If-Match",
+    "x-gb-ver": "X-GB-Ver",
+}
+
+#: Headers whose comma-separated values are separate header fields (RFC 3261 §7.3.1). Only the
+#: ones we read are split; others are kept verbatim.
+_SPLIT_ON_COMMA = frozenset(("via", "route", "record-route"))
+
+REASONS = {
+    100: "Trying", 101: "Dialog Establishment", 180: "Ringing", 183: "Session Progress",
+    200: "OK", 202: "Accepted",
+    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 415: "Unsupported Media Type",
+    423: "Interval Too Brief", 480: "Temporarily Unavailable",
+    481: "Call/Transaction Does Not Exist", 482: "Loop Detected", 483: "Too Many Hops",
+    486: "Busy Here", 487: "Request Terminated", 488: "Not Acceptable Here",
+    489: "Bad Event", 500: "Server Internal Error", 501: "Not Implemented",
+    503: "Service Unavailable", 504: "Server Time-out", 505: "Version Not Supported",
+    513: "Message Too Large",
+}
+
+
+class SipParseError(ValueError):
+    """The bytes are not a usable SIP message; the text names what is wrong.
+
+    ``message`` holds what could be parsed (start line and headers) when the failure came
+    later, so a server can still answer a broken request with a 400.
+    """
+
+    def __init__(self, text: str, message: SipMessage | None = None) -> None:
+        super().__init__(text)
+        self.message = message
+
+
+def canonical_name(lower: str) -> str:
+    """The conventional spelling of a lower-case header name (``call-id`` → ``Call-ID``)."""
+    name = _CANONICAL.get(lower)
+    if name is None:
+        name = "-".join(part[:1].upper() + part[1:] for part in lower.split("-"))
+        _CANONICAL[lower] = name
+    return name
+
+
+class SipMessage:
+    """Headers and body shared by requests and responses."""
+
+    __slots__ = ("headers", "body")
+
+    def __init__(self, headers: dict[str, list[str]] | None = None, body: bytes = b"") -> None:
+        self.headers: dict[str, list[str]] = headers if headers is not None else {}
+        self.body = body
+
+    # -- header access -------------------------------------------------------------------
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """First value of a header (name in any case), or ``default``."""
+        values = self.headers.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name: str) -> list[str]:
+        return list(self.headers.get(name.lower(), ()))
+
+    def set(self, name: str, value: str | int) -> None:
+        self.headers[name.lower()] = [str(value)]
+
+    def add(self, name: str, value: str | int) -> None:
+        self.headers.setdefault(name.lower(), []).append(str(value))
+
+    def remove(self, name: str) -> None:
+        self.headers.pop(name.lower(), None)
+
+    def __contains__(self, name: str) -> bool:
+        return name.lower() in self.headers
+
+    # -- common fields -------------------------------------------------------------------
+    @property
+    def call_id(self) -> str:
+        return self.headers["call-id"][0]
+
+    @property
+    def cseq(self) -> tuple[int, str]:
+        """(number, METHOD) of the CSeq header."""
+        num, _, method = self.headers["cseq"][0].partition(" ")
+        return int(num), method.strip().upper()
+
+    @property
+    def from_tag(self) -> str | None:
+        return _tag_of(self.headers["from"][0])
+
+    @property
+    def to_tag(self) -> str | None:
+        return _tag_of(self.headers["to"][0])
+
+    @property
+    def top_via(self) -> Via:
+        return parse_via(self.headers["via"][0])
+
+    @property
+    def content_type(self) -> str:
+        """Content-Type media type in lower case without parameters ('' if absent)."""
+        values = self.headers.get("content-type")
+        if not values:
+            return ""
+        return values[0].partition(";")[0].strip().lower()
+
+    def _head_lines(self) -> list[str]:
+        lines = []
+        for lower, values in self.headers.items():
+            if lower == "content-length":
+                continue
+            name = canonical_name(lower)
+            for value in values:
+                lines.append(f"{name}: {value}")
+        lines.append(f"Content-Length: {len(self.body)}")
+        return lines
+
+    def start_line(self) -> str:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def serialize(self) -> bytes:
+        """Wire form; Content-Length is always recomputed from the body."""
+        head = "\r\n".join([self.start_line(), *self._head_lines()])
+        return head.encode("utf-8", "surrogateescape") + b"\r\n\r\n" + self.body
+
+    def __bytes__(self) -> bytes:
+        return self.serialize()
+
+
+class SipRequest(SipMessage):
+    """A SIP request: method, Request-URI, headers, body."""
+
+    __slots__ = ("method", "uri")
+
+    def __init__(self, method: str, uri: str, headers: dict[str, list[str]] | None = None,
+                 body: bytes = b"") -> None:
+        super().__init__(headers, body)
+        self.method = method
+        self.uri = uri
+
+    def start_line(self) -> str:
+        return f"{self.method} {self.uri} SIP/2.0"
+
+    def __repr__(self) -> str:
+        return f"<SipRequest {self.method} {self.uri}>"
+
+
+class SipResponse(SipMessage):
+    """A SIP response: status code, reason phrase, headers, body."""
+
+    __slots__ = ("status", "reason")
+
+    def __init__(self, status: int, reason: str = "", headers: dict[str, list[str]] | None = None,
+                 body: bytes = b"") -> None:
+        super().__init__(headers, body)
+        self.status = status
+        self.reason = reason or REASONS.get(status, "")
+
+    def start_line(self) -> str:
+        return f"SIP/2.0 {self.status} {self.reason}"
+
+    def __repr__(self) -> str:
+        return f"<SipResponse {self.status} {self.reason}>"
+
+
+# -- parsing -----------------------------------------------------------------------------
+
+_REQUIRED = ("via", "from", "to", "call-id", "cseq")
+_METHOD_RE = re.compile(r"[A-Za-z][A-Za-z0-9._!%*+`'~-]*\Z")
+
+
+def find_head_end(data: bytes, start: int = 0) -> tuple[int, int]:
+    """Index where the header block ends and where the body starts, or (-1, -1).
+
+    Accepts CRLF CRLF and, for devices that write bare LFs, LF LF (and mixtures thereof).
+    """
+    crlf = data.find(b"\r\n\r\n", start)
+    lf = data.find(b"\n\n", start)
+    if lf != -1 and (crlf == -1 or lf < crlf):
+        # "\r\n\n" counts as the end too: its last two bytes are LF LF.
+        return lf, lf + 2
+    if crlf != -1:
+        return crlf, crlf + 4
+    return -1, -1
+
+
+def parse_content_length(values: list[str] | None) -> int | None:
+    """Content-Length as an int (space padding allowed), None if absent; raises if invalid."""
+    if not values:
+        return None
+    text = values[0].strip()
+    if not text.isdigit():
+        raise SipParseError(f"invalid Content-Length {values[0]!r}: expected a decimal byte count")
+    return int(text)
+
+
+def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE,
+                  stream: bool = False) -> SipRequest | SipResponse:
+    """Parse one complete SIP message.
+
+    With ``stream=False`` (a UDP datagram) the body is whatever follows the headers, cut to
+    Content-Length when that is shorter; a Content-Length larger than what arrived is an
+    error. With ``stream=True`` the caller (the TCP framer) has already cut the message.
+    """
+    if len(data) > max_size:
+        raise SipParseError(f"message of {len(data)} bytes exceeds the {max_size}-byte limit")
+    # Leading CRLFs are keep-alive pings or padding (RFC 5626 §3.5.1); skip them.
+    start = 0
+    while start < len(data) and data[start] in (13, 10):
+        start += 1
+    head_end, body_start = find_head_end(data, start)
+    if head_end == -1:
+        # A message with no body may also end after a single line break at end of data.
+        if not data[start:]:
+            raise SipParseError("empty message")
+        head_end = body_start = len(data)
+    head = data[start:head_end].decode("utf-8", "surrogateescape")
+    lines = head.split("\n")
+    first = lines[0].rstrip("\r")
+    msg: SipRequest | SipResponse
+    if first.startswith("SIP/"):
+        version, _, rest = first.partition(" ")
+        if version != "SIP/2.0":
+            raise SipParseError(f"unsupported SIP version {version!r}")
+        code, _, reason = rest.partition(" ")
+        if len(code) != 3 or not code.isdigit() or code[0] == "0":
+            raise SipParseError(f"invalid status line {first!r}")
+        msg = SipResponse(int(code), reason.strip())
+    else:
+        parts = first.split(" ")
+        if len(parts) != 3 or not parts[1]:
+            raise SipParseError(f"invalid request line {first[:80]!r}")
+        method, uri, version = parts
+        if version != "SIP/2.0":
+            raise SipParseError(f"unsupported SIP version {version[:16]!r} in request line")
+        if not _METHOD_RE.match(method):
+            raise SipParseError(f"invalid method {method[:32]!r}")
+        msg = SipRequest(method.upper(), uri)
+
+    headers = msg.headers
+    last: list[str] | None = None
+    for raw in lines[1:]:
+        line = raw.rstrip("\r")
+        if not line:
+            continue
+        if line[0] in " \t":
+            # Folded continuation of the previous header (RFC 3261 §7.3.1).
+            if last is None:
+                raise SipParseError("header block starts with a continuation line", msg)
+            last[-1] = f"{last[-1]} {line.strip()}"
+            continue
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise SipParseError(f"header line without a colon: {line[:80]!r}", msg)
+        lower = name.strip().lower()
+        if not lower or " " in lower:
+            raise SipParseError(f"invalid header name {name[:40]!r}", msg)
+        lower = _COMPACT.get(lower, lower)
+        value = value.strip()
+        values = headers.get(lower)
+        if values is None:
+            values = headers[lower] = []
+        if lower in _SPLIT_ON_COMMA and "," in value:
+            values.extend(v.strip() for v in _split_commas(value) if v.strip())
+        else:
+            values.append(value)
+        last = values
+
+    for required in _REQUIRED:
+        if not headers.get(required):
+            raise SipParseError(f"missing mandatory header {canonical_name(required)}", msg)
+    cseq = headers["cseq"][0]
+    num, _, method = cseq.partition(" ")
+    if not num.strip().isdigit() or not method.strip() or int(num) > 2**31 - 1:
+        raise SipParseError(f"invalid CSeq {cseq[:40]!r}", msg)
+    if isinstance(msg, SipRequest) and method.strip().upper() != msg.method:
+        raise SipParseError(f"CSeq method {method.strip()!r} does not match {msg.method}", msg)
+
+    length = parse_content_length_safe(headers, msg)
+    rest = data[body_start:]
+    if length is None:
+        msg.body = rest if not stream else b""
+    elif length > len(rest):
+        raise SipParseError(
+            f"body is {len(rest)} bytes but Content-Length says {length}: truncated message", msg)
+    else:
+        msg.body = rest[:length]
+    return msg
+
+
+def parse_content_length_safe(headers: dict[str, list[str]], msg: SipMessage) -> int | None:
+    try:
+        return parse_content_length(headers.get("content-length"))
+    except SipParseError as exc:
+        raise SipParseError(str(exc), msg) from None
+
+
+def _split_commas(value: str) -> list[str]:
+    """Split a header value on commas that are not inside quotes or angle brackets."""
+    if '"' not in value and "<" not in value:
+        return value.split(",")
+    out, buf, quoted, angled = [], [], False, False
+    for ch in value:
+        if ch == '"':
+            quoted = not quoted
+        elif ch == "<" and not quoted:
+            angled = True
+        elif ch == ">" and not quoted:
+            angled = False
+        elif ch == "," and not quoted and not angled:
+            out.append("".join(buf))
+            buf = []
+            continue
+        buf.append(ch)
+    out.append("".join(buf))
+    return out
+
+
+# -- Via ---------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Via:
+    """One Via header value: ``SIP/2.0/UDP host:port;branch=…;rport``."""
+
+    transport: str
+    host: str
+    port: int | None
+    params: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def branch(self) -> str | None:
+        return self.params.get("branch")
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        sent_by = f"{host}:{self.port}" if self.port else host
+        params = "".join(f";{k}" if v is None else f";{k}={v}" for k, v in self.params.items())
+        return f"SIP/2.0/{self.transport} {sent_by}{params}"
+
+
+def parse_via(value: str) -> Via:
+    """Parse one Via value; raises SipParseError when it is not ``SIP/2.0/<T> host[:port]``."""
+    proto, _, rest = value.strip().partition(" ")
+    parts = proto.split("/")
+    if len(parts) != 3 or parts[0].upper() != "SIP":
+        raise SipParseError(f"invalid Via {value[:80]!r}")
+    rest = rest.strip()
+    sent_by, _, params_text = rest.partition(";")
+    host, port = _split_host_port(sent_by.strip())
+    if not host:
+        raise SipParseError(f"Via without a host: {value[:80]!r}")
+    return Via(parts[2].strip().upper(), host, port, _parse_params(params_text))
+
+
+def _split_host_port(text: str) -> tuple[str, int | None]:
+    if text.startswith("["):
+        end = text.find("]")
+        if end == -1:
+            raise SipParseError(f"unterminated IPv6 reference {text[:60]!r}")
+        host, tail = text[1:end], text[end + 1:]
+        port_text = tail[1:] if tail.startswith(":") else ""
+    else:
+        host, _, port_text = text.partition(":")
+    port_text = port_text.strip()
+    if not port_text:
+        return host.strip(), None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise SipParseError(f"invalid port in {text[:60]!r}")
+    return host.strip(), int(port_text)
+
+
+def _parse_params(text: str) -> dict[str, str | None]:
+    params: dict[str, str | None] = {}
+    if not text:
+        return params
+    for item in text.split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        key, eq, val = item.partition("=")
+        params[key.strip().lower()] = val.strip() if eq else None
+    return params
+
+
+# -- URIs and name-addr --------------------------------------------------------------------
+
+@dataclass(slots=True)
+class SipUri:
+    """``sip:user@host:port;params``; GB/T 28181 puts the 20-digit ID in ``user``."""
+
+    scheme: str
+    user: str
+    host: str
+    port: int | None = None
+    params: dict[str, str | None] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        userinfo = f"{self.user}@" if self.user else ""
+        port = f":{self.port}" if self.port else ""
+        params = "".join(f";{k}" if v is None else f";{k}={v}" for k, v in self.params.items())
+        return f"{self.scheme}:{userinfo}{host}{port}{params}"
+
+
+def parse_uri(text: str) -> SipUri:
+    """Parse a sip:/sips: URI. Headers (``?…``) are dropped; a password in userinfo too."""
+    text = text.strip()
+    scheme, colon, rest = text.partition(":")
+    scheme = scheme.lower()
+    if not colon or scheme not in ("sip", "sips"):
+        raise SipParseError(f"not a SIP URI: {text[:80]!r}")
+    rest = rest.partition("?")[0]
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not at:
+        userinfo, hostpart = "", rest
+    user = userinfo.partition(":")[0]
+    hostport, _, params_text = hostpart.partition(";")
+    host, port = _split_host_port(hostport)
+    if not host:
+        raise SipParseError(f"SIP URI without a host: {text[:80]!r}")
+    return SipUri(scheme, user, host, port, _parse_params(params_text))
+
+
+@dataclass(slots=True)
+class NameAddr:
+    """From/To/Contact value: optional display name, URI text, header parameters."""
+
+    display: str
+    uri: str
+    params: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def tag(self) -> str | None:
+        return self.params.get("tag")
+
+    def __str__(self) -> str:
+        display = f'"{self.display}" ' if self.display else ""
+        params = "".join(f";{k}" if v is None else f";{k}={v}" for k, v in self.params.items())
+        return f"{display}<{self.uri}>{params}"
+
+
+def parse_name_addr(value: str) -> NameAddr:
+    """Parse ``"Name" <sip:…>;tag=x`` or the bare ``sip:…;tag=x`` form."""
+    value = value.strip()
+    lt = value.find("<")
+    if lt != -1:
+        gt = value.find(">", lt)
+        if gt == -1:
+            raise SipParseError(f"unterminated <URI> in {value[:80]!r}")
+        display = value[:lt].strip().strip('"').strip()
+        return NameAddr(display, value[lt + 1:gt].strip(), _parse_params(value[gt + 1:].lstrip(";")))
+    # Without brackets every ;param belongs to the header, not the URI (RFC 3261 §20.10).
+    uri, _, params = value.partition(";")
+    return NameAddr("", uri.strip(), _parse_params(params))
+
+
+def _tag_of(value: str) -> str | None:
+    # Fast path for the hot loop: avoid building a NameAddr just to read the tag.
+    pos = value.rfind(">")
+    idx = value.find(";tag=", pos + 1 if pos != -1 else 0)
+    if idx == -1:
+        idx = value.lower().find(";tag=", pos + 1 if pos != -1 else 0)
+        if idx == -1:
+            return None
+    end = value.find(";", idx + 5)
+    tag = value[idx + 5:end if end != -1 else None].strip()
+    return tag or None
+
+
+def user_of(value: str) -> str:
+    """The user part of the URI in a From/To/Contact value ('' if none or unparsable)."""
+    try:
+        return parse_uri(parse_name_addr(value).uri).user
+    except SipParseError:
+        return ""
+
+
+# -- building ------------------------------------------------------------------------------
+
+def new_branch() -> str:
+    """A fresh RFC 3261 branch (magic cookie + 64 random bits)."""
+    return "z9hG4bK" + os.urandom(8).hex()
+
+
+def new_tag() -> str:
+    return os.urandom(6).hex()
+
+
+def new_call_id(host: str = "") -> str:
+    return f"{os.urandom(10).hex()}@{host}" if host else os.urandom(12).hex()
+
+
+def make_response(request: SipRequest, status: int, reason: str = "", *,
+                  to_tag: str | None = None, body: bytes = b"",
+                  content_type: str | None = None) -> SipResponse:
+    """A response to ``request`` per RFC 3261 §8.2.6: Via, From, Call-ID, CSeq copied, To tagged.
+
+    ``to_tag`` is added to To when the request had none and the status is above 100.
+    """
+    rh = request.headers
+    headers: dict[str, list[str]] = {"via": list(rh["via"]), "from": list(rh["from"])}
+    to = rh["to"][0]
+    if to_tag and status > 100 and _tag_of(to) is None:
+        to = f"{to};tag={to_tag}"
+    headers["to"] = [to]
+    headers["call-id"] = list(rh["call-id"])
+    headers["cseq"] = list(rh["cseq"])
+    if content_type:
+        headers["content-type"] = [content_type]
+    return SipResponse(status, reason, headers, body)
+
+
+def new_request(method: str, uri: str, *, via: str, from_uri: str, to_uri: str,
+                from_tag: str | None = None, to_tag: str | None = None,
+                call_id: str | None = None, cseq: int = 1, contact: str | None = None,
+                headers: dict[str, str] | None = None, body: bytes = b"",
+                content_type: str | None = None, user_agent: str | None = None) -> SipRequest:
+    """An out-of-dialog (or, given ``to_tag``, in-dialog) request with the mandatory headers."""
+    h: dict[str, list[str]] = {
+        "via": [via],
+        "from": [f"<{from_uri}>;tag={from_tag or new_tag()}"],
+        "to": [f"<{to_uri}>;tag={to_tag}" if to_tag else f"<{to_uri}>"],
+        "call-id": [call_id or new_call_id()],
+        "cseq": [f"{cseq} {method}"],
+        "max-forwards": ["70"],
+    }
+    if contact:
+        h["contact"] = [f"<{contact}>"]
+    if user_agent:
+        h["user-agent"] = [user_agent]
+    if headers:
+        for name, value in headers.items():
+            h[name.lower()] = [value]
+    if content_type:
+        h["content-type"] = [content_type]
+    return SipRequest(method, uri, h, body)

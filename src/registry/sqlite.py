@@ -1,0 +1,321 @@
+"""SQLite implementation of the registry `Store`, through aiosqlite.
+
+`DeviceRegistry` (devices.py) calls `write_batch` once per flush; here that is
+one transaction of executemany upserts, deletes and event inserts, so a flush
+lands whole or not at all. The database runs in WAL mode with
+synchronous=NORMAL: a power cut may lose the last flushes but never corrupts
+the file, and readers (an admin shell, a backup) do not block the writer.
+The schema is versioned in `schema_version` and moved forward by `_MIGRATIONS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import aiosqlite
+
+from .models import DEVICE_FIELDS, Device, StatusEvent, device_values
+from .store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+# Each entry moves the schema from version n-1 to n inside one transaction.
+# Columns of `devices` mirror Device field by field; a new Device field needs a
+# migration here (or a key in `extra`), which the check below enforces.
+_MIGRATIONS: list[str] = [
+    # 1: initial schema
+    """
+    CREATE TABLE schema_version (version INTEGER NOT NULL);
+    CREATE TABLE devices (
+        device_id         TEXT    NOT NULL PRIMARY KEY,
+        kind              TEXT    NOT NULL DEFAULT '',
+        name              TEXT    NOT NULL DEFAULT '',
+        manufacturer      TEXT    NOT NULL DEFAULT '',
+        model             TEXT    NOT NULL DEFAULT '',
+        firmware          TEXT    NOT NULL DEFAULT '',
+        transport         TEXT    NOT NULL DEFAULT 'udp',
+        host              TEXT    NOT NULL DEFAULT '',
+        port              INTEGER NOT NULL DEFAULT 0,
+        contact           TEXT    NOT NULL DEFAULT '',
+        expires           INTEGER NOT NULL DEFAULT 0,
+        registered_at     REAL    NOT NULL DEFAULT 0,
+        expires_at        REAL    NOT NULL DEFAULT 0,
+        last_seen         REAL    NOT NULL DEFAULT 0,
+        keepalive_at      REAL    NOT NULL DEFAULT 0,
+        online            INTEGER NOT NULL DEFAULT 0,
+        status_changed_at REAL    NOT NULL DEFAULT 0,
+        password          TEXT,
+        created_at        REAL    NOT NULL DEFAULT 0,
+        updated_at        REAL    NOT NULL DEFAULT 0,
+        extra             TEXT    NOT NULL DEFAULT '{}'
+    ) WITHOUT ROWID;
+    CREATE TABLE status_events (
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id TEXT    NOT NULL,
+        online    INTEGER NOT NULL,
+        at        REAL    NOT NULL,
+        reason    TEXT    NOT NULL DEFAULT ''
+    );
+    CREATE INDEX status_events_device_at ON status_events (device_id, at);
+    CREATE INDEX status_events_at ON status_events (at);
+    """,
+]
+
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_COLUMNS = ", ".join(DEVICE_FIELDS)
+_SELECT_DEVICES = f"SELECT {_COLUMNS} FROM devices"
+_UPSERT_DEVICE = (
+    f"INSERT INTO devices ({_COLUMNS}) VALUES ({', '.join('?' * len(DEVICE_FIELDS))}) "
+    "ON CONFLICT (device_id) DO UPDATE SET "
+    + ", ".join(f"{name} = excluded.{name}" for name in DEVICE_FIELDS[1:])
+)
+_DELETE_DEVICE = "DELETE FROM devices WHERE device_id = ?"
+_INSERT_EVENT = "INSERT INTO status_events (device_id, online, at, reason) VALUES (?, ?, ?, ?)"
+
+_ONLINE = DEVICE_FIELDS.index("online")
+_EXTRA = DEVICE_FIELDS.index("extra")
+
+
+def _check_columns() -> None:
+    # Fails at import, in every test run, instead of at the first flush in production.
+    con = sqlite3.connect(":memory:")
+    try:
+        con.executescript("".join(_MIGRATIONS))
+        columns = tuple(row[1] for row in con.execute("PRAGMA table_info(devices)"))
+    finally:
+        con.close()
+    if columns != DEVICE_FIELDS:
+        raise ImportError(
+            f"devices table columns {columns} do not match Device fields {DEVICE_FIELDS}; "
+            "add a migration to registry/sqlite.py"
+        )
+
+
+_check_columns()
+
+
+def _device_row(device: Device) -> tuple:
+    row = list(device_values(device))
+    row[_ONLINE] = int(row[_ONLINE])
+    # default=str: one device with an unserialisable value in `extra` must not
+    # fail every flush forever; it is stored lossily instead.
+    row[_EXTRA] = json.dumps(row[_EXTRA], separators=(",", ":"), ensure_ascii=False, default=str)
+    return tuple(row)
+
+
+def _row_device(row: sqlite3.Row | tuple) -> Device:
+    values = list(row)
+    values[_ONLINE] = bool(values[_ONLINE])
+    values[_EXTRA] = json.loads(values[_EXTRA]) if values[_EXTRA] else {}
+    return Device(*values)
+
+
+def _event_row(event: StatusEvent) -> tuple:
+    return (event.device_id, int(event.online), event.at, event.reason)
+
+
+class SqliteStore(Store):
+    """Registry store in one SQLite file; creates the file and its directories."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db: aiosqlite.Connection | None = None
+        # One connection is shared; two writers interleaving their BEGIN/COMMIT
+        # awaits on it would nest transactions, so writes take turns.
+        self._write_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({str(self.path)!r})"
+
+    async def open(self) -> None:
+        if self._db is not None:
+            return
+        self._check_file()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the directory for registry database {self.path}: {e}") from e
+        try:
+            # isolation_level=None: transactions are begun and ended explicitly,
+            # so a flush is exactly one transaction and nothing commits behind our back.
+            db = await aiosqlite.connect(self.path, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open registry database {self.path}: {e}") from e
+        try:
+            await self._prepare(db)
+        except BaseException as e:
+            await db.close()
+            if isinstance(e, sqlite3.DatabaseError) and "not a database" in str(e):
+                raise self._not_sqlite() from e
+            if isinstance(e, sqlite3.Error):
+                raise StoreError(f"cannot open registry database {self.path}: {e}") from e
+            raise
+        self._db = db
+
+    def _check_file(self) -> None:
+        # SQLite only notices a foreign file at the first read, with a terse
+        # "file is not a database"; checking the header gives a clearer error.
+        try:
+            with self.path.open("rb") as f:
+                header = f.read(len(_SQLITE_MAGIC))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except IsADirectoryError:
+            raise StoreError(
+                f"registry database {self.path} is a directory; point the registry at a file path"
+            ) from None
+        except OSError as e:
+            raise StoreError(f"cannot read registry database {self.path}: {e}") from e
+        if header and header != _SQLITE_MAGIC:
+            raise self._not_sqlite()
+
+    def _not_sqlite(self) -> StoreError:
+        return StoreError(
+            f"{self.path} is not a SQLite database; move it aside or point the registry "
+            "at a new file, which will be created"
+        )
+
+    async def _prepare(self, db: aiosqlite.Connection) -> None:
+        async with db.execute("PRAGMA journal_mode = WAL") as cur:
+            mode = (await cur.fetchone())[0]
+        if mode != "wal":
+            log.warning("registry database %s runs in %s journal mode, not WAL", self.path, mode)
+        await db.execute("PRAGMA synchronous = NORMAL")
+        # An admin tool or backup holding a lock briefly should delay us, not fail a flush.
+        await db.execute("PRAGMA busy_timeout = 5000")
+
+        version = await self._schema_version(db)
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"registry database {self.path} has schema version {version}, newer than "
+                f"version {SCHEMA_VERSION} that this build of gb28181 understands; upgrade "
+                "gb28181 or point the registry at another database file"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            log.info("migrating registry database %s to schema version %d", self.path, target)
+            script = _MIGRATIONS[target - 1]
+            try:
+                await db.executescript(
+                    f"BEGIN IMMEDIATE;\n{script}\n"
+                    f"DELETE FROM schema_version;\n"
+                    f"INSERT INTO schema_version (version) VALUES ({target});\n"
+                    "COMMIT;"
+                )
+            except BaseException:
+                if db.in_transaction:
+                    await db.rollback()
+                raise
+
+    @staticmethod
+    async def _schema_version(db: aiosqlite.Connection) -> int:
+        rows = await db.execute_fetchall(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+        )
+        if not rows:
+            return 0
+        rows = await db.execute_fetchall("SELECT MAX(version) FROM schema_version")
+        return rows[0][0] or 0
+
+    async def close(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            async with self._write_lock:
+                await db.close()
+
+    def _conn(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreError(f"registry database {self.path} is not open; call open() first")
+        return self._db
+
+    async def load_devices(self) -> list[Device]:
+        db = self._conn()
+        try:
+            rows = await db.execute_fetchall(_SELECT_DEVICES)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read devices from {self.path}: {e}") from e
+        return [_row_device(row) for row in rows]
+
+    async def save_devices(self, devices: Sequence[Device]) -> None:
+        await self.write_batch(devices, (), ())
+
+    async def delete_devices(self, ids: Sequence[str]) -> None:
+        await self.write_batch((), ids, ())
+
+    async def add_status_events(self, events: Sequence[StatusEvent]) -> None:
+        await self.write_batch((), (), events)
+
+    async def write_batch(
+        self,
+        devices: Sequence[Device],
+        deleted_ids: Sequence[str],
+        events: Sequence[StatusEvent],
+    ) -> None:
+        if not (devices or deleted_ids or events):
+            return
+        db = self._conn()
+        async with self._write_lock:
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+                # Rows are built by generators that aiosqlite drains on its worker
+                # thread, which keeps JSON encoding of big batches off the event loop.
+                if deleted_ids:
+                    await db.executemany(_DELETE_DEVICE, ((i,) for i in deleted_ids))
+                if devices:
+                    await db.executemany(_UPSERT_DEVICE, map(_device_row, devices))
+                if events:
+                    await db.executemany(_INSERT_EVENT, map(_event_row, events))
+                await db.execute("COMMIT")
+            except BaseException as e:
+                await self._rollback(db)
+                if isinstance(e, sqlite3.Error):
+                    raise StoreError(f"cannot write to registry database {self.path}: {e}") from e
+                raise
+
+    async def _rollback(self, db: aiosqlite.Connection) -> None:
+        # Also runs on cancellation: an open transaction left on the shared
+        # connection would make every later BEGIN fail.
+        try:
+            if db.in_transaction:
+                await db.rollback()
+        except Exception:
+            log.exception("rollback failed on registry database %s", self.path)
+
+    async def status_events(
+        self,
+        device_id: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 1000,
+    ) -> list[StatusEvent]:
+        if limit < 0:
+            raise ValueError(f"limit must not be negative, got {limit}")
+        where: list[str] = []
+        params: list[object] = []
+        if device_id is not None:
+            where.append("device_id = ?")
+            params.append(device_id)
+        if since is not None:
+            where.append("at >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("at < ?")
+            params.append(until)
+        sql = "SELECT device_id, online, at, reason FROM status_events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        # id breaks ties so events stamped with the same time keep their order.
+        sql += " ORDER BY at, id LIMIT ?"
+        params.append(limit)
+        try:
+            rows: Iterable = await self._conn().execute_fetchall(sql, params)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read status events from {self.path}: {e}") from e
+        return [StatusEvent(d, bool(o), at, reason) for d, o, at, reason in rows]
