@@ -111,7 +111,7 @@ def test_packetize_sizes_marker_and_reassembly(size: int) -> None:
 
 def test_packetize_options_and_edges() -> None:
     packets, nxt = packetize(b"x" * 100, ssrc=1, seq=7, timestamp=1 << 33, payload_type=98, mtu=40)
-    assert all(len(p) <= 40 for p in packets) and len(packets) == 4
+    assert all(len(p) <= 40 for p in packets) and len(packets) == 4 and nxt == 11
     assert parse_rtp(packets[0]).payload_type == 98
     assert parse_rtp(packets[0]).timestamp == 0  # mod 2^32
     assert packetize(b"", ssrc=1, seq=70000, timestamp=0) == ([], 70000 & 0xFFFF)
@@ -215,11 +215,14 @@ def test_reorder_rejects_bad_window() -> None:
 def test_reorder_fuzz_bounded_and_ordered(seqs: list[int], window: int) -> None:
     r = RtpReorderer(window=window)
     for s in seqs:
+        resets = r.resets
         out = r.push(_pkt(s))
         assert r.buffered <= window
-        # Emitted runs are strictly increasing modulo 2^16 (no duplicates).
+        # Emitted runs are strictly increasing modulo 2^16 (no duplicates),
+        # except across a sender restart, which is flagged as a gap.
         for a, b in zip(out, out[1:]):
-            assert 0 < (b.sequence - a.sequence) & 0xFFFF < 0x8000
+            if not 0 < (b.sequence - a.sequence) & 0xFFFF < 0x8000:
+                assert r.resets > resets and b.gap
     r.flush()
     assert r.buffered == 0
 
@@ -349,6 +352,17 @@ def test_tcp_interleaved_channels_and_resync() -> None:
     f = TcpRtpFramer(channels={0})
     assert f.feed(wire) == pk[:3]
     assert f.skipped == 1 and f.resyncs == 1 and f.dropped_bytes == 7
+
+
+def test_tcp_rtcp_on_the_connection_is_skipped() -> None:
+    pk = _rtp_packets(2)
+    rr = bytes.fromhex("80c90001") + (1234).to_bytes(4, "big")  # RTCP RR, no report blocks
+    f = TcpRtpFramer()
+    assert f.feed(frame_rfc4571(pk[0]) + frame_rfc4571(rr) + frame_rfc4571(pk[1])) == pk
+    assert f.rtcp == 1 and f.resyncs == 0
+    f = TcpRtpFramer()
+    assert f.feed(frame_interleaved(pk[0]) + frame_interleaved(rr, 1) + frame_interleaved(pk[1])) == pk
+    assert f.rtcp == 1
 
 
 def test_tcp_strict_mode_raises() -> None:

@@ -10,8 +10,10 @@ it is.
 from __future__ import annotations
 
 import hmac
+import logging
 import json
 import re
+import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = ["make_app"]
 
+log = logging.getLogger("gb28181.api")
+
 SERVER_KEY = web.AppKey("server", object)
 
 
@@ -42,7 +46,8 @@ def device_json(d: Device) -> dict[str, Any]:
         "manufacturer": d.manufacturer, "model": d.model, "firmware": d.firmware,
         "status": "online" if d.online else "offline",
         "transport": d.transport, "host": d.host, "port": d.port, "contact": d.contact,
-        "expires": d.expires, "registered": d.expires_at > 0,
+        # A registration that has run out is not one (the messages handler agrees: 403).
+        "expires": d.expires, "registered": d.expires_at > time.time(),
         "registered_at": _iso(d.registered_at), "expires_at": _iso(d.expires_at),
         "last_seen": _iso(d.last_seen), "keepalive_at": _iso(d.keepalive_at),
         "status_changed_at": _iso(d.status_changed_at),
@@ -123,6 +128,9 @@ async def _auth_and_errors(request: web.Request, handler):
         if exc.content_type != "application/json" and exc.status >= 400:
             return _error(exc.status, exc.reason)
         raise
+    except Exception:  # a bug must still answer in the API's JSON shape, and be logged
+        log.exception("error serving %s %s", request.method, request.path)
+        return _error(500, "internal error; the server log has the details")
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -12,6 +12,7 @@ TCP), HTTP on 8080, the timers of GB/T 28181-2016 (§9.1.1, §9.6.1).
 
 from __future__ import annotations
 
+import difflib
 import os
 import secrets
 from pathlib import Path
@@ -164,6 +165,20 @@ def _env_name(loc: tuple) -> str:
     return ENV_PREFIX + "__".join(str(p).upper() for p in loc)
 
 
+def _unknown_key(loc: tuple) -> str:
+    # Name what is allowed there: the keys of the enclosing section (or the sections).
+    model: Any = Config
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(str(part))
+        model = field.annotation if field is not None else None
+    known = list(getattr(model, "model_fields", {}))
+    if not known:
+        return "unknown key (check the spelling against configs/default.yaml)"
+    close = difflib.get_close_matches(str(loc[-1]) if loc else "", known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown key; {hint}allowed here: {', '.join(known)}"
+
+
 def format_validation_error(exc: ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
@@ -171,11 +186,12 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in loc) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling against configs/default.yaml)"
+            msg = _unknown_key(loc)
         got = err.get("input")
         got_text = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) \
             else f" (got {got!r})"
-        lines.append(f"config error: {key}: {msg}{got_text}; set it in {source} or {_env_name(loc)}")
+        verb = "fix or remove it" if err["type"] == "extra_forbidden" else "set it"
+        lines.append(f"config error: {key}: {msg}{got_text}; {verb} in {source} or {_env_name(loc)}")
     return "\n".join(lines)
 
 
@@ -188,7 +204,7 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Conf
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"config error: cannot read {path}: {exc.strerror}; "
-                              f"pass an existing file to --config") from None
+                              f"check the path of the config file") from None
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:

@@ -40,7 +40,10 @@ class Presence:
         self.clock = clock
         self.check_every = min(check_every, interval)
         self._heap: list[tuple[float, str]] = []
-        self._scheduled: set[str] = set()
+        # Device ID -> deadline of its one live heap entry. Entries that do not match (left
+        # behind by forget() followed by seen()) are dropped when popped, so a device that
+        # unregisters and registers again does not leave a copy cycling in the heap.
+        self._scheduled: dict[str, float] = {}
         self._task: asyncio.Task | None = None
 
     @property
@@ -54,13 +57,17 @@ class Presence:
 
     def seen(self, device: Device) -> None:
         """Make sure an online device has a deadline entry (cheap when it already has one)."""
-        if device.device_id not in self._scheduled:
-            self._scheduled.add(device.device_id)
-            heapq.heappush(self._heap, (self.deadline(device), device.device_id))
+        due = self.deadline(device)
+        scheduled = self._scheduled.get(device.device_id)
+        # A later deadline is found when the entry pops; an earlier one (a refresh with a
+        # shorter Expires) needs an entry of its own or the device would stay online too long.
+        if scheduled is None or due < scheduled:
+            self._scheduled[device.device_id] = due
+            heapq.heappush(self._heap, (due, device.device_id))
 
     def forget(self, device_id: str) -> None:
         # The heap entry stays and is dropped when popped; only the marker goes now.
-        self._scheduled.discard(device_id)
+        self._scheduled.pop(device_id, None)
 
     def resume(self, now: float | None = None) -> int:
         """After a restart: devices stored as online either still are (their deadline is ahead)
@@ -86,16 +93,19 @@ class Presence:
         registry = self.registry
         gone = 0
         while heap and heap[0][0] <= now:
-            _, device_id = heapq.heappop(heap)
+            pushed, device_id = heapq.heappop(heap)
+            if self._scheduled.get(device_id) != pushed:
+                continue  # a stale entry: the device's live one is elsewhere in the heap, or gone
             device = registry.get(device_id)
-            if device is None or not device.online or device_id not in self._scheduled:
-                self._scheduled.discard(device_id)
+            if device is None or not device.online:
+                del self._scheduled[device_id]
                 continue
             due = self.deadline(device)
             if due > now:
+                self._scheduled[device_id] = due
                 heapq.heappush(heap, (due, device_id))
                 continue
-            self._scheduled.discard(device_id)
+            del self._scheduled[device_id]
             reason = "expired" if device.expires_at <= due else "keepalive-timeout"
             registry.set_online(device, False, reason, at=due)
             gone += 1

@@ -298,7 +298,8 @@ class PsDemuxer:
     (64 KiB), and a frame growing past `max_frame_size` is dropped
     (`oversized`) with the rest of its payload skipped. Counters: `frames`,
     `resyncs` (runs of garbage skipped to find a pack header), `dropped_bytes`,
-    `oversized`, `truncated` (frames cut by flush() in the middle of a PES).
+    `oversized`, `truncated` (frames dropped because a PES was cut short: a
+    pack header inside video PES payload, or flush() in the middle of a PES).
     `codecs` maps stream_id to codec from the last PSM.
     """
 
@@ -410,7 +411,21 @@ class PsDemuxer:
             state = self._state
             if state == _PAYLOAD:
                 take = min(self._left, n - pos)
-                if self._target is not None:
+                target = self._target
+                if target is not None:
+                    if target.sid >= SID_VIDEO and self.codecs.get(target.sid) in _VIDEO_CODECS:
+                        # A pack start code cannot occur inside H.264/H.265 data
+                        # (NAL header bytes are < 0x80): if one shows up, the rest of
+                        # this PES was lost in transit and a new packet begins here.
+                        cut = find(PACK_START, pos, pos + take)
+                        if cut >= 0:
+                            self.truncated += 1
+                            target.dropped = True
+                            self._target = None
+                            self._left = 0
+                            self._state = _HEADERS
+                            pos = cut
+                            continue
                     self._append(mv[pos : pos + take])
                 self._left -= take
                 pos += take
@@ -445,7 +460,7 @@ class PsDemuxer:
             sid = data[pos + 3]
             if sid == SID_PACK:
                 used = self._pack_header(data, pos)
-            elif sid >= 0xC0 and sid <= 0xEF:
+            elif 0xC0 <= sid <= 0xEF:  # audio C0-DF, video E0-EF (Table 2-18)
                 used = self._pes_header(data, pos, sid, out)
             elif sid == SID_PSM:
                 used = self._psm(data, pos)

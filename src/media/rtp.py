@@ -251,8 +251,8 @@ class RtpReorderer:
     `window` sequence numbers ahead arrives: then the missing ones are given up
     as lost (`lost` grows and the next emitted packet's `gap` says how many were
     skipped). So the extra delay is at most `window` packets and memory at most
-    `window` packets. Duplicates and packets older than the playout point are
-    dropped and counted. A jump of more than MAX_DROPOUT, confirmed by a second
+    `window` packets. Dropped packets are counted: `duplicates` (already held)
+    and `late` (behind the playout point: already emitted or given up). A jump of more than MAX_DROPOUT, confirmed by a second
     packet in sequence (RFC 3550 A.1 probation), is treated as a sender restart:
     buffered packets are flushed and ordering restarts from the new number.
     """

@@ -10,7 +10,7 @@ RFC 4571 form, a 2-byte big-endian length before each packet; like ZLMediaKit's
 RTP version 2, the framer either raises `RtpFramingError` (strict) or drops
 bytes until a plausible header and counts the event (default), so a peer
 cannot make it buffer more than one maximal frame.
-The send side is `frame_rfc4571`.
+The send side is `frame_rfc4571` (or `frame_interleaved`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ MAX_RTP_SIZE = 0xFFFF  # RFC 4571 2: the length field is 16 bits
 _INTERLEAVED_MAGIC = 0x24  # '$', RFC 2326 10.12
 _U16 = struct.Struct("!H")
 _unpack_u16 = _U16.unpack_from
+# RTCP may share the connection (an odd interleaved channel, or muxed as in
+# RFC 5761 4, told apart by packet types 192..223); its packets can be 4 bytes.
+_RTCP_TYPES = (192, 223)
+_MIN_RTCP_SIZE = 4
 _V2_BYTE = re.compile(rb"[\x80-\xbf]")  # RTP V=2 in the top two bits (RFC 3550 5.1)
 
 
@@ -53,12 +57,13 @@ class TcpRtpFramer:
     """Split a TCP byte stream into RTP packets.
 
     `mode` is None until the first byte is seen, then "rfc4571" or
-    "interleaved". With `channels` set, interleaved frames on other channels
-    (RTCP, usually odd) are dropped and counted in `skipped`. `max_packet_size`
-    bounds the accepted length (and so the buffer); `strict=True` raises
-    RtpFramingError on a bad frame instead of resynchronising. Counters:
-    `packets`, `resyncs` (times bytes were dropped to find a header),
-    `dropped_bytes`, `skipped`.
+    "interleaved". RTCP packets on the connection are counted in `rtcp` and
+    not returned. With `channels` set, interleaved frames on other channels are
+    dropped and counted in `skipped`. `max_packet_size` bounds the accepted
+    length (and so the buffer); `strict=True` raises RtpFramingError on a bad
+    frame instead of resynchronising (the connection is then unusable: close
+    it). Counters: `packets`, `resyncs` (times bytes were dropped to find a
+    header), `dropped_bytes`, `skipped`, `rtcp`.
     """
 
     __slots__ = (
@@ -73,6 +78,7 @@ class TcpRtpFramer:
         "resyncs",
         "dropped_bytes",
         "skipped",
+        "rtcp",
     )
 
     def __init__(
@@ -100,6 +106,7 @@ class TcpRtpFramer:
         self.resyncs = 0
         self.dropped_bytes = 0
         self.skipped = 0
+        self.rtcp = 0
 
     @property
     def buffered(self) -> int:
@@ -145,18 +152,23 @@ class TcpRtpFramer:
         """Parse frames from data; returns (bytes consumed, bytes needed to go on)."""
         n = len(data)
         pos = 0
-        lo, hi = RTP_HEADER_SIZE, self.max_packet_size
+        hi = self.max_packet_size
         append = out.append
         while pos + 2 <= n:
             length = _unpack_u16(data, pos)[0]
             body = pos + 2
-            if lo <= length <= hi and (body >= n or data[body] >> 6 == 2):
+            if _MIN_RTCP_SIZE <= length <= hi and (body >= n or data[body] >> 6 == 2):
                 end = body + length
                 if end > n:
                     return pos, end - pos
-                append(data[body:end])
-                pos = end
-                continue
+                if _RTCP_TYPES[0] <= data[body + 1] <= _RTCP_TYPES[1]:
+                    self.rtcp += 1
+                    pos = end
+                    continue
+                if length >= RTP_HEADER_SIZE:
+                    append(data[body:end])
+                    pos = end
+                    continue
             self._bad(f"RFC 4571 frame length {length} or RTP version byte not plausible")
             # Next candidate: a byte that looks like an RTP version-2 first byte,
             # two bytes after a length field.
@@ -176,13 +188,14 @@ class TcpRtpFramer:
         while pos + 4 <= n:
             if data[pos] == _INTERLEAVED_MAGIC:
                 length = _unpack_u16(data, pos + 2)[0]
-                # RTCP shares the connection; its packets are at least 8 bytes.
-                if 4 <= length <= hi:
+                if _MIN_RTCP_SIZE <= length <= hi:
                     end = pos + 4 + length
                     if end > n:
                         return pos, end - pos
                     if channels is not None and data[pos + 1] not in channels:
                         self.skipped += 1
+                    elif _RTCP_TYPES[0] <= data[pos + 5] <= _RTCP_TYPES[1]:
+                        self.rtcp += 1
                     elif length >= lo:
                         append(data[pos + 4 : end])
                     else:

@@ -149,7 +149,8 @@ class DigestServer:
         if not body or len(mac) != 16:
             return None
         expect = hmac.new(self._secret, body.encode(), hashlib.sha256).hexdigest()[:16]
-        if not hmac.compare_digest(expect, mac):
+        # Bytes, not str: compare_digest raises TypeError on non-ASCII str (a garbled nonce).
+        if not hmac.compare_digest(expect.encode(), mac.encode("utf-8", "surrogateescape")):
             return None
         try:
             issued = int(body.partition(".")[0], 16) / 1000
@@ -203,7 +204,8 @@ class DigestServer:
             expected = digest_response(username=p["username"], realm=p.get("realm", ""),
                                        password=password, method=method, uri=p["uri"],
                                        nonce=nonce)
-        if not hmac.compare_digest(expected, p["response"].lower()):
+        if not hmac.compare_digest(expected.encode(),
+                                   p["response"].lower().encode("utf-8", "surrogateescape")):
             # Burn the nonce: each guess at a password costs the guesser a new challenge.
             self._nonces[nonce] = max(nc, 0)
             return AuthResult(False, wrong_password=True,

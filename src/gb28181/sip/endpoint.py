@@ -186,6 +186,8 @@ class SipEndpoint:
             if timeout is None:
                 return await future
             return await asyncio.wait_for(future, timeout)
+        except SipTimeoutError:
+            raise  # Timer B/F already said so (SipTimeoutError is itself a TimeoutError)
         except TimeoutError:
             self.layer.fail(txn)
             raise SipTimeoutError(f"no final response to {request.method} from "

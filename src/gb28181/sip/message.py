@@ -223,26 +223,40 @@ _METHOD_RE = re.compile(r"[A-Za-z][A-Za-z0-9._!%*+`'~-]*\Z")
 def find_head_end(data: bytes, start: int = 0) -> tuple[int, int]:
     """Index where the header block ends and where the body starts, or (-1, -1).
 
-    Accepts CRLF CRLF and, for devices that write bare LFs, LF LF (and mixtures thereof).
+    Accepts CRLF CRLF and, for devices that write bare LFs, LF LF, and the mixtures
+    (LF CRLF, CRLF LF) that hand-assembled messages end up with.
     """
-    crlf = data.find(b"\r\n\r\n", start)
-    lf = data.find(b"\n\n", start)
-    if lf != -1 and (crlf == -1 or lf < crlf):
-        # "\r\n\n" counts as the end too: its last two bytes are LF LF.
-        return lf, lf + 2
-    if crlf != -1:
-        return crlf, crlf + 4
-    return -1, -1
+    best = (-1, -1)
+    for sep in (b"\r\n\r\n", b"\n\n", b"\n\r\n"):
+        idx = data.find(sep, start)
+        if idx != -1 and (best[0] == -1 or idx < best[0]):
+            best = (idx, idx + len(sep))
+    return best
 
 
 def parse_content_length(values: list[str] | None) -> int | None:
     """Content-Length as an int (space padding allowed), None if absent; raises if invalid."""
     if not values:
         return None
-    text = values[0].strip()
-    if not text.isdigit():
-        raise SipParseError(f"invalid Content-Length {values[0]!r}: expected a decimal byte count")
-    return int(text)
+    value = _ascii_uint(values[0].strip())
+    if value is None:
+        raise SipParseError(f"invalid Content-Length {values[0][:40]!r}: expected a decimal byte count")
+    return value
+
+
+def _ascii_uint(text: str) -> int | None:
+    """``text`` as a non-negative int if it is ASCII decimal digits only, else None.
+
+    ``str.isdigit`` alone also accepts characters such as ``²`` that ``int`` refuses, and
+    ``int`` refuses strings of more than 4300 digits; both would escape as a bare ValueError.
+    Absurdly long numbers are capped at 10**18, which every caller rejects as too large.
+    """
+    if not text or not text.isascii() or not text.isdigit():
+        return None
+    significant = text.lstrip("0")
+    if len(significant) > 18:
+        return 10**18
+    return int(significant or "0")
 
 
 def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE,
@@ -298,7 +312,8 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE,
             # Folded continuation of the previous header (RFC 3261 §7.3.1).
             if last is None:
                 raise SipParseError("header block starts with a continuation line", msg)
-            last[-1] = f"{last[-1]} {line.strip()}"
+            # strip(): an empty value or a blank continuation must not leave stray spaces.
+            last[-1] = f"{last[-1]} {line.strip()}".strip()
             continue
         name, sep, value = line.partition(":")
         if not sep:
@@ -322,7 +337,8 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE,
             raise SipParseError(f"missing mandatory header {canonical_name(required)}", msg)
     cseq = headers["cseq"][0]
     num, _, method = cseq.partition(" ")
-    if not num.strip().isdigit() or not method.strip() or int(num) > 2**31 - 1:
+    number = _ascii_uint(num.strip())
+    if number is None or not method.strip() or number > 2**31 - 1:
         raise SipParseError(f"invalid CSeq {cseq[:40]!r}", msg)
     if isinstance(msg, SipRequest) and method.strip().upper() != msg.method:
         raise SipParseError(f"CSeq method {method.strip()!r} does not match {msg.method}", msg)
@@ -415,9 +431,10 @@ def _split_host_port(text: str) -> tuple[str, int | None]:
     port_text = port_text.strip()
     if not port_text:
         return host.strip(), None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    port = _ascii_uint(port_text)
+    if port is None or not 0 < port < 65536:
         raise SipParseError(f"invalid port in {text[:60]!r}")
-    return host.strip(), int(port_text)
+    return host.strip(), port
 
 
 def _parse_params(text: str) -> dict[str, str | None]:

@@ -228,8 +228,15 @@ class TransactionLayer:
 
     def get_timer(self) -> float | None:
         """The earliest time ``handle_timer`` has work to do, or None."""
-        best = self._heap[0][0] if self._heap else None
+        # Drop cancelled timers at the heads first (handle_timer would skip them anyway), so
+        # the caller is not woken for a timer that no longer exists.
+        heap = self._heap
+        while heap and heap[0][2].timers.get(heap[0][3]) != heap[0][0]:
+            heapq.heappop(heap)
+        best = heap[0][0] if heap else None
         for fifo in self._fifos.values():
+            while fifo and fifo[0][1].timers.get(fifo[0][2]) != fifo[0][0]:
+                fifo.popleft()
             if fifo and (best is None or fifo[0][0] < best):
                 best = fifo[0][0]
         return best
@@ -323,6 +330,7 @@ class TransactionLayer:
         if key in self.client:
             raise ValueError(f"a client transaction with branch {branch} is already running")
         txn = ClientTransaction(key, request, addr, transport)
+        txn.interval = self.t1  # Timers A/E double from this layer's T1, not the default
         self.client[key] = txn
         self.stats["client_started"] += 1
         self._out.append((txn.data, transport, addr))
@@ -436,6 +444,7 @@ class TransactionLayer:
                 self._out.append((txn.response, txn.transport, addr))
             return []
         txn = ServerTransaction(key, msg, addr, transport)
+        txn.interval = self.t1  # Timer G doubles from this layer's T1, not the default
         self.server[key] = txn
         self.stats["server_started"] += 1
         if method == "CANCEL":

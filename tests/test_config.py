@@ -1,0 +1,311 @@
+"""Configuration: the YAML file, the GB28181_* environment (a public contract that deployment
+scripts rely on), one-line fault reports, the shipped configs/default.yaml and the API token file."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gb28181.config import Config, ConfigError, ensure_api_token, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_YAML = REPO / "configs" / "default.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _no_gb28181_env(monkeypatch):
+    # A developer's or another test's GB28181_* variables must not change what we see.
+    for name in list(os.environ):
+        if name.upper().startswith("GB28181_"):
+            monkeypatch.delenv(name)
+
+
+def write(tmp_path: Path, text: str, name: str = "gb28181.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def config_error(path, **overrides) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, **overrides)
+    return str(info.value)
+
+
+# -- environment beats the file ----------------------------------------------------------------
+
+# (variable, file section, file key, file value, env value, read it back, expected,
+#  a sibling key the file sets in the same section and its value, which must survive)
+ENV_CASES = [
+    ("GB28181_SIP__HOST", "sip", "host", "10.1.1.1", "127.0.0.2",
+     lambda c: c.sip.host, "127.0.0.2", ("port", 5071)),
+    ("GB28181_SIP__PORT", "sip", "port", 5070, "5099",
+     lambda c: c.sip.port, 5099, ("host", "10.1.1.1")),
+    ("GB28181_HTTP__HOST", "http", "host", "10.1.1.1", "127.0.0.3",
+     lambda c: c.http.host, "127.0.0.3", ("port", 8081)),
+    ("GB28181_HTTP__PORT", "http", "port", 8081, "18080",
+     lambda c: c.http.port, 18080, ("host", "10.1.1.1")),
+    ("GB28181_API__TOKEN", "api", "token", "file-token-123", "env-token-456",
+     lambda c: c.api.token, "env-token-456", ("metrics_public", False)),
+    ("GB28181_DATA_DIR", None, "data_dir", "/srv/from-file", "/srv/from-env",
+     lambda c: c.data_dir, Path("/srv/from-env"), None),
+    ("GB28181_SERVER__ID", "server", "id", "34020000002000000001", "44010000002000000009",
+     lambda c: c.server.id, "44010000002000000009", ("name", "file-name")),
+    ("GB28181_SERVER__DOMAIN", "server", "domain", "3402000000", "4401000000",
+     lambda c: c.server.domain, "4401000000", ("name", "file-name")),
+    ("GB28181_AUTH__DEFAULT_PASSWORD", "auth", "default_password", "file-pass", "env-pass",
+     lambda c: c.auth.default_password, "env-pass", ("unknown_devices", "refuse")),
+    ("GB28181_KEEPALIVE__INTERVAL", "keepalive", "interval", 30, "1.5",
+     lambda c: c.keepalive.interval, 1.5, ("count", 7)),
+    ("GB28181_KEEPALIVE__COUNT", "keepalive", "count", 5, "2",
+     lambda c: c.keepalive.count, 2, ("interval", 17.0)),
+]
+
+
+@pytest.mark.parametrize("case", ENV_CASES, ids=[c[0] for c in ENV_CASES])
+def test_documented_env_name_beats_the_file(tmp_path, monkeypatch, case):
+    var, section, key, file_value, env_value, read, expected, sibling = case
+    if section is None:
+        doc = {key: file_value}
+    else:
+        doc = {section: {key: file_value}}
+        if sibling is not None:
+            doc[section][sibling[0]] = sibling[1]
+    path = write(tmp_path, yaml.safe_dump(doc))
+
+    # The file alone is read ...
+    from_file = load_config(path)
+    assert read(from_file) != expected
+    # ... and the documented variable beats it.
+    monkeypatch.setenv(var, env_value)
+    cfg = load_config(path)
+    assert read(cfg) == expected
+    if sibling is not None:
+        # Only that key is overridden: the rest of the file's section stays.
+        assert getattr(getattr(cfg, section), sibling[0]) == sibling[1]
+
+
+@pytest.mark.parametrize("case", ENV_CASES, ids=[c[0] for c in ENV_CASES])
+def test_documented_env_name_works_without_a_file(monkeypatch, case):
+    var, _section, _key, _file_value, env_value, read, expected, _sibling = case
+    assert read(load_config(None)) != expected
+    monkeypatch.setenv(var, env_value)
+    assert read(load_config(None)) == expected
+
+
+def test_env_also_beats_keyword_overrides(monkeypatch):
+    monkeypatch.setenv("GB28181_SIP__PORT", "5099")
+    cfg = load_config(None, sip={"host": "127.0.0.1", "port": 0})
+    assert cfg.sip.port == 5099
+    assert cfg.sip.host == "127.0.0.1"
+
+
+def test_file_beats_defaults_and_unset_keys_keep_defaults(tmp_path):
+    path = write(tmp_path, "sip:\n  port: 5070\nkeepalive:\n  count: 4\n")
+    cfg = load_config(path)
+    assert cfg.sip.port == 5070 and cfg.keepalive.count == 4
+    defaults = Config()
+    assert cfg.sip.host == defaults.sip.host
+    assert cfg.keepalive.interval == defaults.keepalive.interval
+    assert cfg.http == defaults.http
+
+
+def test_empty_file_is_the_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")).model_dump() == load_config(None).model_dump()
+
+
+def test_derived_values():
+    cfg = load_config(None, data_dir="/var/lib/gb", server={"domain": "4401000000"})
+    assert cfg.realm == "4401000000"
+    assert cfg.database_path == Path("/var/lib/gb/gb28181.db")
+    cfg = load_config(None, server={"realm": "myrealm"}, database={"path": "/tmp/x.db"})
+    assert cfg.realm == "myrealm"
+    assert cfg.database_path == Path("/tmp/x.db")
+
+
+# -- faults: one line each, naming the key, what is allowed and the variable -------------------
+
+def one_line(text: str) -> str:
+    assert "\n" not in text, f"expected one line, got:\n{text}"
+    assert text.startswith("config error: ")
+    return text
+
+
+def test_port_out_of_range(tmp_path):
+    path = write(tmp_path, "sip:\n  port: 70000\n")
+    msg = one_line(config_error(path))
+    assert "sip.port" in msg
+    assert "65535" in msg            # what is allowed
+    assert "70000" in msg            # what we got
+    assert "GB28181_SIP__PORT" in msg
+    assert str(path) in msg
+
+
+def test_port_out_of_range_from_env(monkeypatch):
+    monkeypatch.setenv("GB28181_HTTP__PORT", "70000")
+    msg = one_line(config_error(None))
+    assert "http.port" in msg and "65535" in msg and "70000" in msg
+    assert "GB28181_HTTP__PORT" in msg
+
+
+def test_unknown_key_typo(tmp_path):
+    path = write(tmp_path, "sip:\n  prot: 5070\n")
+    msg = one_line(config_error(path))
+    assert "sip.prot" in msg
+    assert "unknown key" in msg
+    assert "port" in msg.replace("sip.prot", "")   # the keys that are allowed
+    assert "GB28181_SIP__PROT" in msg
+
+
+def test_unknown_top_level_section(tmp_path):
+    msg = one_line(config_error(write(tmp_path, "keepalvie:\n  count: 3\n")))
+    assert "keepalvie" in msg and "unknown key" in msg
+    assert "keepalive" in msg.replace("keepalvie", "")
+    assert "GB28181_KEEPALVIE" in msg
+
+
+def test_unknown_key_from_env(monkeypatch):
+    monkeypatch.setenv("GB28181_SIP__PROT", "5070")
+    msg = one_line(config_error(None))
+    assert "sip.prot" in msg and "GB28181_SIP__PROT" in msg and "unknown key" in msg
+
+
+def test_unknown_devices_maybe(tmp_path):
+    msg = one_line(config_error(write(tmp_path, "auth:\n  unknown_devices: maybe\n")))
+    assert "auth.unknown_devices" in msg
+    assert "'admit'" in msg and "'refuse'" in msg
+    assert "maybe" in msg
+    assert "GB28181_AUTH__UNKNOWN_DEVICES" in msg
+
+
+def test_19_digit_server_id(tmp_path):
+    msg = one_line(config_error(write(tmp_path, "server:\n  id: '3402000000200000001'\n")))
+    assert "server.id" in msg
+    assert "20 digits" in msg
+    assert "3402000000200000001" in msg
+    assert "GB28181_SERVER__ID" in msg
+
+
+def test_server_id_from_env(monkeypatch):
+    monkeypatch.setenv("GB28181_SERVER__ID", "3402000000200000001")
+    msg = one_line(config_error(None))
+    assert "server.id" in msg and "20 digits" in msg and "GB28181_SERVER__ID" in msg
+
+
+def test_bad_number_from_env(monkeypatch):
+    monkeypatch.setenv("GB28181_KEEPALIVE__COUNT", "three")
+    msg = one_line(config_error(None))
+    assert "keepalive.count" in msg and "integer" in msg and "GB28181_KEEPALIVE__COUNT" in msg
+
+
+@pytest.mark.parametrize("text, kind", [("- sip\n- http\n", "list"), ("just a string\n", "str"),
+                                        ("42\n", "int")])
+def test_non_mapping_yaml(tmp_path, text, kind):
+    path = write(tmp_path, text)
+    msg = one_line(config_error(path))
+    assert str(path) in msg
+    assert "mapping" in msg and kind in msg
+
+
+def test_section_that_is_not_a_mapping(tmp_path):
+    msg = one_line(config_error(write(tmp_path, "sip: 5060\n")))
+    assert "sip" in msg and "GB28181_SIP" in msg
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = write(tmp_path, "server:\n  id: '34020000002000000001'\nsip:\n  port: [5060\n  host: x\n")
+    msg = one_line(config_error(path))
+    assert str(path) in msg
+    assert "not valid YAML" in msg
+    assert "line 5" in msg
+
+
+def test_tab_indented_yaml_names_the_line(tmp_path):
+    msg = one_line(config_error(write(tmp_path, "sip:\n\tport: 5060\n")))
+    assert "line 2" in msg
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    msg = one_line(config_error(path))
+    assert str(path) in msg
+    assert "cannot read" in msg
+
+
+def test_several_faults_give_one_line_each(tmp_path):
+    path = write(tmp_path, "sip:\n  port: 70000\n  prot: 1\nauth:\n  unknown_devices: maybe\n")
+    lines = config_error(path).splitlines()
+    assert len(lines) == 3
+    assert all(line.startswith("config error: ") for line in lines)
+    joined = "\n".join(lines)
+    for var in ("GB28181_SIP__PORT", "GB28181_SIP__PROT", "GB28181_AUTH__UNKNOWN_DEVICES"):
+        assert sum(var in line for line in lines) == 1, joined
+
+
+def test_config_error_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError):
+        load_config(write(tmp_path, "sip:\n  port: -1\n"))
+
+
+# -- the shipped example ------------------------------------------------------------------------
+
+def _keys(tree) -> set[str]:
+    out: set[str] = set()
+    for key, value in tree.items():
+        out.add(key)
+        if isinstance(value, dict):
+            out |= {f"{key}.{sub}" for sub in _keys(value)}
+    return out
+
+
+def test_default_yaml_equals_the_built_in_defaults():
+    if not DEFAULT_YAML.exists():
+        pytest.skip(f"{DEFAULT_YAML} does not exist (yet): nothing to compare with the defaults")
+    from_file = load_config(DEFAULT_YAML)
+    built_in = load_config(None)
+    assert from_file.model_dump(mode="json") == built_in.model_dump(mode="json")
+    # It shows every key, and no key the model does not know.
+    shown = yaml.safe_load(DEFAULT_YAML.read_text(encoding="utf-8"))
+    assert _keys(shown) == _keys(built_in.model_dump(mode="json"))
+
+
+# -- the API token file --------------------------------------------------------------------------
+
+def test_ensure_api_token_creates_a_private_file_once(tmp_path):
+    data_dir = tmp_path / "data" / "nested"          # not there yet
+    cfg = load_config(None, data_dir=str(data_dir))
+    token, path = ensure_api_token(cfg)
+    assert path == data_dir / "api-token"
+    assert path.is_file()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(token) >= 16
+    assert path.read_text(encoding="utf-8").strip() == token
+
+    again, path2 = ensure_api_token(load_config(None, data_dir=str(data_dir)))
+    assert (again, path2) == (token, path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_ensure_api_token_prefers_the_configured_token(tmp_path, monkeypatch):
+    cfg = load_config(None, data_dir=str(tmp_path), api={"token": "configured-123"})
+    assert ensure_api_token(cfg) == ("configured-123", None)
+    assert not (tmp_path / "api-token").exists()
+    monkeypatch.setenv("GB28181_API__TOKEN", "from-env-12345")
+    assert ensure_api_token(load_config(None, data_dir=str(tmp_path))) == ("from-env-12345", None)
+    assert not (tmp_path / "api-token").exists()
+
+
+def test_ensure_api_token_replaces_an_unusable_file(tmp_path):
+    (tmp_path / "api-token").write_text("short\n")
+    token, path = ensure_api_token(load_config(None, data_dir=str(tmp_path)))
+    assert token != "short" and len(token) >= 16
+    assert path.read_text().strip() == token
+
+
+def test_short_configured_token_is_refused():
+    msg = one_line(config_error(None, api={"token": "short"}))
+    assert "api.token" in msg and "8 characters" in msg and "GB28181_API__TOKEN" in msg
