@@ -7,8 +7,10 @@ loopback and measures it from outside with psutil while load runs:
 1. REGISTER+auth: sipp (a C++ peer, so the load generator is not the bottleneck) registers
    ``--devices`` distinct devices at ``--rate`` calls/s (each call = REGISTER, 401,
    REGISTER with digest, 200). Reports achieved calls/s and calls per server CPU-second.
-2. RSS of the server with all those devices registered, per 10k devices.
-3. Keepalives at the rate those devices would send them with a 60 s interval
+2. RSS right after that load, then of a restarted server holding all those devices (the
+   steady state), per 10k devices.
+3. On the restarted server (the devices are still registered, so their keepalives count),
+   keepalives at the rate those devices would send them with a 60 s interval
    (devices / 60 per second) for ``--window`` seconds: server CPU as % of one core.
 4. Keepalive capacity: keepalives as fast as the blaster goes; keepalives per CPU-second.
 5. Reference in the same run: a bare uvloop UDP echo server under the same blaster, so the
@@ -165,6 +167,22 @@ def wait_http(port: int, timeout: float = 20.0) -> None:
     raise SystemExit("bench: the server did not come up; run it by hand to see why")
 
 
+def start_server(env: dict, http_port: int) -> subprocess.Popen:
+    server = subprocess.Popen([sys.executable, "-m", "gb28181.cli", "serve"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_http(http_port, 60)
+    time.sleep(0.5)
+    return server
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
 def health(port: int) -> dict:
     import json
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
@@ -216,12 +234,9 @@ def main() -> int:
                    GB28181_HTTP__PORT=str(http_port), GB28181_LOG__LEVEL="warning",
                    GB28181_REGISTRATION__QUERY_DEVICE_INFO="false",
                    GB28181_KEEPALIVE__INTERVAL="60")
-        server = subprocess.Popen([sys.executable, "-m", "gb28181.cli", "serve"], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        server = start_server(env, http_port)
         try:
-            wait_http(http_port)
             proc = psutil.Process(server.pid)
-            time.sleep(0.5)
             rss0 = proc.memory_info().rss
 
             csv = work / "devices.csv"
@@ -232,19 +247,24 @@ def main() -> int:
             print(f"REGISTER+auth: {ok} calls ok, {failed} failed in {elapsed:.1f} s offered at "
                   f"{args.rate}/s -> {ok / elapsed:,.0f} calls/s achieved; server CPU {cpu:.1f} s "
                   f"({100 * cpu / elapsed:.0f} % of a core) -> {ok / cpu:,.0f} calls per CPU-second")
-
             time.sleep(1.5)  # let the write-behind flush settle
             h = health(http_port)
             rss1 = proc.memory_info().rss
-            per10k = (rss1 - rss0) / max(1, h["devices"]) * 10_000
-            print(f"memory: RSS {rss0 / 2**20:.0f} MiB empty -> {rss1 / 2**20:.0f} MiB with "
-                  f"{h['devices']} devices ({h['online']} online) right after registering: "
-                  f"{per10k / 2**20:.1f} MiB per 10k devices (includes completed transactions "
-                  f"kept 32 s for retransmissions)")
-            time.sleep(33)  # Timer J: completed server transactions are gone after 64 x T1
+            print(f"memory under registration load: RSS {rss0 / 2**20:.0f} MiB empty -> "
+                  f"{rss1 / 2**20:.0f} MiB right after {h['devices']} registrations "
+                  f"(peak: includes completed transactions kept 32 s for retransmissions)")
+        finally:
+            stop_server(server)
+
+        # Steady state: a restarted server holding the devices, as in production.
+        server = start_server(env, http_port)
+        try:
+            proc = psutil.Process(server.pid)
+            h = health(http_port)
             rss2 = proc.memory_info().rss
-            print(f"memory, steady state: RSS {rss2 / 2**20:.0f} MiB: "
-                  f"{(rss2 - rss0) / max(1, h['devices']) * 10_000 / 2**20:.1f} MiB per 10k devices")
+            print(f"memory, restarted with {h['devices']} devices loaded ({h['online']} still "
+                  f"online): RSS {rss2 / 2**20:.0f} MiB, {(rss2 - rss0) / max(1, h['devices']) * 10_000 / 2**20:.1f} "
+                  f"MiB per 10k devices over the empty server")
 
             rate = args.devices / 60.0
             r = asyncio.run(blast(sip_port, args.devices, rate, args.window, proc))
@@ -258,11 +278,7 @@ def main() -> int:
                   f"(blaster-bound: server at {100 * r['cpu'] / r['elapsed']:.0f} % of a core) -> "
                   f"{ka_per_cpu:,.0f} keepalives per CPU-second")
         finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop_server(server)
 
         echo_port = free_port()
         echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, str(echo_port)],

@@ -1,54 +1,247 @@
-"""What a simulated device says about itself: DeviceInfo and Catalog bodies (A.2.6).
+"""What a simulated device says about itself: DeviceInfo and Catalog items (A.2.1g, Annex O).
 
-Plausible data derived from the device ID, so that runs are reproducible: a civil code from
-the ID's centre code, coordinates scattered around a city centre, PTZ types, names with the
-channel number. Catalog items follow the field order of A.2.1g.
+Everything is derived from the device ID so that runs are reproducible (``random.Random``
+seeded with the device or channel ID, never Python's salted ``hash``):
+
+- civil codes (6 or 8 digits) come from the ID's centre code (Annex D.1 digits 1–8), spread
+  over a few districts per NVR;
+- names are Chinese road intersections ("长江路与黄山路交叉口 01"), addresses street numbers;
+- coordinates scatter around a city centre, except for a ``missing_location_ratio`` share of
+  channels chosen by a hash of the channel ID (:func:`location_missing`), which carry no
+  Longitude/Latitude at all, as incompletely archived cameras do;
+- with ``groups`` the catalog also holds one business group (215) and a few virtual
+  organisations (216), and each camera's ParentID is ``<device ID>/<VO ID>`` (Annex O), so a
+  platform can build a tree;
+- with ``malformed`` every 7th channel (numbers 3, 10, 17, ...) gets a bare ``&`` in its
+  name and every 7th (5, 12, 19, ...) a ``<`` in its address; ``Channel.name`` and
+  ``Channel.address`` hold the text as meant, the vendor layer (``vendors.py``) decides
+  whether it reaches the wire escaped.
+
+The fleet (``fleet.py``) owns one :class:`DeviceCatalog` per device and turns its items into
+MANSCDP with :func:`catalog_item` / :func:`group_item`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
 from gb28181 import manscdp
 
-__all__ = ["Channel", "device_info_fields", "catalog_item"]
+__all__ = [
+    "CHANNEL_STATUSES",
+    "Channel",
+    "DeviceCatalog",
+    "Group",
+    "catalog_item",
+    "device_info_fields",
+    "group_item",
+    "location_missing",
+    "make_channels",
+    "presets",
+]
+
+#: Channel states a catalog NOTIFY can report (P.4.1 / A.2.5c Event values besides ADD/DEL/UPDATE).
+CHANNEL_STATUSES = ("ON", "OFF", "VLOST", "DEFECT")
+
+_ROADS = ("长江路", "黄山路", "金寨路", "望江路", "徽州大道", "马鞍山路", "宿州路", "淮河路",
+          "潜山路", "繁华大道", "包河大道", "芜湖路", "休宁路", "太湖路", "银屏路", "九华山路",
+          "北京路", "中山路", "人民路", "解放路", "和平路", "建设路", "文化路", "胜利路",
+          "新华路", "青年路", "赭山路", "银湖路", "鸠江大道", "弋江路")
+_VIEWS = ("东向西", "西向东", "南向北", "北向南", "全景", "出口", "入口")
+_VO_NAMES = ("城东片区", "城西片区", "城南片区", "城北片区", "开发区片区")
+# District (county) digits 5–6 of real GB/T 2260 codes are small numbers; these are picked
+# when the device's own centre code leaves the district open (digits 5–6 = 00).
+_DISTRICTS = ("02", "03", "04", "07", "11", "21", "22", "23", "25")
+_RESOLUTIONS = ("6/4/2", "6/4", "5/3", "6/5/4/2")  # A.2.1g f= resolution codes, joined by '/'
 
 
 @dataclass(slots=True)
 class Channel:
-    """One video channel of a simulated device."""
+    """One video channel (camera, type 131) of a simulated device, as its catalog item says."""
 
     channel_id: str
     name: str
     parent_id: str
     civil_code: str
-    longitude: float
-    latitude: float
+    longitude: float | None
+    latitude: float | None
     ptz_type: int
-    online: bool = True
+    status: str = "ON"
+    number: int = 1
+    block: str = ""
+    address: str = ""
+    ip_address: str = ""
+    port: int = 0
+    position_type: int = 1
+    room_type: int = 1
+    use_type: int = 1
+    supply_light_type: int = 1
+    direction_type: int = 1
+    resolution: str = "6/4"
+    download_speed: str = "1/2/4/8"
+    business_group_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def online(self) -> bool:
+        return self.status == "ON"
 
-def make_channels(device_id: str, count: int, *, manufacturer: str, is_nvr: bool) -> list[Channel]:
+
+@dataclass(slots=True)
+class Group:
+    """A business group (type 215) or virtual organisation (type 216) item (Annex O)."""
+
+    group_id: str
+    name: str
+    parent_id: str
+    business_group_id: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "business-group" if self.group_id[10:13] == "215" else "virtual-organisation"
+
+
+def location_missing(channel_id: str, ratio: float) -> bool:
+    """Whether ``channel_id`` is one of the ``ratio`` share of channels without coordinates.
+
+    A stable hash of the ID, so a test can tell which channels lack a location without
+    asking the simulator.
+    """
+    if ratio <= 0:
+        return False
+    digest = hashlib.blake2b(channel_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < ratio
+
+
+def _civil_codes(device_id: str, rnd: random.Random) -> list[str]:
+    """The 6-digit district codes one device's channels spread over."""
+    province, city, district = device_id[:2], device_id[2:4], device_id[4:6]
+    if city == "00":
+        city = "01"
+    if district != "00":
+        return [province + city + district]
+    return [province + city + d for d in sorted(rnd.sample(_DISTRICTS, 3))]
+
+
+class DeviceCatalog:
+    """The catalog of one device: group items (optional) and channels, mutable by tests."""
+
+    def __init__(self, device_id: str, channels: int, *, is_nvr: bool, groups: bool = False,
+                 missing_location_ratio: float = 0.0, malformed: bool = False) -> None:
+        self.device_id = device_id
+        self.is_nvr = is_nvr
+        self.missing_location_ratio = missing_location_ratio
+        self.malformed = malformed
+        rnd = random.Random(device_id)
+        self.districts = _civil_codes(device_id, rnd)
+        self.base = (118.3 + rnd.random() * 0.2, 31.3 + rnd.random() * 0.2)
+        self.serial = int(device_id[14:])
+        self.groups: list[Group] = []
+        self._vo_of_district: list[str] = []
+        self._nested_vo: str | None = None
+        self.business_group_id: str | None = None
+        if groups:
+            self._make_groups()
+        self.channels: list[Channel] = []
+        self._next = 1
+        for _ in range(max(1, channels) if is_nvr else 1):
+            self.new_channel()
+
+    def _make_groups(self) -> None:
+        d = self.device_id
+        self.business_group_id = f"{d[:10]}215{d[13]}{self.serial % 1_000_000:06d}"
+        # Annex O: a business group's ParentID is the system ID; the NVR is that system here.
+        self.groups.append(Group(self.business_group_id, f"视频监控{self.serial:03d}业务分组", d))
+        for k, _ in enumerate(self.districts):
+            vo = f"{d[:10]}216{d[13]}{(self.serial * 100 + k + 1) % 1_000_000:06d}"
+            self.groups.append(Group(vo, _VO_NAMES[k % len(_VO_NAMES)], self.business_group_id,
+                                     self.business_group_id))
+            self._vo_of_district.append(vo)
+        # One nested organisation shows the optional "ParentID = parent VO" form.
+        nested = f"{d[:10]}216{d[13]}{(self.serial * 100 + 99) % 1_000_000:06d}"
+        self.groups.append(Group(nested, "重点路口", self._vo_of_district[0], self.business_group_id))
+        self._nested_vo = nested
+
+    # -- channels ----------------------------------------------------------------------------
+    def _channel_id(self, n: int) -> str:
+        d = self.device_id
+        # Same centre and industry as the device, type 131, serial from the device's.
+        return f"{d[:10]}131{d[13]}{(self.serial * 1000 + n) % 1_000_000:06d}"
+
+    def new_channel(self) -> Channel:
+        """Create the next channel (number and ID one past the highest so far) and add it."""
+        n = self._next
+        self._next += 1
+        ch = self._make_channel(n)
+        self.channels.append(ch)
+        return ch
+
+    def _make_channel(self, n: int) -> Channel:
+        cid = self._channel_id(n)
+        rnd = random.Random(cid)
+        a, b = rnd.sample(_ROADS, 2)
+        k = rnd.randrange(len(self.districts))
+        civil = self.districts[k]
+        if rnd.random() < 0.25:  # grassroots unit: an 8-digit civil code
+            civil += f"{rnd.randint(1, 9):02d}"
+        if self.malformed and n % 7 == 3:
+            name = f"{a[:-1]}&{b}口 {n:02d}"  # e.g. 长江&黄山路口 03: a bare & on the wire
+        elif rnd.random() < 0.7:
+            name = f"{a}与{b}交叉口 {n:02d}"
+        else:
+            name = f"{a}{rnd.randint(1, 300)}号{rnd.choice(_VIEWS)} {n:02d}"
+        number = rnd.randint(1, 300)
+        if self.malformed and n % 7 == 5:
+            address = f"{a}{number}<{number + 1}号"  # e.g. 长江路3<4号: a raw < inside <Address>
+        else:
+            address = f"{a}{number}号"
+        lon: float | None = round(self.base[0] + k * 0.03 + rnd.uniform(-0.01, 0.01), 6)
+        lat: float | None = round(self.base[1] + k * 0.02 + rnd.uniform(-0.01, 0.01), 6)
+        if location_missing(cid, self.missing_location_ratio):
+            lon = lat = None
+        parent = self.device_id
+        if self._vo_of_district:
+            vo = self._vo_of_district[k]
+            if k == 0 and n % 2 == 0 and self._nested_vo:
+                vo = self._nested_vo
+            parent = f"{self.device_id}/{vo}"
+        return Channel(
+            channel_id=cid, name=name, parent_id=parent, civil_code=civil,
+            longitude=lon, latitude=lat, ptz_type=rnd.choice((1, 2, 3, 3, 3, 4)), number=n,
+            block=f"{civil[:6]}{k + 1:02d}", address=address,
+            ip_address=f"192.168.{1 + n // 250}.{10 + n % 250}",
+            position_type=rnd.randint(1, 10), room_type=rnd.choice((1, 1, 1, 2)),
+            use_type=rnd.choice((1, 1, 2, 3)), supply_light_type=rnd.choice((1, 2, 2, 3)),
+            direction_type=rnd.randint(1, 8), resolution=rnd.choice(_RESOLUTIONS),
+            business_group_id=self.business_group_id)
+
+    def get(self, channel_id: str) -> Channel | None:
+        for ch in self.channels:
+            if ch.channel_id == channel_id:
+                return ch
+        return None
+
+    def remove(self, channel_id: str) -> Channel | None:
+        ch = self.get(channel_id)
+        if ch is not None:
+            self.channels.remove(ch)
+        return ch
+
+    def items(self) -> list[Group | Channel]:
+        """Everything a Catalog response lists: groups first (parents before children), then cameras."""
+        return [*self.groups, *self.channels]
+
+
+def make_channels(device_id: str, count: int, *, manufacturer: str = "Simulator",
+                  is_nvr: bool) -> list[Channel]:
     """Channels of a device: an IPC has one (type 131), an NVR ``count`` of them."""
-    rnd = random.Random(device_id)
-    civil = device_id[:6]
-    base_lon, base_lat = 117.2 + rnd.random() * 0.2, 31.8 + rnd.random() * 0.2
-    serial = int(device_id[14:])
-    out = []
-    for n in range(1, max(1, count) + 1):
-        # Channel IDs: same centre and industry, type 131, serial from the device's.
-        cid = f"{device_id[:10]}131{device_id[13]}{(serial * 1000 + n) % 1_000_000:06d}"
-        name = f"{'NVR' if is_nvr else 'IPC'}-{serial} Camera {n:02d}"
-        out.append(Channel(
-            channel_id=cid, name=name, parent_id=device_id, civil_code=civil,
-            longitude=round(base_lon + rnd.uniform(-0.01, 0.01), 6),
-            latitude=round(base_lat + rnd.uniform(-0.01, 0.01), 6),
-            ptz_type=rnd.choice((1, 2, 3, 3, 3)),
-            extra={"manufacturer": manufacturer}))
-    return out
+    channels = DeviceCatalog(device_id, count, is_nvr=is_nvr).channels
+    for ch in channels:
+        ch.extra["manufacturer"] = manufacturer
+    return channels
 
 
 def device_info_fields(*, name: str, manufacturer: str, model: str, firmware: str,
@@ -57,14 +250,42 @@ def device_info_fields(*, name: str, manufacturer: str, model: str, firmware: st
             ("Model", model), ("Firmware", firmware), ("Channel", channels)]
 
 
-def catalog_item(ch: Channel, *, model: str) -> manscdp.Node:
+def catalog_item(ch: Channel, *, model: str, manufacturer: str | None = None, owner: str = "Owner",
+                 port: int = 8000, stream_num: int | None = None,
+                 event: str | None = None) -> manscdp.Node:
+    """A camera's ``<Item>`` in A.2.1g order; ``event`` appends ``<Event>`` (NOTIFY ADD/UPDATE).
+
+    ``stream_num`` adds Dahua's extra ``<StreamNum>`` before ``<Status>`` (DH-CAP).
+    Status is ON or OFF (A.2.1g); VLOST and DEFECT channels are listed as OFF, as WVP reads them.
+    """
+    info: list[tuple[str, Any]] = [
+        ("PTZType", ch.ptz_type), ("PositionType", ch.position_type), ("RoomType", ch.room_type),
+        ("UseType", ch.use_type), ("SupplyLightType", ch.supply_light_type),
+        ("DirectionType", ch.direction_type), ("Resolution", ch.resolution),
+        ("BusinessGroupID", ch.business_group_id), ("DownloadSpeed", ch.download_speed),
+    ]
     fields: list[tuple[str, Any]] = [
         ("DeviceID", ch.channel_id), ("Name", ch.name),
-        ("Manufacturer", ch.extra.get("manufacturer", "Simulator")), ("Model", model),
-        ("Owner", "Owner"), ("CivilCode", ch.civil_code), ("Address", f"Road {ch.channel_id[-4:]}"),
-        ("Parental", 0), ("ParentID", ch.parent_id), ("SafetyWay", 0), ("RegisterWay", 1),
-        ("Secrecy", 0), ("Status", "ON" if ch.online else "OFF"),
+        ("Manufacturer", manufacturer or ch.extra.get("manufacturer", "Simulator")),
+        ("Model", model), ("Owner", owner), ("CivilCode", ch.civil_code), ("Block", ch.block),
+        ("Address", ch.address), ("Parental", 0), ("ParentID", ch.parent_id), ("SafetyWay", 0),
+        ("RegisterWay", 1), ("Secrecy", 0), ("IPAddress", ch.ip_address),
+        ("Port", ch.port or port), ("StreamNum", stream_num),
+        ("Status", "ON" if ch.online else "OFF"),
         ("Longitude", ch.longitude), ("Latitude", ch.latitude),
-        ("Info", manscdp.Node({}, [("PTZType", ch.ptz_type)])),
+        ("Info", info), ("Event", event),
     ]
     return manscdp.Node({}, fields)
+
+
+def group_item(g: Group, *, event: str | None = None) -> manscdp.Node:
+    """A 215/216 item as Annex O shows it: DeviceID, Name, ParentID[, BusinessGroupID]."""
+    return manscdp.Node({}, [("DeviceID", g.group_id), ("Name", g.name), ("ParentID", g.parent_id),
+                             ("BusinessGroupID", g.business_group_id), ("Event", event)])
+
+
+def presets(channel_id: str) -> list[tuple[int, str]]:
+    """A few presets of a camera (PresetQuery, A.2.6): (PresetID, PresetName), stable per ID."""
+    rnd = random.Random(f"presets/{channel_id}")
+    ids = sorted(rnd.sample(range(1, 256), rnd.randint(2, 5)))
+    return [(1, "初始位置")] + [(p, f"预置点{p}") for p in ids if p != 1]

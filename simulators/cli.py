@@ -13,6 +13,7 @@ from pathlib import Path
 from gb28181.ids import IdError, parse_id
 
 from .fleet import Fleet, FleetConfig, device_ids
+from .vendors import VENDORS
 
 __all__ = ["main"]
 
@@ -29,6 +30,16 @@ def _gb_id(text: str) -> str:
         return parse_id(text).value
     except IdError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a ratio between 0 and 1 (e.g. 0.05)")
+    return value
 
 
 def _read_passwords(path: str) -> dict[str, str]:
@@ -49,7 +60,8 @@ def parser() -> argparse.ArgumentParser:
         prog="gb28181-sim",
         description="Emulate N GB/T 28181 devices (IPCs, or NVRs with channels) in one process: "
                     "digest REGISTER, refresh, keepalives, re-register with back-off, and "
-                    "answers to DeviceInfo/Catalog/DeviceStatus queries.")
+                    "answers to DeviceInfo/Catalog/DeviceStatus/ConfigDownload/PresetQuery queries, "
+                    "catalog subscriptions (SUBSCRIBE/NOTIFY) and vendor wire quirks.")
     p.add_argument("--server", type=_host_port, default=("127.0.0.1", 5060), metavar="HOST:PORT",
                    help="the platform's SIP address (default 127.0.0.1:5060)")
     p.add_argument("--server-id", type=_gb_id, default="34020000002000000001",
@@ -75,7 +87,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-min", type=float, default=60.0, metavar="SECONDS",
                    help="first back-off after a failed REGISTER (default 60, per §9.1.1)")
     p.add_argument("--catalog-items", type=int, default=2,
-                   help="catalog items per Response MESSAGE (default 2, like a Hik NVR)")
+                   help="catalog items per Response MESSAGE for --vendor generic (default 2; "
+                        "hikvision always sends 2, dahua everything that fits one datagram)")
+    p.add_argument("--vendor", choices=VENDORS, default="generic",
+                   help="wire personality (PROTOCOL.md §9): generic; hikvision (User-Agent "
+                        "'IP Camera'/'Embedded Net DVR/NVR/DVS', <domain>.spvmn.cn URIs, LF-only "
+                        "gb2312 bodies, padded Content-Length, 2 catalog items per message); dahua "
+                        "('SIP UAS V3.0.0', IP:port URIs, Route on REGISTER, indented GB2312 bodies, "
+                        "alphabetical headers with Via last, one-message catalogs with StreamNum)")
+    p.add_argument("--malformed", action="store_true",
+                   help="send broken XML like some firmware: a bare '&' in some channel names and a "
+                        "raw '<' in some addresses")
+    p.add_argument("--groups", action="store_true",
+                   help="NVR catalogs also list a business group (215) and virtual organisations "
+                        "(216); channel ParentID becomes '<NVR ID>/<VO ID>' (Annex O)")
+    p.add_argument("--missing-location-ratio", type=_ratio, default=0.05, metavar="RATIO",
+                   help="share of channels sent without Longitude/Latitude, 0..1 (default 0.05)")
     p.add_argument("--duration", type=float, default=0.0, metavar="SECONDS",
                    help="stop after this long (default: run until Ctrl-C)")
     p.add_argument("--unregister", action="store_true", help="unregister every device on exit")
@@ -99,7 +126,9 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
         transport=args.transport, bind_host=args.bind, bind_port=args.port,
         per_device_ports=args.per_device_ports, expires=args.expires,
         keepalive_interval=args.keepalive_interval, register_rate=args.rate,
-        retry_min=args.retry_min, catalog_items_per_message=args.catalog_items)
+        retry_min=args.retry_min, catalog_items_per_message=args.catalog_items,
+        vendor=args.vendor, malformed=args.malformed, groups=args.groups,
+        missing_location_ratio=args.missing_location_ratio)
 
 
 async def _run(cfg: FleetConfig, args: argparse.Namespace) -> dict:

@@ -4,12 +4,23 @@ Each ``SimDevice`` behaves like a camera's SIP stack (§9.1, §9.6): it register
 authentication, refreshes before its registration runs out, sends a Keepalive every interval,
 treats three unanswered keepalives or a refused one as lost registration and registers again,
 and backs off (with jitter) after a refusal or timeout so a fleet never hammers a server in
-lock-step. It answers DeviceInfo and Catalog queries: 200 at once, then the data in a separate
-MESSAGE, multi-part catalogs sent serially (Annex N).
+lock-step. It answers queries with 200 at once and the data in a separate MESSAGE (§9.5):
+DeviceInfo, DeviceStatus, Catalog (multi-part, parts sent serially, Annex N), ConfigDownload,
+PresetQuery; DeviceControl/DeviceConfig get the Response §9.3.1 asks for. Other CmdTypes get
+the 200 and nothing else.
+
+Catalogs come from ``catalog.py`` (hundreds of channels, Annex O groups, channels without
+coordinates); how they look on the wire from ``vendors.py`` (generic, Hikvision, Dahua, and
+deliberately malformed XML). A platform may SUBSCRIBE to a device's catalog (§9.11, Annex P):
+the device keeps the dialog and sends an in-dialog NOTIFY, one at a time, on every channel
+change that tests make through ``Fleet.set_channel_status``, ``add_channel``,
+``update_channel`` and ``remove_channel``.
 
 Sockets: by default all devices share one ``SipEndpoint`` (one UDP/TCP port) and incoming
 requests are dispatched by Request-URI user, which checks that a server keys devices by ID
-and not by address. ``per_device_ports`` gives each device its own endpoint instead.
+and not by address. ``per_device_ports`` gives each device its own endpoint instead. Every
+byte sent passes through ``Fleet.taps`` (after the vendor's byte-level quirks), which tests
+use to see the wire.
 
 The fleet can be paused (a link outage: nothing sent, nothing answered) and resumed, which the
 integration tests use to check offline detection and recovery.
@@ -22,6 +33,8 @@ import logging
 import random
 import statistics
 import time
+from collections.abc import Callable
+from datetime import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,23 +43,39 @@ from gb28181.ids import parse_id
 from gb28181.sip.auth import authorization_header
 from gb28181.sip.endpoint import SipEndpoint, SipTimeoutError, SipTransportError
 from gb28181.sip.message import (
+    SipMessage,
     SipParseError,
     SipRequest,
     make_response,
-    new_call_id,
     new_request,
     new_tag,
+    parse_name_addr,
     parse_uri,
 )
 from gb28181.sip.transaction import RequestReceived
 
-from .catalog import Channel, catalog_item, device_info_fields, make_channels
+from .catalog import (
+    CHANNEL_STATUSES,
+    Channel,
+    DeviceCatalog,
+    Group,
+    catalog_item,
+    device_info_fields,
+    group_item,
+    presets,
+)
+from .vendors import Personality, personality
 
-__all__ = ["Fleet", "FleetConfig", "SimDevice"]
+__all__ = ["CatalogSubscription", "Fleet", "FleetConfig", "SimDevice"]
 
 log = logging.getLogger("gb28181.sim")
 
 CONTENT_TYPE = "Application/MANSCDP+xml"
+#: Largest Catalog Response body per transport: a UDP datagram carries at most 64 KiB, and
+#: the platform refuses messages over 256 KiB (``MAX_MESSAGE_SIZE``) on TCP.
+MAX_PART_BYTES = {"udp": 60_000, "tcp": 200_000}
+#: Catalog subscription length when the SUBSCRIBE names none (P.2.1.2.1).
+DEFAULT_SUBSCRIBE_EXPIRES = 600
 
 
 @dataclass(slots=True)
@@ -79,6 +108,14 @@ class FleetConfig:
     firmware: str = "V1.0.0"
     encoding: str = "GB2312"
     t1: float = 0.5
+    #: Wire personality: "generic", "hikvision" or "dahua" (PROTOCOL.md §9, vendors.py).
+    vendor: str = "generic"
+    #: Send a bare ``&`` in some channel names and a raw ``<`` in some addresses.
+    malformed: bool = False
+    #: Add a business group (215) and virtual organisations (216) to NVR catalogs (Annex O).
+    groups: bool = False
+    #: Share of channels without Longitude/Latitude, chosen by a hash of the channel ID.
+    missing_location_ratio: float = 0.05
 
     @property
     def domain(self) -> str:
@@ -107,28 +144,72 @@ class DeviceStats:
     queries_answered: int = 0
 
 
+@dataclass(slots=True, eq=False)
+class CatalogSubscription:
+    """A platform's catalog subscription on one device: an RFC 3265 dialog (§9.11, Annex P).
+
+    Tags and URIs are seen from the device: ``local_tag`` is the To tag of our 200 and the From
+    tag of our NOTIFYs, ``remote_tag`` the platform's From tag, ``target`` its Contact URI (the
+    Request-URI of our NOTIFYs), ``addr`` where NOTIFYs go. ``cseq`` counts our NOTIFYs from 1.
+    """
+
+    call_id: str
+    local_tag: str
+    remote_tag: str
+    local_uri: str
+    remote_uri: str
+    target: str
+    addr: tuple[str, int]
+    event: str
+    expires: int
+    expires_at: float
+    query_id: str
+    remote_cseq: int
+    cseq: int = 0
+    notifies_sent: int = 0
+    terminated: bool = False
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)
+    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+    @property
+    def remaining(self) -> int:
+        """Seconds left, as ``Subscription-State: active;expires=`` reports them."""
+        return max(0, round(self.expires_at - time.monotonic()))
+
+
 class SimDevice:
     """One simulated device; ``run()`` is its life."""
 
     def __init__(self, fleet: Fleet, device_id: str, endpoint: SipEndpoint | None) -> None:
         self.fleet = fleet
         self.cfg = fleet.cfg
+        self.vendor: Personality = fleet.vendor
         self.device_id = device_id
         self.endpoint = endpoint
         self.password = self.cfg.passwords.get(device_id, self.cfg.password)
         self.registered = False
         self.expires = self.cfg.expires
         self.registered_at = 0.0
-        self.call_id = new_call_id()
+        self.call_id = self.vendor.call_id(self.ep.advertised_host)
         self.from_tag = new_tag()
         self.cseq = 0
         self.sn = 0
         self.stats = DeviceStats()
         self.last_error = ""
         self.server_date = ""
-        self.channels: list[Channel] = make_channels(
-            device_id, self.cfg.channels if self.cfg.nvr else 1,
-            manufacturer=self.cfg.manufacturer, is_nvr=self.cfg.nvr)
+        self.catalog = DeviceCatalog(
+            device_id, self.cfg.channels if self.cfg.nvr else 1, is_nvr=self.cfg.nvr,
+            groups=self.cfg.groups and self.cfg.nvr,
+            missing_location_ratio=self.cfg.missing_location_ratio, malformed=self.cfg.malformed)
+        for ch in self.catalog.channels:
+            ch.extra["manufacturer"] = self.vendor.manufacturer
+        #: Live catalog subscriptions by Call-ID.
+        self.subscriptions: dict[str, CatalogSubscription] = {}
+
+    @property
+    def channels(self) -> list[Channel]:
+        """The device's cameras (group items excluded), in catalog order."""
+        return self.catalog.channels
 
     @property
     def ep(self) -> SipEndpoint:
@@ -140,23 +221,37 @@ class SimDevice:
     def server_addr(self) -> tuple[str, int]:
         return (self.cfg.server_host, self.cfg.server_port)
 
+    @property
+    def local(self) -> tuple[str, int]:
+        return (self.ep.advertised_host, self.ep.port)
+
     def _from_uri(self) -> str:
-        return f"sip:{self.device_id}@{self.cfg.domain}"
+        return self.vendor.own_uri(self.device_id, self.local)
+
+    def _contact(self) -> str:
+        return f"sip:{self.device_id}@{self.ep.advertised_host}:{self.ep.port}"
 
     # -- registration ----------------------------------------------------------------------
     def _register_request(self, authorization: str | None, expires: int | None = None) -> SipRequest:
         cfg = self.cfg
-        ep = self.ep
         self.cseq += 1
         headers = {"expires": str(cfg.expires if expires is None else expires)}
         if authorization:
             headers["authorization"] = authorization
-        return new_request(
-            "REGISTER", f"sip:{cfg.server_id}@{cfg.domain}", via=ep.via(cfg.transport),
+        if self.vendor.register_route:
+            # DH-CAP: Dahua routes its REGISTER through a Route naming itself at the server.
+            headers["route"] = f"<sip:{self.device_id}@{cfg.server_host}:{cfg.server_port};lr>"
+        request = new_request(
+            "REGISTER", self.vendor.server_uri(), via=self.ep.via(cfg.transport),
             from_uri=self._from_uri(), from_tag=self.from_tag, to_uri=self._from_uri(),
-            call_id=self.call_id, cseq=self.cseq,
-            contact=f"sip:{self.device_id}@{ep.advertised_host}:{ep.port}",
-            headers=headers, user_agent="gb28181-sim")
+            call_id=self.call_id, cseq=self.cseq, contact=self._contact(), headers=headers)
+        self.vendor.shape(request)
+        return request
+
+    def _authorization(self, challenge: str) -> str:
+        # The digest uri is the Request-URI verbatim, whatever host form the vendor uses.
+        return authorization_header(challenge, username=self.device_id, password=self.password,
+                                    method="REGISTER", uri=self.vendor.server_uri())
 
     async def _send(self, request: SipRequest):
         return await self.ep.request(request, self.server_addr, self.cfg.transport,
@@ -175,10 +270,7 @@ class SimDevice:
                 challenge = resp.get("www-authenticate")
                 if not challenge:
                     break
-                auth = authorization_header(challenge, username=self.device_id,
-                                            password=self.password, method="REGISTER",
-                                            uri=f"sip:{self.cfg.server_id}@{self.cfg.domain}")
-                resp = await self._send(self._register_request(auth))
+                resp = await self._send(self._register_request(self._authorization(challenge)))
         except (SipTimeoutError, SipTransportError) as exc:
             self.last_error = f"REGISTER: {exc}"
             st.register_failures += 1
@@ -202,10 +294,7 @@ class SimDevice:
             resp = await self._send(self._register_request(None, expires=0))
             challenge = resp.get("www-authenticate")
             if resp.status == 401 and challenge:
-                auth = authorization_header(challenge, username=self.device_id,
-                                            password=self.password, method="REGISTER",
-                                            uri=f"sip:{self.cfg.server_id}@{self.cfg.domain}")
-                await self._send(self._register_request(auth, expires=0))
+                await self._send(self._register_request(self._authorization(challenge), expires=0))
         except (SipTimeoutError, SipTransportError):
             pass
         finally:
@@ -216,20 +305,22 @@ class SimDevice:
         self.sn += 1
         return self.sn
 
-    def _message(self, body: bytes, to_id: str | None = None) -> SipRequest:
+    def _message(self, body: bytes, to_id: str | None = None, *, to_uri: str | None = None) -> SipRequest:
+        """An out-of-dialog MESSAGE to the platform (or ``to_id``/``to_uri``) in the vendor's shape."""
         cfg = self.cfg
-        to = to_id or cfg.server_id
-        return new_request(
-            "MESSAGE", f"sip:{to}@{cfg.domain}", via=self.ep.via(cfg.transport),
-            from_uri=self._from_uri(), to_uri=f"sip:{to}@{cfg.domain}", cseq=20,
-            body=body, content_type=CONTENT_TYPE, user_agent="gb28181-sim")
+        uri = to_uri or (f"sip:{to_id}@{cfg.domain}" if to_id else self.vendor.server_uri())
+        request = new_request(
+            "MESSAGE", uri, via=self.ep.via(cfg.transport), from_uri=self._from_uri(), to_uri=uri,
+            call_id=self.vendor.call_id(self.ep.advertised_host), cseq=20,  # CSeq 20: §8
+            body=body, content_type=CONTENT_TYPE)
+        self.vendor.shape(request)
+        return request
 
     async def keepalive(self) -> str:
         """Send one keepalive: 'ok', 'refused' (4xx: register again) or 'lost'."""
         st = self.stats
         st.keepalives_sent += 1
-        body = manscdp.build("Notify", "Keepalive", self._next_sn(), self.device_id,
-                             [("Status", "OK")], encoding=self.cfg.encoding)
+        body = self.vendor.keepalive_body(self._next_sn(), self.device_id)
         timeout = self.cfg.request_timeout or min(self.cfg.keepalive_interval, 32.0)
         try:
             resp = await self.ep.request(self._message(body), self.server_addr, self.cfg.transport,
@@ -300,63 +391,339 @@ class SimDevice:
                     return
 
     # -- answering the server ---------------------------------------------------------------
+    def _reply(self, ev: RequestReceived, status: int, reason: str = "", *,
+               to_tag: str | None = None, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        assert ev.transaction is not None
+        resp = make_response(ev.request, status, reason, to_tag=to_tag or new_tag(), body=body,
+                             content_type=CONTENT_TYPE if body else None)
+        for name, value in (headers or {}).items():
+            resp.set(name, value)
+        self.vendor.shape(resp)
+        self.ep.respond(ev.transaction, resp)
+
     def on_request(self, ev: RequestReceived) -> None:
         req = ev.request
-        txn = ev.transaction
-        if txn is None:
+        if ev.transaction is None:
+            return
+        if req.method == "SUBSCRIBE":
+            self._on_subscribe(ev)
             return
         if req.method != "MESSAGE":
-            self.ep.respond(txn, make_response(req, 405, to_tag=new_tag()))
+            self._reply(ev, 405)
             return
         try:
             msg = manscdp.parse(req.body)
         except manscdp.ManscdpError as exc:
-            self.ep.respond(txn, make_response(req, 400, f"Bad Request: {exc}"[:120], to_tag=new_tag()))
+            self._reply(ev, 400, f"Bad Request: {exc}"[:120])
             return
-        self.ep.respond(txn, make_response(req, 200, to_tag=new_tag()))
-        if msg.root == "Query" and msg.cmd_type in ("DeviceInfo", "Catalog", "DeviceStatus"):
+        self._reply(ev, 200)
+        if (msg.root, msg.cmd_type) in _ANSWERED:
             self.fleet.spawn(self._answer(msg))
 
-    async def _answer(self, query: manscdp.Manscdp) -> None:
+    def _bodies(self, query: manscdp.Manscdp) -> list[tuple[bytes, str | None]]:
+        """The Response bodies for ``query``, each with the To URI when not the platform's."""
         cfg = self.cfg
+        v = self.vendor
         sn = query.sn or 0
-        bodies: list[bytes] = []
-        if query.cmd_type == "DeviceInfo":
+        cmd = query.cmd_type
+        target = query.device_id or self.device_id
+        out: list[tuple[bytes, str | None]] = []
+
+        def response(cmd_type: str, device_id: str, fields: list[tuple[str, Any]]) -> None:
+            out.append((v.body("Response", cmd_type, sn, device_id, fields), None))
+
+        if cmd == "DeviceInfo":
             fields = device_info_fields(
                 name=f"{'NVR' if cfg.nvr else 'IPC'} {self.device_id[-6:]}",
-                manufacturer=cfg.manufacturer, model=cfg.model, firmware=cfg.firmware,
+                manufacturer=v.manufacturer, model=v.model, firmware=cfg.firmware,
                 channels=len(self.channels))
-            bodies.append(manscdp.build("Response", "DeviceInfo", sn, self.device_id, fields,
-                                        encoding=cfg.encoding))
-        elif query.cmd_type == "DeviceStatus":
+            if v.name == "dahua":  # DH-CAP adds these
+                fields[2:2] = [("DeviceType", "NVR" if cfg.nvr else "IPC")]
+                fields += [("MaxCamera", len(self.channels)), ("MaxAlarm", 2), ("Port", 80),
+                           ("LoginName", "admin"), ("Password", "******")]
+            response("DeviceInfo", self.device_id, fields)
+        elif cmd == "DeviceStatus":
+            alarms = [("Item", [("DeviceID", a), ("DutyStatus", "ONDUTY")]) for a in self._alarm_inputs()]
             fields = [("Result", "OK"), ("Online", "ONLINE"), ("Status", "OK"),
-                      ("Encode", "ON"), ("Record", "OFF")]
-            bodies.append(manscdp.build("Response", "DeviceStatus", sn, self.device_id, fields,
-                                        encoding=cfg.encoding))
-        else:
-            per = max(1, cfg.catalog_items_per_message)
-            total = len(self.channels)
-            for start in range(0, total, per):
-                part = self.channels[start:start + per]
-                items = [("Item", catalog_item(ch, model=cfg.model)) for ch in part]
-                fields = [("SumNum", total), ("DeviceList", manscdp.Node({"Num": len(part)}, items))]
-                bodies.append(manscdp.build("Response", "Catalog", sn, self.device_id, fields,
-                                            encoding=cfg.encoding))
-        for body in bodies:  # serially: each part waits for the 200 to the previous one
+                      ("DeviceTime", manscdp.format_time(datetime.now(manscdp.BEIJING))),
+                      ("Encode", "ON"), ("Record", "OFF"),
+                      ("Alarmstatus", manscdp.Node({v.alarm_num_attr: len(alarms)}, alarms))]
+            response("DeviceStatus", self.device_id, fields)
+        elif cmd == "Catalog":
+            to_uri = v.catalog_to_uri(self.device_id)
+            out += [(body, to_uri) for body in self._catalog_bodies(sn)]
+        elif cmd == "ConfigDownload":
+            # One Response per requested type, all with the query's SN (A.2.4 / §3.3).
+            for kind in (t.strip() for t in query.text("ConfigType", "BasicParam").split("/")):
+                if kind == "BasicParam":
+                    lon, lat = self.catalog.base
+                    param: list[tuple[str, Any]] = [
+                        ("Name", f"{'NVR' if cfg.nvr else 'IPC'} {self.device_id[-6:]}"),
+                        ("Expiration", self.expires),
+                        ("HeartBeatInterval", max(1, round(cfg.keepalive_interval))),
+                        ("HeartBeatCount", cfg.keepalive_misses), ("PositionCapability", 0),
+                        ("Longitude", round(lon, 6)), ("Latitude", round(lat, 6))]
+                    response("ConfigDownload", target, [("Result", "OK"), ("BasicParam", param)])
+                elif kind == "VideoParamOpt":
+                    response("ConfigDownload", target, [("Result", "OK"), ("VideoParamOpt", [
+                        ("DownloadSpeed", "1/2/4/8"), ("Resolution", "6/4/2")])])
+                elif kind:
+                    response("ConfigDownload", target, [("Result", "ERROR")])
+        elif cmd == "PresetQuery":
+            items = [("Item", [("PresetID", pid), ("PresetName", name)]) for pid, name in presets(target)]
+            response("PresetQuery", target, [("PresetList", manscdp.Node({"Num": len(items)}, items))])
+        elif cmd == "DeviceControl":
+            # §9.3.1: these commands are confirmed by a Response; PTZ and the rest are not.
+            if any(query.element.find(tag) is not None for tag in _CONFIRMED_CONTROLS):
+                response("DeviceControl", target, [("Result", "OK")])
+        elif cmd == "DeviceConfig":
+            response("DeviceConfig", target, [("Result", "OK")])
+        return out
+
+    def _catalog_bodies(self, sn: int) -> list[bytes]:
+        """The Catalog Response parts: the vendor's items per part, each part within one datagram."""
+        v = self.vendor
+        items = self.catalog.items()
+        total = len(items)
+
+        def render(chunk: list[Channel | Group]) -> bytes:
+            part = [("Item", self._item(x)) for x in chunk]
+            fields = [("SumNum", total), ("DeviceList", manscdp.Node({"Num": len(part)}, part))]
+            return v.body("Response", "Catalog", sn, self.device_id, fields)
+
+        if not items:  # Annex N: SumNum 0 and no list
+            return [v.body("Response", "Catalog", sn, self.device_id, [("SumNum", 0)])]
+        per = v.items_per_message() or total
+        budget = MAX_PART_BYTES.get(self.cfg.transport, MAX_PART_BYTES["udp"])
+        bodies: list[bytes] = []
+        start = 0
+        while start < total:
+            n = min(per, total - start)
+            body = render(items[start:start + n])
+            # "All in one message" (Dahua) still has to fit a UDP datagram: shrink until it does.
+            while len(body) > budget and n > 1:
+                n = min(n - 1, max(1, n * budget // len(body)))
+                body = render(items[start:start + n])
+            bodies.append(body)
+            start += n
+        return bodies
+
+    def _alarm_inputs(self) -> list[str]:
+        d = self.device_id
+        serial = int(d[14:])
+        return [f"{d[:10]}134{d[13]}{(serial * 10 + k) % 1_000_000:06d}" for k in (1, 2)]
+
+    def _item(self, x: Channel | Group, event: str | None = None) -> manscdp.Node:
+        if isinstance(x, Group):
+            return group_item(x, event=event)
+        v = self.vendor
+        return catalog_item(x, model=v.channel_model(), manufacturer=v.manufacturer, owner=v.owner,
+                            port=v.channel_port, stream_num=v.stream_num, event=event)
+
+    async def _answer(self, query: manscdp.Manscdp) -> None:
+        for body, to_uri in self._bodies(query):  # serially: each waits for the previous 200
             try:
-                await self._send(self._message(body))
+                await self._send(self._message(body, to_uri=to_uri))
             except (SipTimeoutError, SipTransportError):
                 return
         self.stats.queries_answered += 1
+
+    # -- catalog subscriptions (§9.11, Annex P) ---------------------------------------------
+    def _on_subscribe(self, ev: RequestReceived) -> None:
+        req = ev.request
+        if req.to_tag:
+            self._refresh_subscription(ev)
+            return
+        event = (req.get("event") or "").strip()
+        package = event.partition(";")[0].strip().lower()
+        if package not in ("catalog", "presence"):  # J.20 shows a catalog under "presence"
+            self._reply(ev, 489, "Bad Event: only Catalog subscriptions", headers={"Allow-Events": "Catalog"})
+            return
+        sn, query_id = 0, self.device_id
+        if req.body.strip():
+            try:
+                msg = manscdp.parse(req.body)
+            except manscdp.ManscdpError as exc:
+                self._reply(ev, 400, f"Bad Request: {exc}"[:120])
+                return
+            if msg.cmd_type != "Catalog":
+                self._reply(ev, 489, f"Bad Event: {msg.cmd_type} subscriptions are not supported")
+                return
+            sn, query_id = msg.sn or 0, msg.device_id or self.device_id
+        expires = _expires_of(req)
+        try:
+            sub = self._new_subscription(ev, event, expires, query_id)
+        except SipParseError as exc:
+            self._reply(ev, 400, f"Bad Request: {exc}"[:120])
+            return
+        body = self.vendor.body("Response", "Catalog", sn, query_id, [("Result", "OK")])
+        self._reply(ev, 200, to_tag=sub.local_tag, body=body,
+                    headers={"Expires": str(expires), "Contact": f"<{self._contact()}>"})
+        if expires == 0:  # a fetch: accepted and over at once
+            self._end_subscription(sub)
+
+    def _new_subscription(self, ev: RequestReceived, event: str, expires: int,
+                          query_id: str) -> CatalogSubscription:
+        req = ev.request
+        remote = parse_name_addr(req.headers["from"][0])
+        addressed = parse_name_addr(req.headers["to"][0]).uri
+        target, addr = self._target(req, ev.addr, remote.uri)
+        sub = CatalogSubscription(
+            call_id=req.call_id, local_tag=new_tag(), remote_tag=remote.tag or "",
+            local_uri=self.vendor.dialog_uri(self.device_id, self.local, addressed),
+            remote_uri=remote.uri, target=target, addr=addr, event=event, expires=expires,
+            expires_at=time.monotonic() + expires, query_id=query_id, remote_cseq=req.cseq[0])
+        self.subscriptions[sub.call_id] = sub
+        self._arm_expiry(sub)
+        self.fleet.spawn(self._notify_worker(sub))
+        return sub
+
+    @staticmethod
+    def _target(req: SipRequest, source: tuple[str, int], fallback: str) -> tuple[str, tuple[str, int]]:
+        """The platform's Contact URI and its host:port, or the packet source without a Contact."""
+        contact = req.get("contact")
+        if contact:
+            uri = parse_name_addr(contact).uri
+            parsed = parse_uri(uri)
+            return uri, (parsed.host, parsed.port or 5060)
+        user = parse_uri(fallback).user
+        return f"sip:{user}@{source[0]}:{source[1]}", source
+
+    def _refresh_subscription(self, ev: RequestReceived) -> None:
+        req = ev.request
+        sub = self.subscriptions.get(req.call_id)
+        if sub is None or sub.local_tag != req.to_tag or sub.remote_tag != (req.from_tag or ""):
+            self._reply(ev, 481, "Subscription Does Not Exist")
+            return
+        expires = _expires_of(req)
+        sub.remote_cseq = max(sub.remote_cseq, req.cseq[0])
+        if req.get("contact"):
+            try:
+                sub.target, sub.addr = self._target(req, ev.addr, sub.remote_uri)
+            except SipParseError:
+                pass
+        self._reply(ev, 200, to_tag=sub.local_tag,
+                    headers={"Expires": str(expires), "Contact": f"<{self._contact()}>"})
+        if expires == 0:
+            self._end_subscription(sub)
+            return
+        sub.expires = expires
+        sub.expires_at = time.monotonic() + expires
+        self._arm_expiry(sub)
+
+    def _arm_expiry(self, sub: CatalogSubscription) -> None:
+        if sub.timer is not None:
+            sub.timer.cancel()
+        sub.timer = asyncio.get_running_loop().call_later(sub.expires + 0.05, self._expire, sub)
+
+    def _expire(self, sub: CatalogSubscription) -> None:
+        # Not refreshed in time: dropped without a word (RFC 6665 §4.2.2 lets it lapse).
+        if self.subscriptions.get(sub.call_id) is sub and time.monotonic() >= sub.expires_at:
+            self._forget(sub)
+            sub.queue.put_nowait(None)  # stop the worker
+
+    def _forget(self, sub: CatalogSubscription) -> None:
+        if self.subscriptions.get(sub.call_id) is sub:
+            del self.subscriptions[sub.call_id]
+        if sub.timer is not None:
+            sub.timer.cancel()
+            sub.timer = None
+
+    def _end_subscription(self, sub: CatalogSubscription) -> None:
+        """Unsubscribed: forget it now, and send the final NOTIFY after any still queued."""
+        self._forget(sub)
+        sub.terminated = True
+        sub.queue.put_nowait(b"")
+
+    def notify_catalog(self, items: list[manscdp.Node]) -> int:
+        """Queue a catalog NOTIFY with ``items`` on every live subscription; returns how many."""
+        if not self.subscriptions:
+            return 0
+        fields = [("SumNum", len(items)),
+                  ("DeviceList", manscdp.Node({"Num": len(items)}, [("Item", x) for x in items]))]
+        body = self.vendor.body("Notify", "Catalog", self._next_sn(), self.device_id, fields)
+        for sub in self.subscriptions.values():
+            sub.queue.put_nowait(body)
+        return len(self.subscriptions)
+
+    def channel_changed(self, ch: Channel, event: str) -> int:
+        """Tell subscribers about ``ch``: ON/OFF/VLOST/DEFECT/DEL carry DeviceID and Event,
+        ADD/UPDATE the full item (P.4.1)."""
+        if event in ("ADD", "UPDATE"):
+            item = self._item(ch, event)
+        else:
+            item = manscdp.Node({}, [("DeviceID", ch.channel_id), ("Event", event)])
+        return self.notify_catalog([item])
+
+    async def _notify_worker(self, sub: CatalogSubscription) -> None:
+        # One NOTIFY at a time per subscription: the next waits for the 200 to this one.
+        while True:
+            body = await sub.queue.get()
+            if body is None:
+                return
+            final = body == b""  # _end_subscription's marker, always queued last
+            if not sub.terminated and self.subscriptions.get(sub.call_id) is not sub:
+                return  # expired meanwhile
+            if not self.fleet.running.is_set():
+                if final:
+                    return
+                continue  # link outage: the change is lost, as on a real network
+            if final:
+                state = "terminated;reason=timeout"
+            else:
+                state = f"active;expires={sub.remaining}"
+            try:
+                resp = await self.ep.request(self._notify_request(sub, state, body), sub.addr,
+                                             self.cfg.transport, timeout=self.cfg.request_timeout)
+            except (SipTimeoutError, SipTransportError):
+                resp = None
+            if resp is not None and resp.status < 300:
+                sub.notifies_sent += 1
+            elif resp is not None and resp.status == 481:
+                self._forget(sub)  # the platform no longer knows the dialog
+                return
+            if final:
+                return
+
+    def _notify_request(self, sub: CatalogSubscription, state: str, body: bytes) -> SipRequest:
+        sub.cseq += 1
+        request = new_request(
+            "NOTIFY", sub.target, via=self.ep.via(self.cfg.transport), from_uri=sub.local_uri,
+            from_tag=sub.local_tag, to_uri=sub.remote_uri, to_tag=sub.remote_tag or None,
+            call_id=sub.call_id, cseq=sub.cseq, contact=self._contact(),
+            headers={"event": sub.event, "subscription-state": state}, body=body,
+            content_type=CONTENT_TYPE if body else None)
+        self.vendor.shape(request)
+        return request
+
+
+_ANSWERED = frozenset({
+    ("Query", "DeviceInfo"), ("Query", "DeviceStatus"), ("Query", "Catalog"),
+    ("Query", "ConfigDownload"), ("Query", "PresetQuery"),
+    ("Control", "DeviceControl"), ("Control", "DeviceConfig"),
+})
+#: DeviceControl commands that get a Response (§9.3.1).
+_CONFIRMED_CONTROLS = ("RecordCmd", "GuardCmd", "AlarmCmd", "HomePosition")
+
+
+def _expires_of(req: SipMessage) -> int:
+    value = (req.get("expires") or "").strip()
+    return int(value) if value.isdigit() else DEFAULT_SUBSCRIBE_EXPIRES
 
 
 class Fleet:
     """Start, pause, resume and stop a set of ``SimDevice``s; see the module docstring."""
 
     def __init__(self, cfg: FleetConfig) -> None:
+        if not 0.0 <= cfg.missing_location_ratio <= 1.0:
+            raise ValueError("missing_location_ratio must be between 0 and 1")
         self.cfg = cfg
+        self.vendor = personality(cfg)
+        #: Called with every datagram/TCP message the fleet sends, exactly as it goes out.
+        self.taps: list[Callable[[bytes], Any]] = []
         self.shared: SipEndpoint | None = None
         self.devices: dict[str, SimDevice] = {}
+        self._channel_owner: dict[str, SimDevice] = {}
         self.endpoints: list[SipEndpoint] = []
         self.running = asyncio.Event()
         self.stopping = False
@@ -395,7 +762,13 @@ class Fleet:
         cfg = self.cfg
         return SipEndpoint(cfg.bind_host, cfg.bind_port if not cfg.per_device_ports else 0,
                            on_request=self._dispatch, udp=cfg.transport == "udp",
-                           tcp=cfg.transport == "tcp", t1=cfg.t1)
+                           tcp=cfg.transport == "tcp", t1=cfg.t1, outgoing=self._outgoing)
+
+    def _outgoing(self, data: bytes) -> bytes:
+        data = self.vendor.outgoing(data)
+        for tap in self.taps:
+            tap(data)
+        return data
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -410,7 +783,9 @@ class Fleet:
                 ep = self._endpoint()
                 await ep.start()
                 self.endpoints.append(ep)
-            self.devices[device_id] = SimDevice(self, device_id, ep)
+            device = self.devices[device_id] = SimDevice(self, device_id, ep)
+            for ch in device.channels:
+                self._channel_owner[ch.channel_id] = device
         self.running.set()
         self.spawn(self._ramp())
 
@@ -437,6 +812,9 @@ class Fleet:
             await asyncio.gather(*(d.unregister() for d in self.devices.values() if d.registered))
         self.stopping = True
         self.running.set()
+        for device in self.devices.values():
+            for sub in list(device.subscriptions.values()):
+                device._forget(sub)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -444,6 +822,62 @@ class Fleet:
             await self.shared.close()
         for ep in self.endpoints:
             await ep.close()
+
+    # -- catalog changes (tests drive these; subscribers hear of each at once) -----------------
+    def channel(self, channel_id: str) -> Channel | None:
+        """The channel with this ID on any device of the fleet, or None."""
+        device = self._channel_owner.get(channel_id)
+        return device.catalog.get(channel_id) if device is not None else None
+
+    def _owner(self, channel_id: str) -> tuple[SimDevice, Channel]:
+        device = self._channel_owner.get(channel_id)
+        ch = device.catalog.get(channel_id) if device is not None else None
+        if device is None or ch is None:
+            raise KeyError(f"no channel {channel_id} in this fleet")
+        return device, ch
+
+    def set_channel_status(self, channel_id: str, status: str) -> Channel:
+        """Set a channel ON/OFF/VLOST/DEFECT and NOTIFY every subscription of its device.
+
+        Later Catalog responses list it with Status ON, or OFF for the three others (A.2.1g
+        knows only ON/OFF). Raises KeyError for an unknown channel, ValueError for a bad status.
+        """
+        value = status.strip().upper()
+        if value not in CHANNEL_STATUSES:
+            raise ValueError(f"status {status!r} is not one of {', '.join(CHANNEL_STATUSES)}")
+        device, ch = self._owner(channel_id)
+        ch.status = value
+        device.channel_changed(ch, value)
+        return ch
+
+    def add_channel(self, device_id: str) -> Channel:
+        """Add the next camera to ``device_id`` and NOTIFY its subscriptions (Event ADD)."""
+        device = self.devices.get(device_id)
+        if device is None:
+            raise KeyError(f"no device {device_id} in this fleet")
+        ch = device.catalog.new_channel()
+        ch.extra["manufacturer"] = self.vendor.manufacturer
+        self._channel_owner[ch.channel_id] = device
+        device.channel_changed(ch, "ADD")
+        return ch
+
+    def update_channel(self, channel_id: str, **changes: Any) -> Channel:
+        """Change fields of a channel (``name="…"``, ``longitude=None``…) and NOTIFY UPDATE."""
+        device, ch = self._owner(channel_id)
+        for name, value in changes.items():
+            if name in ("channel_id", "extra") or not hasattr(ch, name) or name == "online":
+                raise AttributeError(f"cannot update {name!r} of a channel")
+            setattr(ch, name, value)
+        device.channel_changed(ch, "UPDATE")
+        return ch
+
+    def remove_channel(self, channel_id: str) -> Channel:
+        """Remove a channel from its device and NOTIFY its subscriptions (Event DEL)."""
+        device, ch = self._owner(channel_id)
+        device.catalog.remove(channel_id)
+        del self._channel_owner[channel_id]
+        device.channel_changed(ch, "DEL")
+        return ch
 
     # -- reporting ------------------------------------------------------------------------
     def registered_count(self) -> int:

@@ -376,7 +376,7 @@ async def test_delete(api, server, fleets):
     await until(back, what="the deleted device to register again")
     # History is kept by ID: the removal shows in it.
     events = await api.events(online)
-    assert [(e["status"], e["reason"]) for e in events] == [
+    assert [(e["status"], e["reason"]) for e in reversed(events)] == [
         ("online", "register"), ("offline", "removed"), ("online", "register")]
 
 
@@ -445,7 +445,7 @@ async def test_events_follow_online_offline_online(api, server, fleets):
     device_id = dev(301)
     assert await fleet.wait_registered(10)
     events = await api.events(device_id)
-    assert [(e["status"], e["reason"]) for e in events] == [("online", "register")]
+    assert [(e["status"], e["reason"]) for e in reversed(events)] == [("online", "register")]
 
     # A link outage: keepalives stop, and interval × count later the device is offline.
     fleet.pause()
@@ -456,11 +456,11 @@ async def test_events_follow_online_offline_online(api, server, fleets):
     await until(lambda: _is(status(), "offline"), timeout=6, what="keepalive timeout")
     assert time.time() - paused_at >= 0.5 * 3 - 0.6     # not before the last keepalive's deadline
     events = await api.events(device_id)
-    assert [(e["status"], e["reason"]) for e in events] == [
+    assert [(e["status"], e["reason"]) for e in reversed(events)] == [
         ("online", "register"), ("offline", "keepalive-timeout")]
-    assert events[0]["at"] <= events[1]["at"]
+    assert events[1]["at"] <= events[0]["at"]  # newest first
     device = await api.device(device_id)
-    assert device["status_changed_at"] == events[1]["at"]
+    assert device["status_changed_at"] == events[0]["at"]
     assert device["registered"] is True       # the registration itself has not run out
 
     # The link comes back: the next keepalive brings it online without a new REGISTER.
@@ -468,7 +468,7 @@ async def test_events_follow_online_offline_online(api, server, fleets):
     fleet.resume()
     await until(lambda: _is(status(), "online"), timeout=5, what="back online")
     events = await api.events(device_id)
-    assert [(e["status"], e["reason"]) for e in events] == [
+    assert [(e["status"], e["reason"]) for e in reversed(events)] == [
         ("online", "register"), ("offline", "keepalive-timeout"), ("online", "keepalive")]
     assert fleet.devices[device_id].stats.registrations == registrations
 
@@ -502,7 +502,7 @@ async def test_registration_expiry_shows_as_expired(tmp_path, fleets):
             assert device["registered"] is False
             assert device["status_changed_at"] == device["expires_at"]
             events = await api.events(dev(601))
-            assert (events[-1]["status"], events[-1]["reason"]) == ("offline", "expired")
+            assert (events[0]["status"], events[0]["reason"]) == ("offline", "expired")
             await fleet.stop()
     finally:
         await server.stop()

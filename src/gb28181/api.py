@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from registry.models import Device
+from registry.models import CHANNEL_STATES, Channel, Device
 
 from .ids import IdError, parse_id
+from .queries import QueryError
+from .timeparse import parse_when
 from .metrics import CONTENT_TYPE, render
 from .registrar import BEIJING
 
@@ -205,10 +207,241 @@ async def delete_device(request: web.Request) -> web.Response:
 async def device_events(request: web.Request) -> web.Response:
     device = _device_or_404(request)
     limit = _int_param(request, "limit", 100, 1, 10000)
-    events = await _server(request).registry.status_events(device_id=device.device_id, limit=limit)
+    events = await _server(request).registry.status_events(device_id=device.device_id, limit=limit,
+                                                           newest_first=True)
     return web.json_response({"device_id": device.device_id, "events": [
         {"status": "online" if e.online else "offline", "at": _iso(e.at), "reason": e.reason}
         for e in events]})
+
+
+# -- channels, tree, sync, live queries, reports (the device archive) --------------------------
+
+def channel_json(c: Channel) -> dict[str, Any]:
+    return {
+        "channel_id": c.channel_id, "device_id": c.device_id, "kind": c.kind, "name": c.name,
+        "manufacturer": c.manufacturer, "model": c.model, "owner": c.owner,
+        "civil_code": c.civil_code, "block": c.block, "address": c.address,
+        "parental": c.parental, "parent_id": c.parent_id, "business_group_id": c.business_group_id,
+        "safety_way": c.safety_way, "register_way": c.register_way, "secrecy": c.secrecy,
+        "ip_address": c.ip_address, "port": c.port, "reported_status": c.status,
+        "state": c.state, "status": "offline" if c.state == "OFF" else "online",
+        "longitude": c.longitude, "latitude": c.latitude, "ptz_type": c.ptz_type,
+        "info": c.info, "tier": c.tier, "tier_locked": c.tier_locked,
+        "state_changed_at": _iso(c.state_changed_at), "seen_at": _iso(c.seen_at),
+        "created_at": _iso(c.created_at), "updated_at": _iso(c.updated_at),
+    }
+
+
+def _channel_or_404(request: web.Request) -> Channel:
+    channel_id = request.match_info["channel_id"]
+    channel = _server(request).channels.get(channel_id)
+    if channel is None:
+        raise web.HTTPNotFound(text=json.dumps({"error": f"no channel {channel_id}"}),
+                               content_type="application/json")
+    return channel
+
+
+def _bad(text: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=json.dumps({"error": text}), content_type="application/json")
+
+
+async def list_channels(request: web.Request, device_id: str | None = None) -> web.Response:
+    q = request.query
+    offset = _int_param(request, "offset", 0, 0, 10**9)
+    limit = _int_param(request, "limit", 100, 1, 1000)
+    tier = _int_param(request, "tier", 0, 1, 3) if "tier" in q else None
+    state = q.get("state")
+    if state is not None and state.upper() not in CHANNEL_STATES:
+        raise _bad(f"state must be one of {', '.join(CHANNEL_STATES)}")
+    status = q.get("status")
+    if status not in (None, "online", "offline"):
+        raise _bad("status must be 'online' or 'offline'")
+    if status == "offline":
+        state = "OFF"
+    missing = q.get("missing_location")
+    if missing not in (None, "true", "false"):
+        raise _bad("missing_location must be 'true' or 'false'")
+    filters = dict(device_id=device_id or q.get("device_id") or None, civil_code=q.get("civil_code") or None,
+                   tier=tier, state=state.upper() if state else None, kind=q.get("kind") or None,
+                   text=q.get("text") or None, parent_id=q.get("parent_id") or None,
+                   missing_location=None if missing is None else missing == "true")
+    channels = _server(request).channels
+    if status == "online":
+        # "online" spans three states (ON, VLOST, DEFECT): filter the full match here.
+        _, everything = channels.query(**filters, offset=0, limit=10**9)
+        matching = [c for c in everything if c.state != "OFF"]
+        total, page = len(matching), matching[offset:offset + limit]
+    else:
+        total, page = channels.query(**filters, offset=offset, limit=limit)
+    return web.json_response({"total": total, "offset": offset, "limit": limit,
+                              "channels": [channel_json(c) for c in page]})
+
+
+async def device_channels(request: web.Request) -> web.Response:
+    device = _device_or_404(request)
+    return await list_channels(request, device.device_id)
+
+
+async def get_channel(request: web.Request) -> web.Response:
+    return web.json_response(channel_json(_channel_or_404(request)))
+
+
+class ChannelPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tier: int | None = Field(None, ge=1, le=3, description="1-3 locks the tier; null with unlock_tier")
+    unlock_tier: bool = False
+    name: str | None = Field(None, max_length=128)
+    address: str | None = Field(None, max_length=256)
+    longitude: float | None = Field(None, ge=-180, le=180)
+    latitude: float | None = Field(None, ge=-90, le=90)
+
+
+async def patch_channel(request: web.Request) -> web.Response:
+    channel = _channel_or_404(request)
+    body = await _body(request, ChannelPatch)
+    assert isinstance(body, ChannelPatch)
+    server = _server(request)
+    if body.tier is not None:
+        channel.tier = body.tier
+        channel.tier_locked = True
+    if body.unlock_tier:
+        from .tiers import apply_tier
+        channel.tier_locked = False
+        apply_tier(channel, server.config.tiers)
+    for key in ("name", "address", "longitude", "latitude"):
+        value = getattr(body, key)
+        if value is not None:
+            setattr(channel, key, value)
+    server.channels.touch(channel)
+    return web.json_response(channel_json(channel))
+
+
+class DevicePatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, max_length=128)
+    charset: str | None = Field(None, pattern="^(GB2312|GB18030|UTF-8)$",
+                                description="charset of bodies sent to this device")
+
+
+async def patch_device(request: web.Request) -> web.Response:
+    device = _device_or_404(request)
+    body = await _body(request, DevicePatch)
+    assert isinstance(body, DevicePatch)
+    if body.name is not None:
+        device.name = body.name
+    if body.charset is not None:
+        device.extra["charset"] = body.charset
+    _server(request).registry.touch(device)
+    out = device_json(device)
+    out["charset"] = device.extra.get("charset")
+    return web.json_response(out)
+
+
+async def sync_device(request: web.Request) -> web.Response:
+    device = _device_or_404(request)
+    if not device.online:
+        return _error(409, f"device {device.device_id} is offline; it must register before a sync")
+    result = await _server(request).sync.schedule(device)
+    return web.json_response(result.as_dict(), status=200 if not result.error else 502)
+
+
+_LIVE = {"info": ("DeviceInfo", ()), "status": ("DeviceStatus", ()),
+         "config": ("ConfigDownload", (("ConfigType", "BasicParam"),)),
+         "presets": ("PresetQuery", ())}
+
+
+async def live_query(request: web.Request) -> web.Response:
+    device = _device_or_404(request)
+    what = request.match_info["what"]
+    cmd_type, fields = _LIVE[what]
+    target = request.query.get("channel_id") or device.device_id
+    if not device.online:
+        return _error(409, f"device {device.device_id} is offline")
+    server = _server(request)
+    try:
+        msg = await server.queries.query(device, cmd_type, fields, timeout=10.0, target=target)
+    except QueryError as exc:
+        return _error(504, str(exc))
+    from .manscdp import element_to_dict
+    return web.json_response({"device_id": device.device_id, "cmd_type": msg.cmd_type,
+                              "response": element_to_dict(msg.element)})
+
+
+def _node(node_id: str, name: str, kind: str) -> dict[str, Any]:
+    return {"id": node_id, "name": name, "kind": kind, "channels": 0, "children": []}
+
+
+async def tree(request: web.Request) -> web.Response:
+    """Civil-code (province/city/district/unit) or business-group/virtual-org tree with counts."""
+    by = request.query.get("by", "civil")
+    if by not in ("civil", "group"):
+        raise _bad("by must be 'civil' or 'group'")
+    leaves = request.query.get("channels") == "true"
+    channels = list(_server(request).channels)
+    names = {c.channel_id: c.name for c in channels if c.kind in ("civil-code", "business-group", "virtual-org")}
+    root = _node("", "root", "root")
+    index: dict[str, dict] = {"": root}
+
+    def ensure(node_id: str, kind: str, parent: str) -> dict:
+        node = index.get(node_id)
+        if node is None:
+            node = index[node_id] = _node(node_id, names.get(node_id, node_id), kind)
+            index[parent]["children"].append(node)
+        return node
+
+    for c in channels:
+        if c.kind != "channel":
+            continue
+        path: list[dict] = [root]
+        if by == "civil":
+            code = c.civil_code if c.civil_code.isdigit() else c.channel_id[:8]
+            parent = ""
+            for n in (2, 4, 6, 8):
+                if len(code) >= n and (n == 2 or code[n - 2:n] != "00"):
+                    path.append(ensure(code[:n], "civil-code", parent))
+                    parent = code[:n]
+        else:
+            parent = ""
+            groups = [p for p in c.parent_id.split("/") if len(p) == 20 and p[10:13] in ("215", "216")]
+            bg = c.business_group_id or next((g for g in groups if g[10:13] == "215"), "")
+            if bg:
+                path.append(ensure(bg, "business-group", parent))
+                parent = bg
+            for vo in (g for g in groups if g[10:13] == "216"):
+                path.append(ensure(vo, "virtual-org", parent))
+                parent = vo
+            if len(path) == 1:
+                path.append(ensure("ungrouped", "none", ""))
+        for node in path:
+            node["channels"] += 1
+        if leaves:
+            path[-1]["children"].append({"id": c.channel_id, "name": c.name, "kind": "channel",
+                                         "state": c.state, "tier": c.tier})
+    return web.json_response({"by": by, "tree": root})
+
+
+async def archive_report(request: web.Request) -> web.Response:
+    limit = _int_param(request, "limit", 1000, 0, 100000)
+    return web.json_response(_server(request).channels.archive_report(limit=limit))
+
+
+async def online_report(request: web.Request) -> web.Response:
+    server = _server(request)
+    q = request.query
+    try:
+        until = parse_when(q.get("until", "now"))
+        since = parse_when(q.get("since", "24h"), now=until)
+    except ValueError as exc:
+        raise _bad(str(exc)) from None
+    if since >= until:
+        raise _bad("since must be before until")
+    group_by = q.get("group_by", "tier")
+    if group_by not in ("tier", "civil_code", "all"):
+        raise _bad("group_by must be 'tier', 'civil_code' or 'all'")
+    digits = _int_param(request, "civil_code_digits", server.config.reports.civil_code_digits, 2, 8)
+    rows = await server.channels.availability(since, until, group_by=group_by, civil_code_digits=digits)
+    return web.json_response({"since": _iso(since), "until": _iso(until), "group_by": group_by,
+                              "groups": rows})
 
 
 def make_app(server: GbServer) -> web.Application:
@@ -222,4 +455,14 @@ def make_app(server: GbServer) -> web.Application:
     app.router.add_delete("/api/v1/devices/{device_id}", delete_device)
     app.router.add_put("/api/v1/devices/{device_id}/password", set_password)
     app.router.add_get("/api/v1/devices/{device_id}/events", device_events)
+    app.router.add_patch("/api/v1/devices/{device_id}", patch_device)
+    app.router.add_get("/api/v1/devices/{device_id}/channels", device_channels)
+    app.router.add_post("/api/v1/devices/{device_id}/sync", sync_device)
+    app.router.add_get("/api/v1/devices/{device_id}/{what:info|status|config|presets}", live_query)
+    app.router.add_get("/api/v1/channels", list_channels)
+    app.router.add_get("/api/v1/channels/{channel_id}", get_channel)
+    app.router.add_patch("/api/v1/channels/{channel_id}", patch_channel)
+    app.router.add_get("/api/v1/tree", tree)
+    app.router.add_get("/api/v1/reports/archive", archive_report)
+    app.router.add_get("/api/v1/reports/online", online_report)
     return app

@@ -30,7 +30,35 @@ def _parser() -> argparse.ArgumentParser:
                            description="Validate FILE plus the environment; print the effective "
                                        "config as JSON, or the faults one per line (exit 2).")
     check.add_argument("config", metavar="FILE", nargs="?", help="YAML config (default: none)")
+
+    report = sub.add_parser("report", help="online-rate and archive reports from the database",
+                            description="Reports read the server's database directly (the server "
+                                        "may be running). Times: 24h, 30m, 7d, now, Unix seconds "
+                                        "or ISO 8601.")
+    rsub = report.add_subparsers(dest="report", metavar="REPORT", required=True)
+    online = rsub.add_parser("online", help="time-weighted online and working rates of channels",
+                             description="Online rate = share of channel-time not OFF; working rate "
+                                         "= share ON (not OFF, VLOST or DEFECT), per group.")
+    online.add_argument("--since", default="24h", help="window start (default 24h ago)")
+    online.add_argument("--until", default="now", help="window end (default now)")
+    online.add_argument("--group-by", choices=("tier", "civil_code", "all"), default="tier")
+    online.add_argument("--civil-code-digits", type=int, default=None,
+                        help="civil-code prefix length for --group-by civil_code (default: config)")
+    archive = rsub.add_parser("archive", help="channels missing mandatory fields or a location")
+    archive.add_argument("--limit", type=int, default=50, help="incomplete channels to list (default 50)")
+    for r in (online, archive):
+        r.add_argument("--config", "-c", metavar="FILE", help="YAML config (to find the database)")
+        r.add_argument("--json", action="store_true", help="JSON instead of a table")
     return p
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .reports import archive_report, online_report
+    config = load_config(args.config)
+    if args.report == "online":
+        return online_report(config, since=args.since, until=args.until, group_by=args.group_by,
+                             digits=args.civil_code_digits, as_json=args.json)
+    return archive_report(config, limit=args.limit, as_json=args.json)
 
 
 def _serve(path: str | None) -> int:
@@ -74,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args.config)
+        if args.command == "report":
+            return _report(args)
         if args.command == "check-config":
             config = load_config(args.config)
             data = config.model_dump(mode="json")

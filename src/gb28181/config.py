@@ -113,6 +113,39 @@ class RegistrationSection(_Section):
         return self
 
 
+class CatalogSection(_Section):
+    query_on_register: bool = Field(True, description="query the Catalog after each new registration")
+    refresh_interval: float = Field(3600.0, ge=0, description="re-query every device's Catalog this often (0: never)")
+    silence: float = Field(5.0, gt=0, description="a multi-part Catalog ends after this long without a part")
+    first_part: float = Field(60.0, gt=0, description="give up when no part arrives within this long")
+    subscribe: bool = Field(True, description="SUBSCRIBE to catalog changes after each sync")
+    subscribe_expires: int = Field(600, ge=30, description="Expires of catalog subscriptions (Annex P: 600)")
+    remove_missing: bool = Field(True, description="drop channels a complete Catalog no longer lists")
+    charset: Literal["GB2312", "GB18030", "UTF-8"] = Field(
+        "GB2312", description="charset of bodies we send; per device: PATCH /api/v1/devices/{id}")
+
+
+class TierRule(_Section):
+    """Channels matching every criterion given (each list: any of its values) get ``tier``."""
+
+    tier: Literal[1, 2, 3]
+    id_prefix: list[str] = []
+    industry: list[str] = Field([], description="ID digits 9-10, e.g. '04' traffic road")
+    type_code: list[str] = Field([], description="ID digits 11-13, e.g. '131'")
+    civil_code_prefix: list[str] = []
+    business_group: list[str] = []
+    name_contains: list[str] = []
+
+
+class TiersSection(_Section):
+    default: Literal[1, 2, 3] = Field(3, description="tier of channels no rule matches")
+    rules: list[TierRule] = Field([], description="first matching rule wins")
+
+
+class ReportsSection(_Section):
+    civil_code_digits: int = Field(6, ge=2, le=8, description="civil-code prefix length for rates")
+
+
 class DatabaseSection(_Section):
     path: str | None = Field(None, description="SQLite file; defaults to DATA_DIR/gb28181.db")
     flush_interval: float = Field(0.5, gt=0, le=60)
@@ -136,6 +169,9 @@ class Config(BaseSettings):
     auth: AuthSection = AuthSection()
     keepalive: KeepaliveSection = KeepaliveSection()
     registration: RegistrationSection = RegistrationSection()
+    catalog: CatalogSection = CatalogSection()
+    tiers: TiersSection = TiersSection()
+    reports: ReportsSection = ReportsSection()
     database: DatabaseSection = DatabaseSection()
     log: LogSection = LogSection()
 

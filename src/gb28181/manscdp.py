@@ -95,6 +95,11 @@ class Manscdp:
         return [_to_dict(item) for item in parent if item.tag == "Item"]
 
 
+def element_to_dict(el: ET.Element) -> dict[str, Any]:
+    """An element's children as a dict, by the rules of :meth:`Manscdp.items` (for JSON)."""
+    return _to_dict(el)
+
+
 def _to_dict(el: ET.Element) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for child in el:

@@ -8,7 +8,9 @@ is over, so that it registers again (PROTOCOL.md §3.1, WVP behaviour).
 A keepalive refreshes the device's address (it may have moved behind NAT), its ``keepalive_at``
 and, if it had gone offline, brings it back online. After a server restart, devices whose
 registration is still valid are online again with their next keepalive, without
-re-registering. Responses are handed to ``DeviceQueries``.
+re-registering. Catalog Responses go to the ``CatalogCollector`` (they come in parts), other
+Responses to ``DeviceQueries``; ``Notify/Catalog`` MESSAGEs (catalog changes sent without a
+subscription) to the sync's ``apply_notify``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from registry.devices import DeviceRegistry
 
 from . import manscdp
 from .presence import Presence
+from .catalog import CatalogCollector
 from .queries import DeviceQueries
 from .sip.endpoint import SipEndpoint
 from .sip.message import make_response, new_tag, user_of
@@ -36,13 +39,16 @@ class MessageHandler:
     """Answers MESSAGE requests; see the module docstring."""
 
     def __init__(self, *, registry: DeviceRegistry, presence: Presence, endpoint: SipEndpoint,
-                 queries: DeviceQueries, counters: Counters,
+                 queries: DeviceQueries, counters: Counters, collector: CatalogCollector,
+                 on_catalog_notify: Callable | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.registry = registry
         self.presence = presence
         self.endpoint = endpoint
         self.queries = queries
         self.counters = counters
+        self.collector = collector
+        self.on_catalog_notify = on_catalog_notify
         self.clock = clock
 
     def handle(self, ev: RequestReceived) -> None:
@@ -91,4 +97,9 @@ class MessageHandler:
         device.last_seen = now
         reply(200)
         if msg.root == "Response":
+            if msg.cmd_type == "Catalog" and self.collector.feed(sender, msg):
+                return
             self.queries.resolve(sender, msg)
+        elif msg.root == "Notify" and msg.cmd_type == "Catalog" and self.on_catalog_notify:
+            # Some devices report catalog changes as MESSAGEs rather than in a subscription.
+            self.on_catalog_notify(device, msg)

@@ -64,29 +64,44 @@ class DeviceQueries:
             to_uri=f"sip:{device.device_id}@{domain}",
             body=body, content_type=MANSCDP_CONTENT_TYPE, user_agent="gb28181")
 
-    async def query(self, device: Device, cmd_type: str,
-                    fields: Sequence[tuple[str, Any]] = (), *, timeout: float = 10.0,
-                    root: str = "Query") -> manscdp.Manscdp:
-        """Send ``<Query><CmdType>cmd_type</CmdType>…`` and return the device's Response."""
+    def charset(self, device: Device) -> str:
+        """Charset of bodies to ``device``: its own override, else the configured one."""
+        return device.extra.get("charset") or self.encoding
+
+    async def send(self, device: Device, cmd_type: str, fields: Sequence[tuple[str, Any]] = (),
+                   *, sn: int | None = None, root: str = "Query", timeout: float = 10.0,
+                   target: str | None = None) -> int:
+        """Deliver one MANSCDP request (wait for its 200, not for data); returns the SN."""
         if not device.host:
             raise QueryError(f"device {device.device_id} has no known address; it must register first")
+        sn = self.next_sn() if sn is None else sn
+        # ``target``: a channel of the device (PresetQuery, DeviceStatus of one camera).
+        body = manscdp.build(root, cmd_type, sn, target or device.device_id, fields,
+                             encoding=self.charset(device))
+        self.counters.queries_sent += 1
+        try:
+            resp = await self.endpoint.request(self.message_to(device, body),
+                                               (device.host, device.port), device.transport,
+                                               timeout=timeout)
+        except (SipTimeoutError, SipTransportError) as exc:
+            raise QueryError(f"{cmd_type} to {device.device_id} not delivered: {exc}") from None
+        if resp.status >= 300:
+            raise QueryError(f"{device.device_id} refused {cmd_type}: {resp.status} {resp.reason}")
+        return sn
+
+    async def query(self, device: Device, cmd_type: str,
+                    fields: Sequence[tuple[str, Any]] = (), *, timeout: float = 10.0,
+                    root: str = "Query", target: str | None = None) -> manscdp.Manscdp:
+        """Send ``<Query><CmdType>cmd_type</CmdType>…`` and return the device's Response."""
         async with self._limit:
             sn = self.next_sn()
-            body = manscdp.build(root, cmd_type, sn, device.device_id, fields, encoding=self.encoding)
             key = (device.device_id, cmd_type, sn)
             future = asyncio.get_running_loop().create_future()
+            # Registered before sending: a fast device may answer before our 200 arrives.
             self._pending[key] = future
-            self.counters.queries_sent += 1
             try:
-                request = self.message_to(device, body)
-                try:
-                    resp = await self.endpoint.request(request, (device.host, device.port),
-                                                       device.transport, timeout=timeout)
-                except (SipTimeoutError, SipTransportError) as exc:
-                    raise QueryError(f"{cmd_type} query to {device.device_id} not delivered: {exc}") from None
-                if resp.status >= 300:
-                    raise QueryError(f"{device.device_id} refused the {cmd_type} query: "
-                                     f"{resp.status} {resp.reason}")
+                await self.send(device, cmd_type, fields, sn=sn, root=root, timeout=timeout,
+                                target=target)
                 try:
                     return await asyncio.wait_for(future, timeout)
                 except TimeoutError:
@@ -95,6 +110,11 @@ class DeviceQueries:
                                      f"no Response within {timeout} s") from None
             finally:
                 self._pending.pop(key, None)
+
+    @property
+    def limit(self) -> asyncio.Semaphore:
+        """Bounds the queries in flight; long operations (catalog syncs) take it too."""
+        return self._limit
 
     def resolve(self, device_id: str, msg: manscdp.Manscdp) -> bool:
         """Hand a Response to whoever waits for it; False if nobody does."""

@@ -8,28 +8,31 @@ then flush the registry so nothing is lost.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from pathlib import Path
 
 from aiohttp import web
 
+from registry.channels import ChannelRegistry
 from registry.devices import DeviceRegistry
-from registry.models import Device
+from registry.models import Device, StatusEvent
 from registry.sqlite import SqliteStore
 
 from .api import make_app
+from .catalog import CatalogCollector
 from .config import Config, ensure_api_token
 from .messages import MessageHandler
 from .metrics import ServerCollector, make_registry
 from .presence import Presence
-from .queries import DeviceQueries, QueryError
+from .queries import DeviceQueries
 from .registrar import Registrar
 from .sip.endpoint import SipEndpoint
 from .sip.message import make_response
 from .sip.transaction import RequestReceived
 from .stats import Counters
+from .subscriptions import SubscriptionManager
+from .sync import DeviceSync
 
 __all__ = ["GbServer"]
 
@@ -42,8 +45,11 @@ class GbServer:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.counters = Counters()
-        self.registry = DeviceRegistry(SqliteStore(config.database_path),
-                                       flush_interval=config.database.flush_interval)
+        store = SqliteStore(config.database_path)
+        self.registry = DeviceRegistry(store, flush_interval=config.database.flush_interval)
+        self.channels = ChannelRegistry(store, flush_interval=config.database.flush_interval)
+        # A device's channels are online only while the device is.
+        self.registry.add_listener(self._device_status)
         self.presence = Presence(self.registry, interval=config.keepalive.interval,
                                  count=config.keepalive.count)
         sip = config.sip
@@ -51,20 +57,30 @@ class GbServer:
             sip.host, sip.port, advertised_host=sip.external_host, on_request=self._on_request,
             udp=sip.udp, tcp=sip.tcp, max_message_size=sip.max_message_size,
             max_tcp_connections=sip.max_tcp_connections, t1=sip.t1)
-        self.queries = DeviceQueries(config=config, endpoint=self.endpoint, counters=self.counters)
+        self.queries = DeviceQueries(config=config, endpoint=self.endpoint, counters=self.counters,
+                                     encoding=config.catalog.charset)
+        self.collector = CatalogCollector(silence=config.catalog.silence,
+                                          first_part=config.catalog.first_part)
+        self.sync = DeviceSync(config=config, registry=self.registry, channels=self.channels,
+                               queries=self.queries, collector=self.collector)
+        self.subscriptions = SubscriptionManager(config=config, endpoint=self.endpoint,
+                                                 registry=self.registry, queries=self.queries,
+                                                 sync=self.sync)
+        self.sync.subscriptions = self.subscriptions
         self.registrar = Registrar(config=config, registry=self.registry, presence=self.presence,
                                    endpoint=self.endpoint, counters=self.counters,
-                                   on_registered=self._on_registered)
+                                   on_registered=self.sync.on_registered)
         self.messages = MessageHandler(registry=self.registry, presence=self.presence,
                                        endpoint=self.endpoint, queries=self.queries,
-                                       counters=self.counters)
+                                       counters=self.counters, collector=self.collector,
+                                       on_catalog_notify=self.sync.apply_notify)
         self.metrics_registry = make_registry(ServerCollector(
-            counters=self.counters, endpoint=self.endpoint, registry=self.registry))
+            counters=self.counters, endpoint=self.endpoint, registry=self.registry,
+            extra=self._channel_metrics))
         self.api_token = ""
         self.api_token_file: Path | None = None
         self._runner: web.AppRunner | None = None
         self.http_port = config.http.port
-        self._tasks: set[asyncio.Task] = set()
         self.started_at = 0.0
 
     @property
@@ -75,12 +91,17 @@ class GbServer:
         self.started_at = time.time()
         self.api_token, self.api_token_file = ensure_api_token(self.config)
         await self.registry.start()
+        await self.channels.start()
+        for device in self.registry:
+            self.channels.set_device_online(device.device_id, device.online, at=device.status_changed_at or None)
         gone = self.presence.resume()
         total, online = self.registry.counts()
         log.info("registry loaded: %d devices, %d still online, %d went offline while we were down",
                  total, online, gone)
         await self.endpoint.start()
         self.presence.start()
+        self.sync.start()
+        self.subscriptions.start()
         app = make_app(self)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -98,10 +119,11 @@ class GbServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        for task in list(self._tasks):
-            task.cancel()
+        await self.sync.stop()
+        await self.subscriptions.stop()
         await self.endpoint.close()
         await self.presence.stop()
+        await self.channels.stop()
         await self.registry.stop()
 
     # -- SIP dispatch --------------------------------------------------------------------
@@ -111,35 +133,40 @@ class GbServer:
             self.registrar.handle(ev)
         elif method == "MESSAGE":
             self.messages.handle(ev)
+        elif method == "NOTIFY":
+            self.subscriptions.handle_notify(ev)
         elif ev.transaction is None:
             return  # an ACK that belongs to no dialog of ours
         elif method == "OPTIONS":
             resp = make_response(ev.request, 200, to_tag="opt")
-            resp.set("Allow", "REGISTER, MESSAGE, OPTIONS")
+            resp.set("Allow", "REGISTER, MESSAGE, NOTIFY, OPTIONS")
             self.endpoint.respond(ev.transaction, resp)
         else:
             resp = make_response(ev.request, 405, f"Method Not Allowed: {method} is not supported yet")
-            resp.set("Allow", "REGISTER, MESSAGE, OPTIONS")
+            resp.set("Allow", "REGISTER, MESSAGE, NOTIFY, OPTIONS")
             self.endpoint.respond(ev.transaction, resp)
 
-    def _on_registered(self, device: Device) -> None:
-        if not self.config.registration.query_device_info:
-            return
-        task = asyncio.get_running_loop().create_task(self._fetch_device_info(device))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _channel_metrics(self):
+        from prometheus_client.core import GaugeMetricFamily
+        states = GaugeMetricFamily("gb28181_channels", "Channels by effective state", labels=["state"])
+        for state, n in sorted(self.channels.counts().items()):
+            states.add_metric([state], n)
+        yield states
+        ratio = GaugeMetricFamily("gb28181_channel_online_ratio",
+                                  "Share of channels online now, by tier and civil-code prefix",
+                                  labels=["tier", "civil_code"])
+        online = GaugeMetricFamily("gb28181_channels_online", "Channels online now",
+                                   labels=["tier", "civil_code"])
+        digits = self.config.reports.civil_code_digits
+        for (tier, civil), (up, total) in sorted(self.channels.live_ratios(
+                group_by="civil_code", civil_code_digits=digits).items()):
+            ratio.add_metric([str(tier), civil], up / total if total else 0.0)
+            online.add_metric([str(tier), civil], up)
+        yield ratio
+        yield online
+        subs = GaugeMetricFamily("gb28181_catalog_subscriptions", "Live catalog subscriptions")
+        subs.add_metric([], len(self.subscriptions.by_device))
+        yield subs
 
-    async def _fetch_device_info(self, device: Device) -> None:
-        try:
-            info = await self.queries.query(device, "DeviceInfo", timeout=10.0)
-        except QueryError as exc:
-            log.info("DeviceInfo of %s: %s", device.device_id, exc)
-            return
-        device.name = info.text("DeviceName") or device.name
-        device.manufacturer = info.text("Manufacturer") or device.manufacturer
-        device.model = info.text("Model") or device.model
-        device.firmware = info.text("Firmware") or device.firmware
-        channels = info.text("Channel")
-        if channels.isdigit():
-            device.extra["channels"] = int(channels)
-        self.registry.touch(device)
+    def _device_status(self, device: Device, event: StatusEvent) -> None:
+        self.channels.set_device_online(device.device_id, event.online, at=event.at)

@@ -1,13 +1,26 @@
-"""Device registry: which GB/T 28181 devices exist, where they are and whether
-they are online.
+"""Device and channel registry: which GB/T 28181 devices and catalog channels
+exist, where they are, whether they are online, and their history.
 
-`DeviceRegistry` keeps every device in memory for the SIP registrar's hot path
-and writes changes behind it, in batches, to a `Store` (`SqliteStore` today).
+`DeviceRegistry` and `ChannelRegistry` keep every record in memory for the SIP
+hot path and write changes behind it, in batches, to one shared `Store`
+(`SqliteStore` today).
 """
 
+from .channels import ChannelRegistry
 from .devices import DeviceRegistry
-from .models import Device, StatusEvent
+from .models import CHANNEL_STATES, Channel, ChannelEvent, Device, StatusEvent
 from .sqlite import SqliteStore
 from .store import Store, StoreError
 
-__all__ = ["Device", "DeviceRegistry", "SqliteStore", "StatusEvent", "Store", "StoreError"]
+__all__ = [
+    "CHANNEL_STATES",
+    "Channel",
+    "ChannelEvent",
+    "ChannelRegistry",
+    "Device",
+    "DeviceRegistry",
+    "SqliteStore",
+    "StatusEvent",
+    "Store",
+    "StoreError",
+]

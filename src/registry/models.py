@@ -1,15 +1,17 @@
-"""Records the device registry keeps: one `Device` per GB/T 28181 device and one
-`StatusEvent` per online/offline transition.
+"""Records the registry keeps: one `Device` per GB/T 28181 device and one
+`StatusEvent` per online/offline transition; one `Channel` per catalog item
+and one `ChannelEvent` per change of a channel's effective state.
 
-They are plain slotted dataclasses because the SIP registrar reads and writes
-them on every REGISTER and keepalive; `DeviceRegistry` (devices.py) owns the
-live objects and hands `Device.copy()` snapshots to a `Store` (store.py) for
-persistence.
+They are plain slotted dataclasses because the SIP registrar and the catalog
+handling read and write them on every REGISTER, keepalive and NOTIFY;
+`DeviceRegistry` (devices.py) and `ChannelRegistry` (channels.py) own the live
+objects and hand `copy()` snapshots to a `Store` (store.py) for persistence.
 """
 
 from __future__ import annotations
 
 import operator
+import sys
 from dataclasses import dataclass, field, fields
 
 
@@ -65,3 +67,122 @@ class StatusEvent:
     online: bool
     at: float          # unix time
     reason: str        # "register" | "keepalive" | "unregister" | "keepalive-timeout" | "expired" | "admin" ...
+
+
+CHANNEL_STATES: tuple[str, ...] = ("ON", "OFF", "VLOST", "DEFECT")
+"""A channel's status as a catalog Item (A.2.1g `Status`) or a catalog NOTIFY
+`Event` (§4, Annex P) reports it: ON, OFF, video lost, defect."""
+
+
+@dataclass(slots=True)
+class Channel:
+    """One catalog item ("one device, one file"); mutated in place by `ChannelRegistry`."""
+
+    channel_id: str                 # the Item's DeviceID (20 digits, or 2/4/6/8-digit civil code items)
+    device_id: str                  # the device (NVR/IPC/lower platform) whose catalog listed it
+    kind: str = "channel"           # "channel" | "civil-code" | "system" | "business-group" | "virtual-org" | "device" | "alarm" | "other"
+    name: str = ""
+    manufacturer: str = ""
+    model: str = ""
+    owner: str = ""
+    civil_code: str = ""
+    block: str = ""
+    address: str = ""
+    parental: int = 0
+    parent_id: str = ""             # as sent; may be '/'-joined (device ID plus virtual-org IDs)
+    business_group_id: str = ""
+    safety_way: int | None = None
+    register_way: int | None = None
+    secrecy: int = 0
+    ip_address: str = ""
+    port: int = 0
+    status: str = "ON"              # the channel's own last reported status: ON | OFF | VLOST | DEFECT
+    longitude: float | None = None
+    latitude: float | None = None
+    ptz_type: int | None = None
+    info: dict = field(default_factory=dict)   # the <Info> block, parsed
+    raw: dict = field(default_factory=dict)    # every Item field exactly as received (incl. vendor extras)
+    tier: int = 3                   # 1/2/3 (field tiers: 1 key sites, 2 key organisations, 3 other)
+    tier_locked: bool = False       # set through the API: tier rules leave it alone
+    state: str = "OFF"              # EFFECTIVE state: OFF whenever the device is offline, else `status`
+    state_changed_at: float = 0.0
+    seen_at: float = 0.0            # last time a catalog listed it
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    def copy(self) -> Channel:
+        """A detached snapshot: later changes to this channel do not show in it."""
+        snap = Channel(*channel_values(self))
+        # One level, as Device.copy does for `extra`: the catalog codec builds
+        # these from XML, so values are strings or small nested dicts that are
+        # replaced, not edited, on the next catalog.
+        snap.info = dict(self.info)
+        snap.raw = dict(self.raw)
+        return snap
+
+    def share_strings(self) -> None:
+        """Make this channel's strings the same objects as equal ones elsewhere.
+
+        100k catalog items repeat the same few values (vendor, model, owner,
+        civil codes, the NVR's ID) and, in `raw` and `info`, the same keys,
+        but a parser makes new objects for each; interning them cuts a loaded
+        registry's memory by two thirds. Interned strings are freed with
+        their last user, so nothing leaks. Replaces `raw` and `info`.
+        """
+        for name in _STR_FIELDS:
+            value = getattr(self, name)
+            if type(value) is str:
+                setattr(self, name, _intern(value))
+        self.info = _shared_dict(self.info)
+        self.raw = _shared_dict(self.raw)
+
+    @property
+    def area_code(self) -> str:
+        """The civil code availability and queries group by: CivilCode, or the
+        ID's own leading centre code (Annex D.1 digits 1-8) when a device left it out."""
+        return self.civil_code or self.channel_id[:8]
+
+    @property
+    def has_location(self) -> bool:
+        """Longitude and latitude present, non-zero and on the globe."""
+        lon, lat = self.longitude, self.latitude
+        return (
+            lon is not None and lat is not None and lon != 0 and lat != 0
+            and -180.0 <= lon <= 180.0 and -90.0 <= lat <= 90.0
+        )
+
+
+_intern = sys.intern
+
+
+def _shared_dict(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if type(k) is str:
+            k = _intern(k)
+        kind = type(v)
+        if kind is str:
+            v = _intern(v)
+        elif kind is dict:
+            v = _shared_dict(v)
+        out[k] = v
+    return out
+
+
+CHANNEL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Channel))
+"""Field names in declaration order; stores use it as their column order."""
+
+channel_values = operator.attrgetter(*CHANNEL_FIELDS)
+"""`channel_values(channel)` -> tuple of its field values in CHANNEL_FIELDS order."""
+
+_STR_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Channel) if f.type == "str")
+
+
+@dataclass(slots=True, frozen=True)
+class ChannelEvent:
+    """A channel entered an effective state."""
+
+    channel_id: str
+    state: str      # effective state entered: ON | OFF | VLOST | DEFECT
+    at: float       # unix time
+    reason: str     # "catalog" | "notify" | "device-offline" | "device-online" | "removed" | "admin" ...

@@ -1,7 +1,8 @@
 """SQLite implementation of the registry `Store`, through aiosqlite.
 
-`DeviceRegistry` (devices.py) calls `write_batch` once per flush; here that is
-one transaction of executemany upserts, deletes and event inserts, so a flush
+`DeviceRegistry` (devices.py) calls `write_batch` and `ChannelRegistry`
+(channels.py) calls `write_channel_batch` once per flush; here each is one
+transaction of executemany upserts, deletes and event inserts, so a flush
 lands whole or not at all. The database runs in WAL mode with
 synchronous=NORMAL: a power cut may lose the last flushes but never corrupts
 the file, and readers (an admin shell, a backup) do not block the writer.
@@ -14,12 +15,21 @@ import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import aiosqlite
 
-from .models import DEVICE_FIELDS, Device, StatusEvent, device_values
+from .models import (
+    CHANNEL_FIELDS,
+    DEVICE_FIELDS,
+    Channel,
+    ChannelEvent,
+    Device,
+    StatusEvent,
+    channel_values,
+    device_values,
+)
 from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -27,8 +37,9 @@ log = logging.getLogger(__name__)
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 # Each entry moves the schema from version n-1 to n inside one transaction.
-# Columns of `devices` mirror Device field by field; a new Device field needs a
-# migration here (or a key in `extra`), which the check below enforces.
+# Columns of `devices` and `channels` mirror Device and Channel field by field;
+# a new field needs a migration here (or a key in `extra` / `raw`), which the
+# check below enforces. Released entries are never edited.
 _MIGRATIONS: list[str] = [
     # 1: initial schema
     """
@@ -66,6 +77,51 @@ _MIGRATIONS: list[str] = [
     CREATE INDEX status_events_device_at ON status_events (device_id, at);
     CREATE INDEX status_events_at ON status_events (at);
     """,
+    # 2: channels (catalog items) and their effective-state history
+    """
+    CREATE TABLE channels (
+        channel_id        TEXT    NOT NULL PRIMARY KEY,
+        device_id         TEXT    NOT NULL,
+        kind              TEXT    NOT NULL DEFAULT 'channel',
+        name              TEXT    NOT NULL DEFAULT '',
+        manufacturer      TEXT    NOT NULL DEFAULT '',
+        model             TEXT    NOT NULL DEFAULT '',
+        owner             TEXT    NOT NULL DEFAULT '',
+        civil_code        TEXT    NOT NULL DEFAULT '',
+        block             TEXT    NOT NULL DEFAULT '',
+        address           TEXT    NOT NULL DEFAULT '',
+        parental          INTEGER NOT NULL DEFAULT 0,
+        parent_id         TEXT    NOT NULL DEFAULT '',
+        business_group_id TEXT    NOT NULL DEFAULT '',
+        safety_way        INTEGER,
+        register_way      INTEGER,
+        secrecy           INTEGER NOT NULL DEFAULT 0,
+        ip_address        TEXT    NOT NULL DEFAULT '',
+        port              INTEGER NOT NULL DEFAULT 0,
+        status            TEXT    NOT NULL DEFAULT 'ON',
+        longitude         REAL,
+        latitude          REAL,
+        ptz_type          INTEGER,
+        info              TEXT    NOT NULL DEFAULT '{}',
+        raw               TEXT    NOT NULL DEFAULT '{}',
+        tier              INTEGER NOT NULL DEFAULT 3,
+        tier_locked       INTEGER NOT NULL DEFAULT 0,
+        state             TEXT    NOT NULL DEFAULT 'OFF',
+        state_changed_at  REAL    NOT NULL DEFAULT 0,
+        seen_at           REAL    NOT NULL DEFAULT 0,
+        created_at        REAL    NOT NULL DEFAULT 0,
+        updated_at        REAL    NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    CREATE TABLE channel_events (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        channel_id TEXT    NOT NULL,
+        state      TEXT    NOT NULL,
+        at         REAL    NOT NULL,
+        reason     TEXT    NOT NULL DEFAULT ''
+    );
+    CREATE INDEX channel_events_channel_at ON channel_events (channel_id, at);
+    CREATE INDEX channel_events_at ON channel_events (at);
+    """,
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -83,20 +139,63 @@ _INSERT_EVENT = "INSERT INTO status_events (device_id, online, at, reason) VALUE
 _ONLINE = DEVICE_FIELDS.index("online")
 _EXTRA = DEVICE_FIELDS.index("extra")
 
+_CHANNEL_COLUMNS = ", ".join(CHANNEL_FIELDS)
+_SELECT_CHANNELS = f"SELECT {_CHANNEL_COLUMNS} FROM channels"
+_UPSERT_CHANNEL = (
+    f"INSERT INTO channels ({_CHANNEL_COLUMNS}) VALUES ({', '.join('?' * len(CHANNEL_FIELDS))}) "
+    "ON CONFLICT (channel_id) DO UPDATE SET "
+    + ", ".join(f"{name} = excluded.{name}" for name in CHANNEL_FIELDS[1:])
+)
+_DELETE_CHANNEL = "DELETE FROM channels WHERE channel_id = ?"
+_INSERT_CHANNEL_EVENT = "INSERT INTO channel_events (channel_id, state, at, reason) VALUES (?, ?, ?, ?)"
+
+_LOAD_CHUNK = 2_000
+
+_INFO = CHANNEL_FIELDS.index("info")
+_RAW = CHANNEL_FIELDS.index("raw")
+_TIER_LOCKED = CHANNEL_FIELDS.index("tier_locked")
+# For every channel with history, its last event at or before :since, plus
+# the events inside the window. The recursive CTE walks the distinct channel
+# IDs through the (channel_id, at) index one seek each, instead of scanning
+# every event ever recorded as SELECT DISTINCT would; the last event before
+# the window is one backward seek in the same index.
+_CHANNEL_HISTORY = """
+WITH RECURSIVE ids(cid) AS (
+    SELECT MIN(channel_id) FROM channel_events
+    UNION ALL
+    SELECT (SELECT MIN(channel_id) FROM channel_events WHERE channel_id > cid)
+    FROM ids WHERE cid IS NOT NULL
+)
+SELECT e.channel_id, e.state, e.at, e.reason, e.id
+FROM ids JOIN channel_events e ON e.id = (
+    SELECT id FROM channel_events
+    WHERE channel_id = ids.cid AND at <= :since
+    ORDER BY at DESC, id DESC LIMIT 1
+)
+UNION ALL
+SELECT channel_id, state, at, reason, id FROM channel_events
+WHERE at > :since AND at < :until
+ORDER BY 1, 3, 5
+"""
+
 
 def _check_columns() -> None:
     # Fails at import, in every test run, instead of at the first flush in production.
     con = sqlite3.connect(":memory:")
     try:
         con.executescript("".join(_MIGRATIONS))
-        columns = tuple(row[1] for row in con.execute("PRAGMA table_info(devices)"))
+        tables = {
+            table: tuple(row[1] for row in con.execute(f"PRAGMA table_info({table})"))
+            for table in ("devices", "channels")
+        }
     finally:
         con.close()
-    if columns != DEVICE_FIELDS:
-        raise ImportError(
-            f"devices table columns {columns} do not match Device fields {DEVICE_FIELDS}; "
-            "add a migration to registry/sqlite.py"
-        )
+    for table, cls, names in (("devices", Device, DEVICE_FIELDS), ("channels", Channel, CHANNEL_FIELDS)):
+        if tables[table] != names:
+            raise ImportError(
+                f"{table} table columns {tables[table]} do not match {cls.__name__} fields {names}; "
+                "add a migration to registry/sqlite.py"
+            )
 
 
 _check_columns()
@@ -105,10 +204,12 @@ _check_columns()
 def _device_row(device: Device) -> tuple:
     row = list(device_values(device))
     row[_ONLINE] = int(row[_ONLINE])
-    # default=str: one device with an unserialisable value in `extra` must not
-    # fail every flush forever; it is stored lossily instead.
-    row[_EXTRA] = json.dumps(row[_EXTRA], separators=(",", ":"), ensure_ascii=False, default=str)
+    row[_EXTRA] = _json(row[_EXTRA])
     return tuple(row)
+
+
+def _id_row(key: str) -> tuple:
+    return (key,)
 
 
 def _row_device(row: sqlite3.Row | tuple) -> Device:
@@ -120,6 +221,39 @@ def _row_device(row: sqlite3.Row | tuple) -> Device:
 
 def _event_row(event: StatusEvent) -> tuple:
     return (event.device_id, int(event.online), event.at, event.reason)
+
+
+def _json(value: dict) -> str:
+    # default=str: one record with an unserialisable value must not fail
+    # every flush forever; it is stored lossily instead.
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _channel_row(channel: Channel) -> tuple:
+    row = list(channel_values(channel))
+    row[_TIER_LOCKED] = int(row[_TIER_LOCKED])
+    row[_INFO] = _json(row[_INFO])
+    row[_RAW] = _json(row[_RAW])
+    return tuple(row)
+
+
+def _row_channel(cursor: sqlite3.Cursor, row: tuple) -> Channel:
+    values = list(row)
+    values[_TIER_LOCKED] = bool(values[_TIER_LOCKED])
+    values[_INFO] = json.loads(values[_INFO]) if values[_INFO] else {}
+    values[_RAW] = json.loads(values[_RAW]) if values[_RAW] else {}
+    channel = Channel(*values)
+    # Every row's strings are new objects; 100k of them repeat a few values.
+    channel.share_strings()
+    return channel
+
+
+def _history_event(cursor: sqlite3.Cursor, row: tuple) -> ChannelEvent:
+    return ChannelEvent(row[0], row[1], row[2], row[3])
+
+
+def _channel_event_row(event: ChannelEvent) -> tuple:
+    return (event.channel_id, event.state, event.at, event.reason)
 
 
 class SqliteStore(Store):
@@ -258,7 +392,28 @@ class SqliteStore(Store):
         deleted_ids: Sequence[str],
         events: Sequence[StatusEvent],
     ) -> None:
-        if not (devices or deleted_ids or events):
+        await self._transaction(
+            (_DELETE_DEVICE, deleted_ids, _id_row),
+            (_UPSERT_DEVICE, devices, _device_row),
+            (_INSERT_EVENT, events, _event_row),
+        )
+
+    async def write_channel_batch(
+        self,
+        channels: Sequence[Channel],
+        deleted_ids: Sequence[str],
+        events: Sequence[ChannelEvent],
+    ) -> None:
+        await self._transaction(
+            (_DELETE_CHANNEL, deleted_ids, _id_row),
+            (_UPSERT_CHANNEL, channels, _channel_row),
+            (_INSERT_CHANNEL_EVENT, events, _channel_event_row),
+        )
+
+    async def _transaction(self, *steps: tuple[str, Sequence, Callable[[object], tuple]]) -> None:
+        """Run each (sql, items, to_row) as one executemany, all in one transaction."""
+        steps = tuple(step for step in steps if step[1])
+        if not steps:
             return
         db = self._conn()
         async with self._write_lock:
@@ -266,12 +421,8 @@ class SqliteStore(Store):
                 await db.execute("BEGIN IMMEDIATE")
                 # Rows are built by generators that aiosqlite drains on its worker
                 # thread, which keeps JSON encoding of big batches off the event loop.
-                if deleted_ids:
-                    await db.executemany(_DELETE_DEVICE, ((i,) for i in deleted_ids))
-                if devices:
-                    await db.executemany(_UPSERT_DEVICE, map(_device_row, devices))
-                if events:
-                    await db.executemany(_INSERT_EVENT, map(_event_row, events))
+                for sql, items, to_row in steps:
+                    await db.executemany(sql, map(to_row, items))
                 await db.execute("COMMIT")
             except BaseException as e:
                 await self._rollback(db)
@@ -294,28 +445,83 @@ class SqliteStore(Store):
         since: float | None = None,
         until: float | None = None,
         limit: int = 1000,
+        newest_first: bool = False,
     ) -> list[StatusEvent]:
+        rows = await self._events(
+            "SELECT device_id, online, at, reason FROM status_events",
+            "device_id", device_id, since, until, limit, newest_first, "status events",
+        )
+        return [StatusEvent(d, bool(o), at, reason) for d, o, at, reason in rows]
+
+    async def channel_events(
+        self,
+        channel_id: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 1000,
+        newest_first: bool = False,
+    ) -> list[ChannelEvent]:
+        rows = await self._events(
+            "SELECT channel_id, state, at, reason FROM channel_events",
+            "channel_id", channel_id, since, until, limit, newest_first, "channel events",
+        )
+        return [ChannelEvent(*row) for row in rows]
+
+    async def _events(
+        self,
+        select: str,
+        key_column: str,
+        key: str | None,
+        since: float | None,
+        until: float | None,
+        limit: int,
+        newest_first: bool,
+        what: str,
+    ) -> Iterable:
         if limit < 0:
             raise ValueError(f"limit must not be negative, got {limit}")
         where: list[str] = []
         params: list[object] = []
-        if device_id is not None:
-            where.append("device_id = ?")
-            params.append(device_id)
+        if key is not None:
+            where.append(f"{key_column} = ?")
+            params.append(key)
         if since is not None:
             where.append("at >= ?")
             params.append(since)
         if until is not None:
             where.append("at < ?")
             params.append(until)
-        sql = "SELECT device_id, online, at, reason FROM status_events"
+        sql = select
         if where:
             sql += " WHERE " + " AND ".join(where)
         # id breaks ties so events stamped with the same time keep their order.
-        sql += " ORDER BY at, id LIMIT ?"
+        sql += " ORDER BY at DESC, id DESC LIMIT ?" if newest_first else " ORDER BY at, id LIMIT ?"
         params.append(limit)
         try:
-            rows: Iterable = await self._conn().execute_fetchall(sql, params)
+            return await self._conn().execute_fetchall(sql, params)
         except sqlite3.Error as e:
-            raise StoreError(f"cannot read status events from {self.path}: {e}") from e
-        return [StatusEvent(d, bool(o), at, reason) for d, o, at, reason in rows]
+            raise StoreError(f"cannot read {what} from {self.path}: {e}") from e
+
+    async def load_channels(self) -> list[Channel]:
+        channels: list[Channel] = []
+        try:
+            async with self._conn().execute(_SELECT_CHANNELS) as cursor:
+                # Rows become channels on aiosqlite's worker thread, a chunk at
+                # a time, so 100k rows of JSON text never sit in memory at once
+                # (that peak stays in RSS after it is freed).
+                cursor.row_factory = _row_channel
+                while chunk := await cursor.fetchmany(_LOAD_CHUNK):
+                    channels.extend(chunk)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read channels from {self.path}: {e}") from e
+        return channels
+
+    async def channel_history(self, since: float, until: float) -> list[ChannelEvent]:
+        try:
+            async with self._conn().execute(_CHANNEL_HISTORY, {"since": since, "until": until}) as cursor:
+                # Events are built on aiosqlite's worker thread: a 100k-channel
+                # history is ~250k objects, ~0.5 s the event loop need not wait out.
+                cursor.row_factory = _history_event
+                return list(await cursor.fetchall())
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read channel history from {self.path}: {e}") from e

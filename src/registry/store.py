@@ -1,10 +1,11 @@
-"""Persistence interface behind the device registry.
+"""Persistence interface behind the device and channel registries.
 
-`DeviceRegistry` (devices.py) keeps every device in memory and calls a `Store`
-only from its background flush, with batches of detached `Device` snapshots,
-so a store may be slow or networked without touching the SIP hot path.
-`SqliteStore` (sqlite.py) is the implementation today; a PostgreSQL or Redis
-store implements the same methods later.
+`DeviceRegistry` (devices.py) and `ChannelRegistry` (channels.py) keep every
+record in memory and call a `Store` only from their background flushes, with
+batches of detached snapshots, so a store may be slow or networked without
+touching the SIP hot path. Both registries share one store; the device
+registry opens and closes it. `SqliteStore` (sqlite.py) is the implementation
+today; a PostgreSQL or Redis store implements the same methods later.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 
-from .models import Device, StatusEvent
+from .models import Channel, ChannelEvent, Device, StatusEvent
 
 
 class StoreError(RuntimeError):
@@ -20,11 +21,17 @@ class StoreError(RuntimeError):
 
 
 class Store(abc.ABC):
-    """Durable home of devices and their status history.
+    """Durable home of devices, channels and their status histories.
 
     Callers hand in objects they will not mutate until the call returns, so an
     implementation may read them from another thread while it awaits.
     Failures are raised as `StoreError`.
+
+    The device methods are abstract. The channel methods (`load_channels`,
+    `write_channel_batch`, `channel_events`, `channel_history`) raise
+    NotImplementedError here rather than being abstract, so a device-only
+    store keeps working; a store given to a `ChannelRegistry` must implement
+    all four.
     """
 
     @abc.abstractmethod
@@ -58,8 +65,11 @@ class Store(abc.ABC):
         since: float | None = None,
         until: float | None = None,
         limit: int = 1000,
+        newest_first: bool = False,
     ) -> list[StatusEvent]:
-        """Transitions ordered by time, oldest first; `since` <= at < `until`."""
+        """Transitions with `since` <= at < `until`, ordered by time: the
+        oldest `limit` oldest first, or with `newest_first` the latest `limit`
+        newest first. Events with equal times keep the order they were added in."""
 
     async def write_batch(
         self,
@@ -80,3 +90,39 @@ class Store(abc.ABC):
             await self.save_devices(devices)
         if events:
             await self.add_status_events(events)
+
+    # -- channels ------------------------------------------------------------
+
+    async def load_channels(self) -> list[Channel]:
+        """Every stored channel, in no particular order."""
+        raise NotImplementedError(f"{type(self).__name__} does not store channels")
+
+    async def write_channel_batch(
+        self,
+        channels: Sequence[Channel],
+        deleted_ids: Sequence[str],
+        events: Sequence[ChannelEvent],
+    ) -> None:
+        """Apply one channel registry flush, whole or not at all: insert or
+        fully replace `channels` (keyed by channel_id), forget `deleted_ids`
+        (their history is kept) and append `events`. A channel ID never
+        appears in both `channels` and `deleted_ids`."""
+        raise NotImplementedError(f"{type(self).__name__} does not store channels")
+
+    async def channel_events(
+        self,
+        channel_id: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 1000,
+        newest_first: bool = False,
+    ) -> list[ChannelEvent]:
+        """Channel events with `since` <= at < `until`, ordered as `status_events` orders."""
+        raise NotImplementedError(f"{type(self).__name__} does not store channels")
+
+    async def channel_history(self, since: float, until: float) -> list[ChannelEvent]:
+        """What availability over [since, until) needs: for every channel that
+        has events, its last event at or before `since`, plus every event with
+        `since` < at < `until`; ordered by (channel_id, at), equal times in the
+        order they were added. Includes channels deleted since."""
+        raise NotImplementedError(f"{type(self).__name__} does not store channels")

@@ -182,7 +182,8 @@ class DigestServer:
         last_nc = self._nonces.get(nonce)
         if last_nc is None:
             # Ours and fresh, but forgotten (evicted under load or issued before a restart).
-            return AuthResult(False, stale=True, reason="nonce no longer tracked")
+            return AuthResult(False, stale=True,
+                              reason="nonce no longer tracked (already used, or forgotten)")
         qop = p.get("qop")
         if qop:
             if qop.lower() != "auth":
@@ -210,5 +211,10 @@ class DigestServer:
             self._nonces[nonce] = max(nc, 0)
             return AuthResult(False, wrong_password=True,
                               reason="digest does not match (wrong password)")
-        self._nonces[nonce] = nc
+        if qop:
+            self._nonces[nonce] = nc
+        else:
+            # Single use: forgetting it is what refuses a replay, and 100k registrations
+            # do not leave 100k spent nonces behind.
+            del self._nonces[nonce]
         return AuthResult(True)

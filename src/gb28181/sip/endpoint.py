@@ -95,6 +95,7 @@ class SipEndpoint:
         max_message_size: int = MAX_MESSAGE_SIZE,
         max_tcp_connections: int = 20_000,
         t1: float = 0.5,
+        outgoing: Callable[[bytes], bytes] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -107,6 +108,9 @@ class SipEndpoint:
         self.max_message_size = max_message_size
         self.max_tcp_connections = max_tcp_connections
         self.layer = TransactionLayer(t1=t1)
+        #: Applied to every datagram or TCP message just before it is sent (retransmissions
+        #: included): the simulator uses it to reproduce byte-level vendor quirks.
+        self.outgoing = outgoing
         self.stats = EndpointStats()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._udp: asyncio.DatagramTransport | None = None
@@ -226,6 +230,8 @@ class SipEndpoint:
         out = self.layer.datagrams_to_send()
         for data, transport, addr in out:
             self.stats.sent += 1
+            if self.outgoing is not None:
+                data = self.outgoing(data)
             if transport == "udp":
                 if self._udp is not None:
                     self._udp.sendto(data, addr)

@@ -1,0 +1,273 @@
+"""A minimal platform to exercise simulated devices: the other end of ``fleet.py`` in tests.
+
+``Probe`` is a real ``SipEndpoint`` that plays the platform without the platform's machinery:
+it answers REGISTER with 200 at once (Expires echoed, ``Date`` for time sync, no digest),
+answers every MESSAGE and NOTIFY with 200 (after ``answer_delay`` seconds, so tests can see
+that a device waits for one 200 before the next part), and records what arrived. It sends
+Query/Control MESSAGEs and catalog SUBSCRIBEs (initial, refresh, unsubscribe) to the devices it
+has seen register. It checks nothing by itself; tests read ``messages``, ``notifies`` and
+``in_flight_max``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from gb28181 import manscdp
+from gb28181.sip.endpoint import SipEndpoint
+from gb28181.sip.message import (
+    SipRequest,
+    SipResponse,
+    make_response,
+    new_request,
+    new_tag,
+    parse_name_addr,
+    user_of,
+)
+from gb28181.sip.transaction import RequestReceived
+
+from .fleet import Fleet, FleetConfig
+
+__all__ = ["Probe", "ProbeDialog", "Received", "start_fleet"]
+
+CONTENT_TYPE = "Application/MANSCDP+xml"
+
+
+@dataclass(slots=True)
+class Received:
+    """A request the probe got, with its parsed MANSCDP body (None if absent or unparsable)."""
+
+    request: SipRequest
+    addr: tuple[str, int]
+    at: float
+    body: manscdp.Manscdp | None
+    error: str = ""
+    answered_at: float | None = None
+
+
+@dataclass(slots=True)
+class ProbeDialog:
+    """The probe's side of a subscription dialog."""
+
+    device_id: str
+    call_id: str
+    local_tag: str
+    remote_tag: str
+    event: str
+    target: str
+    addr: tuple[str, int]
+    cseq: int
+    response: SipResponse
+    notifies: list[Received] = field(default_factory=list)
+
+
+class Probe:
+    """See the module docstring."""
+
+    def __init__(self, server_id: str = "34020000002000000001", host: str = "127.0.0.1", *,
+                 transport: str = "udp", answer_delay: float = 0.0, t1: float = 0.5) -> None:
+        self.server_id = server_id
+        self.domain = server_id[:10]
+        self.transport = transport
+        self.answer_delay = answer_delay
+        self.endpoint = SipEndpoint(host, 0, on_request=self._on_request, udp=transport == "udp",
+                                    tcp=transport == "tcp", t1=t1)
+        #: Device ID → source address of its last REGISTER.
+        self.devices: dict[str, tuple[str, int]] = {}
+        self.registers: list[Received] = []
+        self.messages: list[Received] = []
+        self.notifies: list[Received] = []
+        self.dialogs: dict[str, ProbeDialog] = {}
+        #: Status to answer NOTIFYs with (481 tells the device the dialog is gone).
+        self.notify_status = 200
+        self._sn = itertools.count(1000)
+        self._in_flight = 0
+        self.in_flight_max = 0
+        self._changed = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        return self.endpoint.port
+
+    async def start(self) -> Probe:
+        await self.endpoint.start()
+        return self
+
+    async def close(self) -> None:
+        await self.endpoint.close()
+
+    # -- receiving --------------------------------------------------------------------------
+    def _on_request(self, ev: RequestReceived) -> None:
+        req = ev.request
+        txn = ev.transaction
+        if txn is None:
+            return
+        if req.method == "REGISTER":
+            rec = Received(req, ev.addr, time.monotonic(), None)
+            self.registers.append(rec)
+            self.devices[user_of(req.headers["from"][0])] = ev.addr
+            resp = make_response(req, 200, to_tag=new_tag())
+            resp.set("Expires", req.get("expires") or "3600")
+            resp.set("Date", datetime.now().strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3])
+            self.endpoint.respond(txn, resp)
+            self._wake()
+            return
+        if req.method not in ("MESSAGE", "NOTIFY"):
+            self.endpoint.respond(txn, make_response(req, 405, to_tag=new_tag()))
+            return
+        body, error = None, ""
+        if req.body.strip():
+            try:
+                body = manscdp.parse(req.body)
+            except manscdp.ManscdpError as exc:
+                error = str(exc)
+        rec = Received(req, ev.addr, time.monotonic(), body, error)
+        status = 200
+        if req.method == "MESSAGE":
+            self.messages.append(rec)
+        else:
+            self.notifies.append(rec)
+            dialog = self.dialogs.get(req.call_id)
+            if dialog is not None:
+                dialog.notifies.append(rec)
+            status = self.notify_status
+        self._in_flight += 1
+        self.in_flight_max = max(self.in_flight_max, self._in_flight)
+        self._wake()
+
+        def answer() -> None:
+            self._in_flight -= 1
+            rec.answered_at = time.monotonic()
+            self.endpoint.respond(txn, make_response(req, status, to_tag=new_tag()))
+
+        if self.answer_delay > 0:
+            asyncio.get_running_loop().call_later(self.answer_delay, answer)
+        else:
+            answer()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_for(self, predicate, timeout: float = 5.0, what: str = "condition") -> Any:
+        """Wait until ``predicate()`` is truthy (checked on every arrival); return its value."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(left, 0.1))
+            except TimeoutError:
+                pass
+
+    def responses(self, cmd_type: str, sn: int | None = None) -> list[Received]:
+        return [m for m in self.messages if m.body is not None and m.body.root == "Response"
+                and m.body.cmd_type == cmd_type and (sn is None or m.body.sn == sn)]
+
+    async def catalog(self, device_id: str, timeout: float = 10.0) -> list[Received]:
+        """Send a Catalog query and wait until the parts' Num add up to SumNum."""
+        sn = await self.query(device_id, "Catalog")
+
+        def done() -> list[Received] | None:
+            parts = self.responses("Catalog", sn)
+            if not parts:
+                return None
+            total = int(parts[0].body.text("SumNum", "0"))
+            got = sum(int((p.body.element.find("DeviceList").get("Num") or 0)
+                          if p.body.element.find("DeviceList") is not None else 0) for p in parts)
+            return parts if got >= total else None
+
+        return await self.wait_for(done, timeout, f"catalog of {device_id}")
+
+    # -- sending ----------------------------------------------------------------------------
+    def _device_addr(self, device_id: str) -> tuple[str, int]:
+        addr = self.devices.get(device_id)
+        if addr is None:
+            raise KeyError(f"{device_id} has not registered with the probe")
+        return addr
+
+    def _contact(self) -> str:
+        return f"sip:{self.server_id}@{self.endpoint.advertised_host}:{self.port}"
+
+    async def query(self, device_id: str, cmd_type: str, fields: list[tuple[str, Any]] = (), *,
+                    root: str = "Query", target_id: str | None = None, sn: int | None = None) -> int:
+        """Send ``<root><CmdType>…`` to a device (DeviceID = ``target_id`` or the device); return SN."""
+        sn = next(self._sn) if sn is None else sn
+        body = manscdp.build(root, cmd_type, sn, target_id or device_id, list(fields))
+        host, port = self._device_addr(device_id)
+        request = new_request(
+            "MESSAGE", f"sip:{device_id}@{host}:{port}", via=self.endpoint.via(self.transport),
+            from_uri=f"sip:{self.server_id}@{self.domain}", to_uri=f"sip:{device_id}@{self.domain}",
+            cseq=20, body=body, content_type=CONTENT_TYPE, user_agent="gb28181-probe")
+        resp = await self.endpoint.request(request, (host, port), self.transport, timeout=5.0)
+        if resp.status != 200:
+            raise RuntimeError(f"{cmd_type} to {device_id}: {resp.status} {resp.reason}")
+        return sn
+
+    async def subscribe(self, device_id: str, *, expires: int = 600, event_id: int = 1,
+                        event: str | None = None, body: bytes | None = None,
+                        sn: int | None = None) -> ProbeDialog:
+        """Open a catalog subscription (Annex P); the dialog is kept even when refused."""
+        host, port = self._device_addr(device_id)
+        event = event or f"Catalog;id={event_id}"
+        if body is None:
+            body = manscdp.build("Query", "Catalog", next(self._sn) if sn is None else sn, device_id)
+        local_tag = new_tag()
+        request = new_request(
+            "SUBSCRIBE", f"sip:{device_id}@{host}:{port}", via=self.endpoint.via(self.transport),
+            from_uri=f"sip:{self.server_id}@{self.domain}", from_tag=local_tag,
+            to_uri=f"sip:{device_id}@{self.domain}", cseq=1, contact=self._contact(),
+            headers={"event": event, "expires": str(expires)}, body=body,
+            content_type=CONTENT_TYPE if body else None, user_agent="gb28181-probe")
+        dialog = ProbeDialog(device_id, request.call_id, local_tag, "", event,
+                             f"sip:{device_id}@{host}:{port}", (host, port), 1, None)  # type: ignore[arg-type]
+        self.dialogs[dialog.call_id] = dialog  # a NOTIFY may overtake the 200
+        resp = await self.endpoint.request(request, (host, port), self.transport, timeout=5.0)
+        dialog.response = resp
+        dialog.remote_tag = resp.to_tag or ""
+        contact = resp.get("contact")
+        if contact:
+            dialog.target = parse_name_addr(contact).uri
+        return dialog
+
+    async def resubscribe(self, dialog: ProbeDialog, expires: int, *,
+                          call_id: str | None = None) -> SipResponse:
+        """In-dialog SUBSCRIBE: a refresh, or ``expires=0`` to unsubscribe (CSeq + 1)."""
+        dialog.cseq += 1
+        request = new_request(
+            "SUBSCRIBE", dialog.target, via=self.endpoint.via(self.transport),
+            from_uri=f"sip:{self.server_id}@{self.domain}", from_tag=dialog.local_tag,
+            to_uri=f"sip:{dialog.device_id}@{self.domain}", to_tag=dialog.remote_tag or None,
+            call_id=call_id or dialog.call_id, cseq=dialog.cseq, contact=self._contact(),
+            headers={"event": dialog.event, "expires": str(expires)}, user_agent="gb28181-probe")
+        return await self.endpoint.request(request, dialog.addr, self.transport, timeout=5.0)
+
+
+async def start_fleet(probe: Probe, *, taps: list | None = None, **overrides: Any) -> Fleet:
+    """A started ``Fleet`` registered with ``probe``: by default one 10-channel NVR whose
+    keepalives stay out of the way for a minute; ``taps`` see every byte from the first
+    REGISTER on. The caller stops it."""
+    cfg: dict[str, Any] = dict(
+        server_host="127.0.0.1", server_port=probe.port, server_id=probe.server_id, devices=1,
+        nvr=True, channels=10, first_id="34020000001180000001", keepalive_interval=60.0,
+        register_rate=10_000, request_timeout=5.0, transport=probe.transport)
+    cfg.update(overrides)
+    fleet = Fleet(FleetConfig(**cfg))
+    fleet.taps.extend(taps or ())
+    await fleet.start()
+    try:
+        await probe.wait_for(lambda: all(d in probe.devices for d in fleet.devices), 10,
+                             "the fleet's REGISTERs")
+    except BaseException:
+        await fleet.stop()
+        raise
+    return fleet

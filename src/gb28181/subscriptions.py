@@ -1,0 +1,232 @@
+"""Catalog subscriptions to devices (RFC 3265 as GB/T 28181 §9.11 and Annex P use it).
+
+``subscribe`` sends ``SUBSCRIBE`` with ``Event: Catalog;id=<n>``, ``Expires`` (600 s by
+default) and a ``Query/Catalog`` body; the 200 opens the dialog (its To tag, its Contact as the
+target). A refresh is an in-dialog SUBSCRIBE at 80 % of the granted time; ``Expires: 0`` ends
+it. NOTIFYs are matched to their subscription by Call-ID (a NOTIFY can overtake the 200),
+answered 200, and their catalog changes handed to ``DeviceSync.apply_notify`` at once. A
+NOTIFY for no subscription of ours gets 481 so the device stops sending it.
+
+Subscriptions die with the device's registration: when it goes offline they are forgotten
+(the next registration's sync subscribes again). Some NVRs drop subscriptions silently
+(PROTOCOL.md §4, #553), which is why periodic Catalog queries stay on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+from registry.devices import DeviceRegistry
+from registry.models import Device, StatusEvent
+
+from . import manscdp
+from .config import Config
+from .queries import MANSCDP_CONTENT_TYPE, DeviceQueries, QueryError
+from .sip.endpoint import SipEndpoint, SipTimeoutError, SipTransportError
+from .sip.message import SipParseError, make_response, new_request, new_tag, parse_name_addr
+from .sip.transaction import RequestReceived
+from .sync import DeviceSync
+
+__all__ = ["Subscription", "SubscriptionManager"]
+
+log = logging.getLogger("gb28181.subscriptions")
+
+
+@dataclass(slots=True)
+class Subscription:
+    device_id: str
+    call_id: str
+    local_tag: str
+    remote_tag: str
+    event: str
+    target_uri: str
+    addr: tuple[str, int]
+    transport: str
+    cseq: int
+    expires: int
+    expires_at: float
+    refresh_at: float
+    notifies: int = 0
+
+
+class SubscriptionManager:
+    """See the module docstring."""
+
+    def __init__(self, *, config: Config, endpoint: SipEndpoint, registry: DeviceRegistry,
+                 queries: DeviceQueries, sync: DeviceSync) -> None:
+        self.config = config
+        self.endpoint = endpoint
+        self.registry = registry
+        self.queries = queries
+        self.sync = sync
+        self.by_device: dict[str, Subscription] = {}
+        self._by_call: dict[str, Subscription] = {}
+        self._event_ids = itertools.count(1)
+        self._task: asyncio.Task | None = None
+        registry.add_listener(self._device_changed)
+
+    # -- life cycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self.registry.remove_listener(self._device_changed)
+
+    def _device_changed(self, device: Device, event: StatusEvent) -> None:
+        if not event.online:
+            self._forget(device.device_id)
+
+    def _forget(self, device_id: str) -> Subscription | None:
+        sub = self.by_device.pop(device_id, None)
+        if sub is not None:
+            self._by_call.pop(sub.call_id, None)
+        return sub
+
+    # -- subscribing ------------------------------------------------------------------------
+    def _server_uri(self) -> str:
+        s = self.config.server
+        return f"sip:{s.id}@{s.domain}"
+
+    def _contact(self) -> str:
+        return f"sip:{self.config.server.id}@{self.endpoint.advertised_host}:{self.endpoint.port}"
+
+    async def subscribe(self, device: Device) -> Subscription:
+        """Open (or replace) the catalog subscription of ``device``."""
+        # A previous dialog simply lapses at the device; we stop listening to it.
+        self._forget(device.device_id)
+        expires = self.config.catalog.subscribe_expires
+        event = f"Catalog;id={next(self._event_ids)}"
+        body = manscdp.build("Query", "Catalog", self.queries.next_sn(), device.device_id,
+                             encoding=self.queries.charset(device))
+        local_tag = new_tag()
+        request = new_request(
+            "SUBSCRIBE", f"sip:{device.device_id}@{device.host}:{device.port}",
+            via=self.endpoint.via(device.transport), from_uri=self._server_uri(), from_tag=local_tag,
+            to_uri=f"sip:{device.device_id}@{device.device_id[:10]}", cseq=1,
+            contact=self._contact(), headers={"event": event, "expires": str(expires)},
+            body=body, content_type=MANSCDP_CONTENT_TYPE, user_agent="gb28181")
+        now = time.monotonic()
+        sub = Subscription(device.device_id, request.call_id, local_tag, "", event,
+                           request.uri, (device.host, device.port), device.transport, 1,
+                           expires, now + expires, now + expires * 0.8)
+        # Known before the request leaves: the first NOTIFY may overtake the 200.
+        self._by_call[sub.call_id] = sub
+        self.by_device[device.device_id] = sub
+        try:
+            resp = await self.endpoint.request(request, sub.addr, sub.transport, timeout=10.0)
+        except (SipTimeoutError, SipTransportError) as exc:
+            self._forget(device.device_id)
+            raise QueryError(f"SUBSCRIBE to {device.device_id} not delivered: {exc}") from None
+        if resp.status >= 300:
+            self._forget(device.device_id)
+            raise QueryError(f"{device.device_id} refused the catalog subscription: "
+                             f"{resp.status} {resp.reason}")
+        self._accepted(sub, resp)
+        return sub
+
+    def _accepted(self, sub: Subscription, resp) -> None:
+        sub.remote_tag = resp.to_tag or sub.remote_tag
+        contact = resp.get("contact")
+        if contact:
+            try:
+                sub.target_uri = parse_name_addr(contact).uri
+            except SipParseError:
+                pass
+        granted = (resp.get("expires") or "").strip()
+        if granted.isdigit():
+            sub.expires = int(granted)
+        now = time.monotonic()
+        sub.expires_at = now + sub.expires
+        sub.refresh_at = now + sub.expires * 0.8
+
+    async def _in_dialog(self, sub: Subscription, expires: int) -> None:
+        sub.cseq += 1
+        request = new_request(
+            "SUBSCRIBE", sub.target_uri, via=self.endpoint.via(sub.transport),
+            from_uri=self._server_uri(), from_tag=sub.local_tag,
+            to_uri=f"sip:{sub.device_id}@{sub.device_id[:10]}", to_tag=sub.remote_tag or None,
+            call_id=sub.call_id, cseq=sub.cseq, contact=self._contact(),
+            headers={"event": sub.event, "expires": str(expires)}, user_agent="gb28181")
+        resp = await self.endpoint.request(request, sub.addr, sub.transport, timeout=10.0)
+        if resp.status >= 300:
+            raise QueryError(f"{sub.device_id} refused the subscription refresh: {resp.status} {resp.reason}")
+        if expires:
+            self._accepted(sub, resp)
+
+    async def unsubscribe(self, device_id: str) -> bool:
+        sub = self._forget(device_id)
+        if sub is None:
+            return False
+        try:
+            await self._in_dialog(sub, 0)
+        except (QueryError, SipTimeoutError, SipTransportError) as exc:
+            log.info("unsubscribe from %s: %s", device_id, exc)
+        return True
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for sub in [s for s in self.by_device.values() if s.refresh_at <= now]:
+                sub.refresh_at = now + 30.0  # no second refresh while this one is under way
+                asyncio.get_running_loop().create_task(self._refresh(sub))
+
+    async def _refresh(self, sub: Subscription) -> None:
+        try:
+            await self._in_dialog(sub, sub.expires)
+        except (QueryError, SipTimeoutError, SipTransportError) as exc:
+            log.info("catalog subscription to %s lost (%s); subscribing anew", sub.device_id, exc)
+            device = self.registry.get(sub.device_id)
+            if self.by_device.get(sub.device_id) is sub:
+                self._forget(sub.device_id)
+            if device is not None and device.online:
+                try:
+                    await self.subscribe(device)
+                except QueryError as exc2:
+                    log.info("resubscribe to %s: %s", sub.device_id, exc2)
+
+    # -- NOTIFY ------------------------------------------------------------------------------
+    def handle_notify(self, ev: RequestReceived) -> None:
+        req = ev.request
+        txn = ev.transaction
+        assert txn is not None
+        sub = self._by_call.get(req.call_id)
+
+        def reply(status: int, reason: str = "") -> None:
+            self.endpoint.respond(txn, make_response(req, status, reason, to_tag=sub.local_tag if sub else new_tag()))
+
+        if sub is None:
+            reply(481, "Subscription Does Not Exist")
+            return
+        if not sub.remote_tag and req.from_tag:
+            sub.remote_tag = req.from_tag
+        state = (req.get("subscription-state") or "").strip().lower()
+        device = self.registry.get(sub.device_id)
+        msg = None
+        if req.body.strip():
+            if req.content_type != "application/manscdp+xml":
+                reply(415, "Unsupported Media Type: expected Application/MANSCDP+xml")
+                return
+            try:
+                msg = manscdp.parse(req.body)
+            except manscdp.ManscdpError as exc:
+                reply(400, f"Bad Request: {str(exc)[:100]}".replace("\n", " "))
+                return
+        reply(200)
+        sub.notifies += 1
+        if msg is not None and device is not None and msg.cmd_type == "Catalog":
+            self.sync.apply_notify(device, msg)
+        if state.startswith("terminated"):
+            if self.by_device.get(sub.device_id) is sub:
+                self._forget(sub.device_id)
+            self._by_call.pop(sub.call_id, None)
