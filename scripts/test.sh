@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Install everything the test suite needs (Python deps into .venv; sipp from Debian for the
-# interop tests) and run the whole suite. Extra arguments go to pytest.
+# Install everything the test suite needs (Python deps into .venv; sipp and ffmpeg from Debian
+# for the interop tests) and run the whole suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 need_apt=()
 command -v sipp >/dev/null 2>&1 || need_apt+=(sip-tester)
+command -v ffprobe >/dev/null 2>&1 || need_apt+=(ffmpeg)
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""
   if [ "$(id -u)" != 0 ]; then

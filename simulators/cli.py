@@ -12,7 +12,8 @@ from pathlib import Path
 
 from gb28181.ids import IdError, parse_id
 
-from .fleet import Fleet, FleetConfig, device_ids
+from .fleet import MEDIA_MODES, Fleet, FleetConfig, device_ids
+from .media import VIDEO_CODECS, parse_video_size
 from .vendors import VENDORS
 
 __all__ = ["main"]
@@ -42,6 +43,20 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _video_size(text: str) -> str:
+    try:
+        width, height = parse_video_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return f"{width}x{height}"
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def _read_passwords(path: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
@@ -61,7 +76,9 @@ def parser() -> argparse.ArgumentParser:
         description="Emulate N GB/T 28181 devices (IPCs, or NVRs with channels) in one process: "
                     "digest REGISTER, refresh, keepalives, re-register with back-off, and "
                     "answers to DeviceInfo/Catalog/DeviceStatus/ConfigDownload/PresetQuery queries, "
-                    "catalog subscriptions (SUBSCRIBE/NOTIFY) and vendor wire quirks.")
+                    "catalog subscriptions (SUBSCRIBE/NOTIFY), vendor wire quirks, and live video: "
+                    "INVITEs to a channel are answered and streamed as H.264/H.265 in PS over RTP "
+                    "(UDP, TCP active or passive) at real-time pace.")
     p.add_argument("--server", type=_host_port, default=("127.0.0.1", 5060), metavar="HOST:PORT",
                    help="the platform's SIP address (default 127.0.0.1:5060)")
     p.add_argument("--server-id", type=_gb_id, default="34020000002000000001",
@@ -103,6 +120,34 @@ def parser() -> argparse.ArgumentParser:
                         "(216); channel ParentID becomes '<NVR ID>/<VO ID>' (Annex O)")
     p.add_argument("--missing-location-ratio", type=_ratio, default=0.05, metavar="RATIO",
                    help="share of channels sent without Longitude/Latitude, 0..1 (default 0.05)")
+    media = p.add_argument_group(
+        "live video", "one looping clip is encoded once (PyAV) and shared by every stream; each "
+                      "frame carries an SEI with a frame counter and its send time")
+    media.add_argument("--video-codec", choices=tuple(VIDEO_CODECS), default="h264",
+                       help="codec of the clip: h264 (libx264) or h265 (libx265, if PyAV's "
+                            "FFmpeg has it) (default h264)")
+    media.add_argument("--video-size", type=_video_size, default="640x360", metavar="WxH",
+                       help="picture size, even numbers (default 640x360)")
+    media.add_argument("--fps", type=_positive_int, default=25, help="frames per second (default 25)")
+    media.add_argument("--gop", type=_positive_int, default=50, metavar="FRAMES",
+                       help="frames from one keyframe to the next; a new stream starts at the "
+                            "next keyframe (default 50)")
+    media.add_argument("--bitrate", type=_positive_int, default=1000, metavar="KBPS",
+                       help="target video bitrate in kbit/s (default 1000)")
+    media.add_argument("--audio", action="store_true",
+                       help="add G.711A audio (a 1 kHz tone in 20 ms PS packets of their own)")
+    media.add_argument("--max-streams", type=int, default=8, metavar="N",
+                       help="live streams per device; one more INVITE gets 486 Busy Here (default 8)")
+    media.add_argument("--media-mode", choices=MEDIA_MODES, default="normal",
+                       help="normal: stream; silent: answer 200 but never send RTP; refuse: answer "
+                            "every INVITE with 488 (default normal)")
+    media.add_argument("--loss", type=_ratio, default=0.0, metavar="RATIO",
+                       help="probability that an RTP packet is dropped, 0..1 (default 0)")
+    media.add_argument("--reorder", type=_ratio, default=0.0, metavar="RATIO",
+                       help="probability that an RTP packet is sent after the next one, 0..1 "
+                            "(default 0)")
+    media.add_argument("--answer-delay", type=float, default=0.0, metavar="SECONDS",
+                       help="seconds before a device answers an INVITE (default 0)")
     p.add_argument("--duration", type=float, default=0.0, metavar="SECONDS",
                    help="stop after this long (default: run until Ctrl-C)")
     p.add_argument("--unregister", action="store_true", help="unregister every device on exit")
@@ -128,7 +173,11 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
         keepalive_interval=args.keepalive_interval, register_rate=args.rate,
         retry_min=args.retry_min, catalog_items_per_message=args.catalog_items,
         vendor=args.vendor, malformed=args.malformed, groups=args.groups,
-        missing_location_ratio=args.missing_location_ratio)
+        missing_location_ratio=args.missing_location_ratio,
+        video_codec=args.video_codec, video_size=args.video_size, fps=args.fps, gop=args.gop,
+        bitrate_kbps=args.bitrate, audio=args.audio, max_streams=args.max_streams,
+        media_mode=args.media_mode, loss=args.loss, reorder=args.reorder,
+        answer_delay=args.answer_delay)
 
 
 async def _run(cfg: FleetConfig, args: argparse.Namespace) -> dict:
@@ -150,7 +199,8 @@ async def _run(cfg: FleetConfig, args: argparse.Namespace) -> dict:
             s = fleet.summary()
             print(f"[{s['elapsed_s']:7.1f}s] registered {s['registered']}/{s['devices']}  "
                   f"register failures {s['register_failures']}  keepalives ok {s['keepalives_ok']} "
-                  f"failed {s['keepalives_failed']}  queries answered {s['queries_answered']}",
+                  f"failed {s['keepalives_failed']}  queries answered {s['queries_answered']}  "
+                  f"streams {s['streams']}",
                   file=sys.stderr, flush=True)
         if deadline is not None and time.monotonic() >= deadline:
             break

@@ -22,6 +22,16 @@ and not by address. ``per_device_ports`` gives each device its own endpoint inst
 byte sent passes through ``Fleet.taps`` (after the vendor's byte-level quirks), which tests
 use to see the wire.
 
+Live video (§9.2, Annex F, Annex L): an INVITE whose Request-URI user is one of the fleet's
+channel IDs (or an IPC's device ID) gets a ``200`` with an SDP answer and, after the ACK, PS over
+RTP by UDP, TCP active or TCP passive, from ``media.py`` (one shared encoded clip, one pacing
+task per fleet). ``LiveCall`` is the SIP dialog of such a stream; ``Fleet.streams`` lists their
+``SimStream``s with counters, ``Fleet.hangup`` makes a device send BYE. CANCEL before the answer
+gets 487, more than ``max_streams`` calls per device 486, an unknown channel 404, an offer the
+device cannot serve (or ``media_mode="refuse"``) 488. ``answer_delay`` holds the answer back so
+tests can CANCEL; ``media_mode="silent"`` answers and never sends; ``loss``/``reorder`` impair
+the packets.
+
 The fleet can be paused (a link outage: nothing sent, nothing answered) and resumed, which the
 integration tests use to check offline detection and recovery.
 """
@@ -29,17 +39,20 @@ integration tests use to check offline detection and recovery.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
+import socket
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
 from gb28181 import manscdp
 from gb28181.ids import parse_id
+from gb28181.sdp import MediaDescription, SdpError, SessionDescription, build_sdp, parse_sdp
 from gb28181.sip.auth import authorization_header
 from gb28181.sip.endpoint import SipEndpoint, SipTimeoutError, SipTransportError
 from gb28181.sip.message import (
@@ -52,7 +65,7 @@ from gb28181.sip.message import (
     parse_name_addr,
     parse_uri,
 )
-from gb28181.sip.transaction import RequestReceived
+from gb28181.sip.transaction import CancelReceived, RequestReceived, ServerTransaction
 
 from .catalog import (
     CHANNEL_STATUSES,
@@ -64,9 +77,10 @@ from .catalog import (
     group_item,
     presets,
 )
+from .media import MediaSender, SimStream, check_video_codec, format_line, parse_video_size
 from .vendors import Personality, personality
 
-__all__ = ["CatalogSubscription", "Fleet", "FleetConfig", "SimDevice"]
+__all__ = ["CatalogSubscription", "Fleet", "FleetConfig", "LiveCall", "MEDIA_MODES", "SimDevice"]
 
 log = logging.getLogger("gb28181.sim")
 
@@ -76,6 +90,13 @@ CONTENT_TYPE = "Application/MANSCDP+xml"
 MAX_PART_BYTES = {"udp": 60_000, "tcp": 200_000}
 #: Catalog subscription length when the SUBSCRIBE names none (P.2.1.2.1).
 DEFAULT_SUBSCRIBE_EXPIRES = 600
+SDP_CONTENT_TYPE = "APPLICATION/SDP"
+#: ``FleetConfig.media_mode``: "normal" streams; "silent" answers 200 and never sends RTP;
+#: "refuse" answers every INVITE 488.
+MEDIA_MODES = ("normal", "silent", "refuse")
+#: How long a device waits after its TCP media connection dropped before it sends BYE itself
+#: (the platform's own BYE usually comes first).
+MEDIA_LOST_GRACE = 1.0
 
 
 @dataclass(slots=True)
@@ -116,6 +137,25 @@ class FleetConfig:
     groups: bool = False
     #: Share of channels without Longitude/Latitude, chosen by a hash of the channel ID.
     missing_location_ratio: float = 0.05
+    # -- live video (media.py) -----------------------------------------------------------
+    #: "h264" (libx264) or "h265" (libx265, when PyAV's FFmpeg has it).
+    video_codec: str = "h264"
+    video_size: str = "640x360"
+    fps: int = 25
+    #: Frames from one keyframe to the next; a new stream starts at the next one.
+    gop: int = 50
+    bitrate_kbps: int = 1000
+    #: Add G.711A audio (a 1 kHz tone, 20 ms frames) in PS packets of its own.
+    audio: bool = False
+    #: "normal", "silent" (200, then no RTP) or "refuse" (488); see ``MEDIA_MODES``.
+    media_mode: str = "normal"
+    #: Probability that an RTP packet is dropped / swapped with the next one (seeded per stream).
+    loss: float = 0.0
+    reorder: float = 0.0
+    #: Live calls one device serves at once; one more gets 486 Busy Here (Annex F note 5).
+    max_streams: int = 8
+    #: Seconds a device takes to answer an INVITE (after Dahua's 101), so tests can CANCEL.
+    answer_delay: float = 0.0
 
     @property
     def domain(self) -> str:
@@ -142,6 +182,11 @@ class DeviceStats:
     keepalives_ok: int = 0
     keepalives_failed: int = 0
     queries_answered: int = 0
+    #: Live video: new INVITEs received, answered 200, BYEs received and sent.
+    invites: int = 0
+    invites_accepted: int = 0
+    byes_received: int = 0
+    byes_sent: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -177,6 +222,36 @@ class CatalogSubscription:
         return max(0, round(self.expires_at - time.monotonic()))
 
 
+@dataclass(slots=True, eq=False)
+class LiveCall:
+    """A live-video INVITE dialog on one device (§9.2): the SIP side of a ``SimStream``.
+
+    Seen from the device: ``local_tag`` is the To tag of our answer, ``local_uri`` the INVITE's
+    To URI (our From in a BYE), ``remote_uri``/``remote_tag`` the platform's From, ``target``
+    its Contact (the Request-URI of our BYE), ``addr`` where our BYE goes. ``state``: "early"
+    (no final answer yet) → "accepted" (200 sent) → "confirmed" (ACKed) → "ended".
+    """
+
+    device: SimDevice
+    channel_id: str
+    call_id: str
+    local_tag: str
+    remote_tag: str
+    local_uri: str
+    remote_uri: str
+    target: str
+    addr: tuple[str, int]
+    sip_transport: str
+    subject: str
+    contact: str
+    stream: SimStream
+    answer: bytes
+    invite: RequestReceived | None = None
+    state: str = "early"
+    cseq: int = 0
+    ended_by: str = ""
+
+
 class SimDevice:
     """One simulated device; ``run()`` is its life."""
 
@@ -205,6 +280,8 @@ class SimDevice:
             ch.extra["manufacturer"] = self.vendor.manufacturer
         #: Live catalog subscriptions by Call-ID.
         self.subscriptions: dict[str, CatalogSubscription] = {}
+        #: Live-video calls by Call-ID.
+        self.calls: dict[str, LiveCall] = {}
 
     @property
     def channels(self) -> list[Channel]:
@@ -403,10 +480,19 @@ class SimDevice:
 
     def on_request(self, ev: RequestReceived) -> None:
         req = ev.request
+        if req.method == "ACK":
+            self._on_ack(ev)
+            return
         if ev.transaction is None:
             return
         if req.method == "SUBSCRIBE":
             self._on_subscribe(ev)
+            return
+        if req.method == "INVITE":
+            self._on_invite(ev)
+            return
+        if req.method == "BYE":
+            self._on_bye(ev)
             return
         if req.method != "MESSAGE":
             self._reply(ev, 405)
@@ -696,6 +782,254 @@ class SimDevice:
         self.vendor.shape(request)
         return request
 
+    # -- live video (§9.2, Annex F, Annex L) -------------------------------------------------
+    def _invite_reply(self, ev: RequestReceived, status: int, reason: str = "", *,
+                      call: LiveCall | None = None, body: bytes = b"") -> None:
+        assert ev.transaction is not None
+        resp = make_response(ev.request, status, reason,
+                             to_tag=call.local_tag if call is not None else new_tag(), body=body,
+                             content_type=SDP_CONTENT_TYPE if body else None)
+        if call is not None and status < 300:
+            resp.set("Contact", f"<{call.contact}>")
+        self.vendor.shape(resp)
+        self.ep.respond(ev.transaction, resp)
+
+    def _invite_channel(self, req: SipRequest) -> Channel | None:
+        """The channel an INVITE asks for: its Request-URI user, or an IPC's only camera when
+        the platform addresses the device itself."""
+        try:
+            user = parse_uri(req.uri).user
+        except SipParseError:
+            return None
+        ch = self.catalog.get(user)
+        if ch is None and user == self.device_id and not self.cfg.nvr and self.channels:
+            ch = self.channels[0]
+        return ch
+
+    def _on_invite(self, ev: RequestReceived) -> None:
+        req = ev.request
+        cfg = self.cfg
+        if req.to_tag:  # a re-INVITE (session refresh): the same answer again
+            call = self.calls.get(req.call_id)
+            if call is None or call.local_tag != req.to_tag or call.state == "ended":
+                self._invite_reply(ev, 481, "Call/Transaction Does Not Exist")
+            else:
+                self._invite_reply(ev, 200, call=call, body=call.answer)
+            return
+        self.stats.invites += 1
+        ch = self._invite_channel(req)
+        if ch is None:
+            self._invite_reply(ev, 404, "Not Found: no such channel here")
+            return
+        if cfg.media_mode == "refuse":
+            self._invite_reply(ev, 488, "Not Acceptable Here: this device refuses media")
+            return
+        try:
+            if not req.body.strip():
+                raise SdpError("the INVITE carries no SDP offer")
+            plan = _media_plan(parse_sdp(req.body))
+        except SdpError as exc:
+            self._invite_reply(ev, 488, f"Not Acceptable Here: {exc}"[:120])
+            return
+        transport, setup, remote = plan[:3]
+        subject = (req.get("subject") or "").strip()
+        if subject:
+            # Annex M: an INVITE repeating a live stream's sender:seq replaces that stream.
+            for old in list(self.calls.values()):
+                if old.subject == subject and old.channel_id == ch.channel_id:
+                    self._end_call(old, "replaced")
+        if len(self.calls) >= cfg.max_streams:
+            self._invite_reply(ev, 486, f"Busy Here: {len(self.calls)} streams already")
+            return
+        fleet = self.fleet
+        offered = plan[3]
+        y = self.vendor.answer_ssrc(offered) if offered is not None else fleet.new_ssrc()
+        try:
+            remote_party = parse_name_addr(req.headers["from"][0])
+            addressed = parse_name_addr(req.headers["to"][0]).uri
+            target, addr = self._target(req, ev.addr, remote_party.uri)
+        except SipParseError as exc:
+            self._invite_reply(ev, 400, f"Bad Request: {exc}"[:120])
+            return
+        try:
+            stream = SimStream(
+                channel_id=ch.channel_id, call_id=req.call_id, transport=transport, ssrc=int(y),
+                remote=remote, setup=setup, bind_host=fleet.media_bind_host, loss=cfg.loss,
+                reorder=cfg.reorder, silent=cfg.media_mode == "silent",
+                seed=f"{ch.channel_id}:{y}:{next(fleet._stream_serial)}")
+        except OSError as exc:
+            self._invite_reply(ev, 500, f"Server Internal Error: no media port: {exc}"[:120])
+            return
+        media_host = self.ep.advertised_host
+        media = MediaDescription(
+            port=stream.local_port, proto="TCP/RTP/AVP" if transport == "tcp" else "RTP/AVP",
+            formats=[96], rtpmap={96: "PS/90000"}, direction="sendonly", setup=setup,
+            connection="new" if transport == "tcp" else None)
+        answer = build_sdp(SessionDescription(
+            origin_user=ch.channel_id, origin_addr=media_host, session_name="Play",
+            connection_addr=media_host, media=[media], ssrc=y,
+            format=format_line(cfg.video_codec, parse_video_size(cfg.video_size), cfg.fps,
+                               cfg.bitrate_kbps, cfg.audio)))
+        call = LiveCall(
+            device=self, channel_id=ch.channel_id, call_id=req.call_id, local_tag=new_tag(),
+            remote_tag=remote_party.tag or "", local_uri=addressed, remote_uri=remote_party.uri,
+            target=target, addr=addr, sip_transport=ev.transport, subject=subject,
+            contact=f"sip:{ch.channel_id}@{self.ep.advertised_host}:{self.ep.port}",
+            stream=stream, answer=answer, invite=ev)
+        assert ev.transaction is not None
+        ev.transaction.context = call  # CANCEL and Timer L find the call through it
+        self.calls[call.call_id] = call
+        fleet._calls[call.call_id] = call
+        stream.on_lost = lambda s: self._media_lost(call)
+        if self.vendor.invite_provisional is not None:
+            # DH-CAP: Dahua opens the dialog with a tagged 101 before its 200.
+            status, reason = self.vendor.invite_provisional
+            self._invite_reply(ev, status, reason, call=call)
+        if cfg.answer_delay > 0:
+            asyncio.get_running_loop().call_later(cfg.answer_delay, self._accept, call)
+        else:
+            self._accept(call)
+
+    def _accept(self, call: LiveCall) -> None:
+        ev = call.invite
+        if call.state != "early" or ev is None:
+            return  # cancelled or hung up meanwhile
+        self._invite_reply(ev, 200, call=call, body=call.answer)
+        self.stats.invites_accepted += 1
+        call.state = "accepted"
+        call.invite = None
+        stream = call.stream
+        if stream.transport == "tcp" and stream.setup == "passive":
+            # We listen: media starts when the platform connects, ACK or not (Annex L).
+            self.fleet.spawn(self._media_up(call, listen=True))
+
+    def _on_ack(self, ev: RequestReceived) -> None:
+        call = self.calls.get(ev.request.call_id)
+        if call is None or call.state != "accepted" or ev.request.to_tag != call.local_tag:
+            return
+        call.state = "confirmed"
+        stream = call.stream
+        if stream.transport == "udp" or stream.setup == "active":
+            self.fleet.spawn(self._media_up(call, listen=False))
+
+    async def _media_up(self, call: LiveCall, *, listen: bool) -> None:
+        """Open the media path (listen for the platform, or start sending/connect); a device
+        that cannot gives the call up with a BYE (Annex M: no media, no dialog)."""
+        stream = call.stream
+        try:
+            if listen:
+                await stream.listen(self.fleet.media)
+            else:
+                await stream.start(self.fleet.media)
+        except (OSError, TimeoutError) as exc:
+            stream.error = f"media to/from {stream.remote[0]}:{stream.remote[1]} failed: {exc}"
+            log.info("%s: %s", call.channel_id, stream.error)
+            await self.hang_up(call)
+
+    def _media_lost(self, call: LiveCall) -> None:
+        async def later() -> None:
+            await asyncio.sleep(MEDIA_LOST_GRACE)
+            await self.hang_up(call)
+        if call.state != "ended":
+            self.fleet.spawn(later())
+
+    def _on_bye(self, ev: RequestReceived) -> None:
+        req = ev.request
+        call = self.calls.get(req.call_id)
+        if call is None or call.local_tag != req.to_tag or call.remote_tag != (req.from_tag or ""):
+            self._reply(ev, 481, "Call/Transaction Does Not Exist")
+            return
+        self._reply(ev, 200)
+        self.stats.byes_received += 1
+        self._end_call(call, "bye")
+
+    def on_cancel(self, call: LiveCall) -> None:
+        """The platform CANCELled the INVITE before our final answer: 487 and forget the call."""
+        if call.state == "early" and call.invite is not None:
+            self._invite_reply(call.invite, 487, "Request Terminated", call=call)
+        self._end_call(call, "cancel")
+
+    def _end_call(self, call: LiveCall, why: str) -> None:
+        """Stop the stream and forget the dialog (no SIP sent)."""
+        if call.state == "ended":
+            return
+        call.state = "ended"
+        call.ended_by = why
+        call.invite = None
+        call.stream.close()
+        if self.calls.get(call.call_id) is call:
+            del self.calls[call.call_id]
+        if self.fleet._calls.get(call.call_id) is call:
+            del self.fleet._calls[call.call_id]
+
+    def hang_up(self, call: LiveCall) -> Coroutine[Any, Any, int | None]:
+        """End a call from the device's side: the media stops and the dialog is forgotten at
+        once; the returned coroutine sends the BYE (or, while the INVITE is still unanswered,
+        nothing: a 480 has gone out instead) and gives the status of its answer, None without."""
+        if call.state == "ended":
+            return _nothing()
+        if call.state == "early":
+            if call.invite is not None:
+                self._invite_reply(call.invite, 480, "Temporarily Unavailable", call=call)
+            self._end_call(call, "hangup")
+            return _nothing()
+        self._end_call(call, "hangup")
+        call.cseq += 1
+        request = new_request(
+            "BYE", call.target, via=self.ep.via(call.sip_transport), from_uri=call.local_uri,
+            from_tag=call.local_tag, to_uri=call.remote_uri, to_tag=call.remote_tag or None,
+            call_id=call.call_id, cseq=call.cseq)
+        self.vendor.shape(request)
+        return self._send_bye(call, request)
+
+    async def _send_bye(self, call: LiveCall, request: SipRequest) -> int | None:
+        self.stats.byes_sent += 1
+        try:
+            resp = await self.ep.request(request, call.addr, call.sip_transport,
+                                         timeout=self.cfg.request_timeout)
+        except (SipTimeoutError, SipTransportError) as exc:
+            self.last_error = f"BYE: {exc}"
+            return None
+        return resp.status
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _media_plan(offer: SessionDescription) -> tuple[str, str | None, tuple[str, int], str | None]:
+    """What an Annex F offer asks of the device: (transport, the device's TCP role, where to send,
+    the offered ``y=`` or None). Raises SdpError for anything a camera here cannot serve."""
+    if offer.session_name.strip().lower() not in ("play", ""):
+        raise SdpError(f"s={offer.session_name}: only live video (s=Play) is simulated")
+    video = offer.video
+    if video is None:
+        raise SdpError("no m=video line")
+    if "RTP/AVP" not in video.proto.upper():
+        raise SdpError(f"m=video uses {video.proto}, not RTP/AVP or TCP/RTP/AVP")
+    if 96 not in video.formats or "PS/" not in video.rtpmap.get(96, "PS/90000").upper():
+        raise SdpError("PT 96 PS/90000 is not offered")
+    if video.direction in ("sendonly", "inactive"):
+        raise SdpError(f"a={video.direction}: the device only sends")
+    host = offer.connection_addr
+    transport = video.transport
+    setup: str | None = None
+    if transport == "tcp":
+        # a=setup describes the offerer; Annex L's default is the device connecting.
+        setup = "passive" if (video.setup or "passive") == "active" else "active"
+    needs_address = setup != "passive"
+    if needs_address:
+        try:
+            socket.inet_aton(host)
+        except OSError:
+            raise SdpError(f"c=IN IP4 {host} is not an IPv4 address") from None
+        if host == "0.0.0.0" or not video.port:
+            raise SdpError(f"no address to send to (c={host}, m= port {video.port})")
+    offered = offer.ssrc.strip() if offer.ssrc else None
+    if offered is not None and offer.ssrc_value is None:
+        offered = None  # garbage y=: choose our own, as for a missing one
+    return transport, setup, (host, video.port), offered
+
 
 _ANSWERED = frozenset({
     ("Query", "DeviceInfo"), ("Query", "DeviceStatus"), ("Query", "Catalog"),
@@ -704,6 +1038,28 @@ _ANSWERED = frozenset({
 })
 #: DeviceControl commands that get a Response (§9.3.1).
 _CONFIRMED_CONTROLS = ("RecordCmd", "GuardCmd", "AlarmCmd", "HomePosition")
+
+
+def _check_media_config(cfg: FleetConfig) -> tuple[int, int]:
+    """ValueError naming the first bad live-video field; returns the video size."""
+    if cfg.media_mode not in MEDIA_MODES:
+        raise ValueError(f"media_mode {cfg.media_mode!r} is not one of {', '.join(MEDIA_MODES)}")
+    for name in ("loss", "reorder"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"{name} must be a probability between 0 and 1")
+    if not 1 <= cfg.fps <= 120:
+        raise ValueError("fps must be 1..120")
+    if cfg.gop < 1:
+        raise ValueError("gop must be at least 1 frame")
+    if cfg.bitrate_kbps < 1:
+        raise ValueError("bitrate_kbps must be at least 1")
+    if cfg.max_streams < 0:
+        raise ValueError("max_streams must not be negative")
+    if cfg.answer_delay < 0:
+        raise ValueError("answer_delay must not be negative")
+    size = parse_video_size(cfg.video_size)
+    check_video_codec(cfg.video_codec)
+    return size
 
 
 def _expires_of(req: SipMessage) -> int:
@@ -717,8 +1073,12 @@ class Fleet:
     def __init__(self, cfg: FleetConfig) -> None:
         if not 0.0 <= cfg.missing_location_ratio <= 1.0:
             raise ValueError("missing_location_ratio must be between 0 and 1")
+        size = _check_media_config(cfg)
         self.cfg = cfg
         self.vendor = personality(cfg)
+        self._calls: dict[str, LiveCall] = {}
+        self._stream_serial = itertools.count()
+        self._ssrc_serial = itertools.count(1)
         #: Called with every datagram/TCP message the fleet sends, exactly as it goes out.
         self.taps: list[Callable[[bytes], Any]] = []
         self.shared: SipEndpoint | None = None
@@ -729,6 +1089,11 @@ class Fleet:
         self.stopping = False
         self._tasks: set[asyncio.Task] = set()
         self.started_at = 0.0
+        #: The one pacing task that feeds every live stream of the fleet (media.py); during a
+        #: link outage (``pause``) its packets are lost like everything else.
+        self.media = MediaSender(codec=cfg.video_codec, size=size, fps=cfg.fps, gop=cfg.gop,
+                                 bitrate_kbps=cfg.bitrate_kbps, audio=cfg.audio,
+                                 running=self.running, spawn=self.spawn)
 
     def spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -742,11 +1107,21 @@ class Fleet:
             await asyncio.sleep(max(0.0, seconds))
 
     def _dispatch(self, ev: RequestReceived) -> None:
-        try:
-            user = parse_uri(ev.request.uri).user
-        except SipParseError:
-            user = ""
-        device = self.devices.get(user)
+        req = ev.request
+        # In-dialog requests of a live call (ACK, BYE, re-INVITE) go to its device whatever
+        # their Request-URI says (WVP ACKs to sip:<o= user>@<source>).
+        call = self._calls.get(req.call_id) if req.to_tag else None
+        if call is not None:
+            device: SimDevice | None = call.device
+        else:
+            try:
+                user = parse_uri(req.uri).user
+            except SipParseError:
+                user = ""
+            device = self.devices.get(user)
+            if device is None and (req.method == "INVITE" or req.to_tag):
+                # Live video is asked of a channel; a late in-dialog request to one gets its 481.
+                device = self._channel_owner.get(user)
         if device is None:
             if ev.transaction is not None:
                 ev_ep = self.shared
@@ -761,8 +1136,38 @@ class Fleet:
     def _endpoint(self) -> SipEndpoint:
         cfg = self.cfg
         return SipEndpoint(cfg.bind_host, cfg.bind_port if not cfg.per_device_ports else 0,
-                           on_request=self._dispatch, udp=cfg.transport == "udp",
+                           on_request=self._dispatch, on_cancel=self._on_cancel,
+                           on_server_timeout=self._on_server_timeout, udp=cfg.transport == "udp",
                            tcp=cfg.transport == "tcp", t1=cfg.t1, outgoing=self._outgoing)
+
+    def _on_cancel(self, ev: CancelReceived) -> None:
+        call = ev.transaction.context
+        if isinstance(call, LiveCall):
+            call.device.on_cancel(call)
+            return
+        # An INVITE we never took up (it arrived during an outage): what the endpoint does by
+        # default without an on_cancel hook.
+        for ep in ([self.shared] if self.shared is not None else self.endpoints):
+            if ev.transaction in ep.layer.server.values():
+                invite = ev.transaction.request
+                if invite is not None:
+                    ep.respond(ev.transaction, make_response(invite, 487, to_tag=new_tag()))
+                return
+
+    def _on_server_timeout(self, txn: ServerTransaction) -> None:
+        # Timer L: our 200 was never ACKed (RFC 3261 13.3.1.4): give the call up with a BYE.
+        call = txn.context
+        if isinstance(call, LiveCall) and call.state == "accepted":
+            self.spawn(call.device.hang_up(call))
+
+    @property
+    def media_bind_host(self) -> str:
+        """Where device-side media sockets are bound: the SIP bind address."""
+        return self.cfg.bind_host
+
+    def new_ssrc(self) -> str:
+        """A ``y=`` for an offer without one (Annex F: 0 live, domain digits 4-8, a sequence)."""
+        return f"0{self.cfg.domain[3:8]}{next(self._ssrc_serial) % 10000:04d}"
 
     def _outgoing(self, data: bytes) -> bytes:
         data = self.vendor.outgoing(data)
@@ -812,6 +1217,8 @@ class Fleet:
             await asyncio.gather(*(d.unregister() for d in self.devices.values() if d.registered))
         self.stopping = True
         self.running.set()
+        for call in list(self._calls.values()):
+            call.device._end_call(call, "stop")
         for device in self.devices.values():
             for sub in list(device.subscriptions.values()):
                 device._forget(sub)
@@ -879,6 +1286,45 @@ class Fleet:
         device.channel_changed(ch, "DEL")
         return ch
 
+    # -- live video -------------------------------------------------------------------------
+    @property
+    def calls(self) -> list[LiveCall]:
+        """Every live-video dialog not yet ended, oldest first."""
+        return list(self._calls.values())
+
+    @property
+    def streams(self) -> list[SimStream]:
+        """The streams of the live calls (channel_id, call_id, transport, ssrc, frames_sent,
+        packets_sent, bytes_sent, started_at, state, ...), oldest first."""
+        return [call.stream for call in self._calls.values()]
+
+    def hangup(self, channel_id: str, call_id: str | None = None) -> asyncio.Task:
+        """Make the owning device end its calls on ``channel_id`` (or only ``call_id``): the
+        media stops at once, then the device sends BYE. Returns a task (already running, so
+        awaiting it is optional) whose result is how many calls were ended once the BYEs are
+        answered. KeyError for a channel the fleet does not have."""
+        self._owner(channel_id)
+        calls = [c for c in self._calls.values()
+                 if c.channel_id == channel_id and (call_id is None or c.call_id == call_id)]
+        byes = [c.device.hang_up(c) for c in calls]
+
+        async def send() -> int:
+            await asyncio.gather(*byes)
+            return len(calls)
+
+        return self.spawn(send())
+
+    async def wait_streams(self, count: int, timeout: float, *, sending: bool = True) -> bool:
+        """Wait until ``count`` streams exist (and, with ``sending``, have sent a frame)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ready = [s for s in self.streams if not sending or s.frames_sent > 0]
+            if len(ready) >= count:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+
     # -- reporting ------------------------------------------------------------------------
     def registered_count(self) -> int:
         return sum(1 for d in self.devices.values() if d.registered)
@@ -913,6 +1359,8 @@ class Fleet:
             "keepalives_ok": sum(d.stats.keepalives_ok for d in devs),
             "keepalives_failed": sum(d.stats.keepalives_failed for d in devs),
             "queries_answered": sum(d.stats.queries_answered for d in devs),
+            "streams": len(self._calls),
+            "stream_frames_sent": sum(c.stream.frames_sent for c in self._calls.values()),
             "register_latency_ms": {"p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99),
                                     "mean": round(statistics.fmean(lat) * 1000, 2) if lat else None},
             "errors": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:5]),

@@ -7,6 +7,12 @@ that a device waits for one 200 before the next part), and records what arrived.
 Query/Control MESSAGEs and catalog SUBSCRIBEs (initial, refresh, unsubscribe) to the devices it
 has seen register. It checks nothing by itself; tests read ``messages``, ``notifies`` and
 ``in_flight_max``.
+
+For live video it plays the platform's INVITE side (§9.2, Annex F): ``new_call`` builds an
+INVITE with an Annex F offer for UDP, TCP passive (we listen) or TCP active (we connect),
+``send_invite`` sends it (provisional responses are kept), ``ack``/``bye``/``cancel`` do the
+rest, ``play`` does INVITE + ACK in one go. A device's BYE is answered 200 and recorded in
+``byes`` and on its ``ProbeCall``. Receiving the media is the test's business.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from datetime import datetime
 from typing import Any
 
 from gb28181 import manscdp
+from gb28181.sdp import MediaDescription, SessionDescription, build_sdp, parse_sdp
 from gb28181.sip.endpoint import SipEndpoint
 from gb28181.sip.message import (
     SipRequest,
@@ -33,7 +40,7 @@ from gb28181.sip.transaction import RequestReceived
 
 from .fleet import Fleet, FleetConfig
 
-__all__ = ["Probe", "ProbeDialog", "Received", "start_fleet"]
+__all__ = ["Probe", "ProbeCall", "ProbeDialog", "Received", "start_fleet"]
 
 CONTENT_TYPE = "Application/MANSCDP+xml"
 
@@ -66,6 +73,37 @@ class ProbeDialog:
     notifies: list[Received] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class ProbeCall:
+    """The probe's side of a live-video INVITE dialog. ``transport`` is "udp", "tcp-passive"
+    (the probe listens on ``media_port``) or "tcp-active" (the probe connects to the answer)."""
+
+    device_id: str
+    channel_id: str
+    transport: str
+    ssrc: str
+    invite: SipRequest
+    addr: tuple[str, int]
+    local_tag: str
+    response: SipResponse | None = None
+    provisional: list[SipResponse] = field(default_factory=list)
+    remote_tag: str = ""
+    target: str = ""
+    cseq: int = 1
+    byes: list[Received] = field(default_factory=list)
+
+    @property
+    def call_id(self) -> str:
+        return self.invite.call_id
+
+    @property
+    def answer(self) -> SessionDescription | None:
+        """The SDP of the 2xx, parsed, or None."""
+        if self.response is None or self.response.status >= 300 or not self.response.body:
+            return None
+        return parse_sdp(self.response.body)
+
+
 class Probe:
     """See the module docstring."""
 
@@ -83,6 +121,10 @@ class Probe:
         self.messages: list[Received] = []
         self.notifies: list[Received] = []
         self.dialogs: dict[str, ProbeDialog] = {}
+        #: Live-video calls by Call-ID, and every BYE a device sent.
+        self.calls: dict[str, ProbeCall] = {}
+        self.byes: list[Received] = []
+        self._ssrc_seq = itertools.count(1)
         #: Status to answer NOTIFYs with (481 tells the device the dialog is gone).
         self.notify_status = 200
         self._sn = itertools.count(1000)
@@ -115,6 +157,16 @@ class Probe:
             resp.set("Expires", req.get("expires") or "3600")
             resp.set("Date", datetime.now().strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3])
             self.endpoint.respond(txn, resp)
+            self._wake()
+            return
+        if req.method == "BYE":
+            rec = Received(req, ev.addr, time.monotonic(), None)
+            call = self.calls.get(req.call_id)
+            known = call is not None and req.to_tag == call.local_tag
+            if known:
+                call.byes.append(rec)
+            self.byes.append(rec)
+            self.endpoint.respond(txn, make_response(req, 200 if known else 481))
             self._wake()
             return
         if req.method not in ("MESSAGE", "NOTIFY"):
@@ -250,6 +302,104 @@ class Probe:
             call_id=call_id or dialog.call_id, cseq=dialog.cseq, contact=self._contact(),
             headers={"event": dialog.event, "expires": str(expires)}, user_agent="gb28181-probe")
         return await self.endpoint.request(request, dialog.addr, self.transport, timeout=5.0)
+
+
+    # -- live video ---------------------------------------------------------------------------
+    def new_ssrc(self) -> str:
+        """An Annex F live ``y=``: 0, digits 4-8 of the domain, a 4-digit sequence."""
+        return f"0{self.domain[3:8]}{next(self._ssrc_seq) % 10000:04d}"
+
+    def offer(self, transport: str, media_host: str, media_port: int, ssrc: str | None) -> bytes:
+        """An Annex F live offer (PROTOCOL.md §5.2) for "udp", "tcp-passive" or "tcp-active"."""
+        rtpmap = {96: "PS/90000", 97: "MPEG4/90000", 98: "H264/90000"}
+        if transport == "udp":
+            media = MediaDescription(port=media_port, proto="RTP/AVP", formats=[96, 97, 98],
+                                     rtpmap=rtpmap, direction="recvonly")
+        elif transport in ("tcp-passive", "tcp-active"):
+            media = MediaDescription(port=media_port, proto="TCP/RTP/AVP", formats=[96, 97, 98],
+                                     rtpmap=rtpmap, direction="recvonly",
+                                     setup=transport.partition("-")[2], connection="new")
+        else:
+            raise ValueError(f"unknown transport {transport!r}")
+        return build_sdp(SessionDescription(
+            origin_user=self.server_id, origin_addr=media_host, session_name="Play",
+            connection_addr=media_host, media=[media], ssrc=ssrc))
+
+    def new_call(self, device_id: str, channel_id: str, *, transport: str = "udp",
+                 media_host: str = "127.0.0.1", media_port: int = 0, ssrc: str | None = None,
+                 body: bytes | None = None, subject: str | None = None) -> ProbeCall:
+        """Build (not send) an INVITE for ``channel_id`` to the device that registered as
+        ``device_id``; ``ssrc`` defaults to a fresh one, ``body`` to the Annex F offer."""
+        host, port = self._device_addr(device_id)
+        ssrc = self.new_ssrc() if ssrc is None else ssrc
+        local_tag = new_tag()
+        request = new_request(
+            "INVITE", f"sip:{channel_id}@{host}:{port}", via=self.endpoint.via(self.transport),
+            from_uri=f"sip:{self.server_id}@{self.domain}", from_tag=local_tag,
+            to_uri=f"sip:{channel_id}@{self.domain}", cseq=1, contact=self._contact(),
+            headers={"subject": subject or f"{channel_id}:{ssrc},{self.server_id}:0"},
+            body=self.offer(transport, media_host, media_port, ssrc) if body is None else body,
+            content_type="APPLICATION/SDP", user_agent="gb28181-probe")
+        call = ProbeCall(device_id, channel_id, transport, ssrc, request, (host, port), local_tag)
+        self.calls[call.call_id] = call
+        return call
+
+    async def send_invite(self, call: ProbeCall, timeout: float = 10.0) -> SipResponse:
+        """Send the INVITE and wait for its final response (not ACKed here when 2xx)."""
+        def provisional(resp: SipResponse) -> None:
+            call.provisional.append(resp)
+            if resp.to_tag and not call.remote_tag:
+                call.remote_tag = resp.to_tag
+            self._wake()
+
+        resp = await self.endpoint.request(call.invite, call.addr, self.transport, timeout=timeout,
+                                           on_provisional=provisional)
+        call.response = resp
+        if resp.status < 300:
+            call.remote_tag = resp.to_tag or call.remote_tag
+            contact = resp.get("contact")
+            call.target = parse_name_addr(contact).uri if contact else call.invite.uri
+        self._wake()
+        return resp
+
+    def ack(self, call: ProbeCall) -> SipRequest:
+        """ACK the 2xx (RFC 3261 13.2.2.4): new branch, Request-URI = the 200's Contact."""
+        assert call.response is not None and call.response.status < 300
+        ack = new_request(
+            "ACK", call.target, via=self.endpoint.via(self.transport),
+            from_uri=f"sip:{self.server_id}@{self.domain}", from_tag=call.local_tag,
+            to_uri=f"sip:{call.channel_id}@{self.domain}", to_tag=call.remote_tag or None,
+            call_id=call.call_id, cseq=call.invite.cseq[0], user_agent="gb28181-probe")
+        self.endpoint.send_stateless(ack, call.addr, self.transport)
+        return ack
+
+    async def play(self, device_id: str, channel_id: str, **kwargs: Any) -> ProbeCall:
+        """INVITE + ACK; raises RuntimeError unless the device answered 200."""
+        call = self.new_call(device_id, channel_id, **kwargs)
+        resp = await self.send_invite(call)
+        if resp.status != 200:
+            raise RuntimeError(f"INVITE {channel_id}: {resp.status} {resp.reason}")
+        self.ack(call)
+        return call
+
+    async def bye(self, call: ProbeCall) -> SipResponse:
+        """In-dialog BYE (CSeq + 1) to the 200's Contact."""
+        call.cseq += 1
+        request = new_request(
+            "BYE", call.target, via=self.endpoint.via(self.transport),
+            from_uri=f"sip:{self.server_id}@{self.domain}", from_tag=call.local_tag,
+            to_uri=f"sip:{call.channel_id}@{self.domain}", to_tag=call.remote_tag or None,
+            call_id=call.call_id, cseq=call.cseq, user_agent="gb28181-probe")
+        return await self.endpoint.request(request, call.addr, self.transport, timeout=5.0)
+
+    async def cancel(self, call: ProbeCall) -> SipResponse:
+        """CANCEL the pending INVITE (RFC 3261 9.1: its Via, From, To, Call-ID, CSeq number)."""
+        h = call.invite.headers
+        headers = {"via": [h["via"][0]], "from": list(h["from"]), "to": list(h["to"]),
+                   "call-id": list(h["call-id"]), "cseq": [f"{call.invite.cseq[0]} CANCEL"],
+                   "max-forwards": ["70"]}
+        request = SipRequest("CANCEL", call.invite.uri, headers)
+        return await self.endpoint.request(request, call.addr, self.transport, timeout=5.0)
 
 
 async def start_fleet(probe: Probe, *, taps: list | None = None, **overrides: Any) -> Fleet:

@@ -5,12 +5,14 @@ A ``Personality`` decides the details a platform must tolerate, nothing about be
 =========  ==========================================================================
 generic    what the rest of the project writes: ``sip:<id>@<domain>`` URIs, CRLF bodies
            from ``manscdp.build`` with ``FleetConfig.encoding``, catalog parts of
-           ``catalog_items_per_message`` items, User-Agent ``gb28181-sim``.
+           ``catalog_items_per_message`` items, User-Agent ``gb28181-sim``; a live-video
+           answer echoes the offered ``y=`` as written.
 hikvision  SRS-CAP: User-Agent ``IP Camera`` (IPC) / ``Embedded Net DVR/NVR/DVS`` (NVR);
            ``<domain>.spvmn.cn`` hosts; LF-only bodies declared ``GB2312`` (NVR:
            ``gb2312``), keepalive declared ``UTF-8`` with an empty ``<Info>\\n</Info>``;
            2 catalog items per part; an NVR's Catalog Response goes From = To = the NVR
-           ID; space-padded Content-Length (``Content-Length:   175``).
+           ID; space-padded Content-Length (``Content-Length:   175``); a live-video answer
+           echoes ``y=`` zero-padded to 10 digits (``630886`` → ``0000630886``).
 dahua      DH-CAP: User-Agent ``SIP UAS V3.0.0.<build>``; From/To hosts are the device's
            and the server's ``IP:port``; REGISTER carries ``Route: <sip:<own ID>@<server
            IP:port>;lr>``; bodies ``<?xml version="1.0" encoding="GB2312" ?>`` indented by
@@ -18,7 +20,8 @@ dahua      DH-CAP: User-Agent ``SIP UAS V3.0.0.<build>``; From/To hosts are the 
            is exactly that); keepalive without ``<Info>``; the whole catalog in one
            message (split only where a UDP datagram would overflow) with Owner 0 and
            ``<StreamNum>``; ``Alarmstatus Num=``; padded
-           Content-Length. Headers are written in alphabetical order with Via last: this
+           Content-Length; an INVITE first gets ``101 Dialog Establishement`` with the
+           To tag of the dialog to come, then the 200. Headers are written in alphabetical order with Via last: this
            is a parser stress requested for the simulator, not something DH-CAP shows.
 =========  ==========================================================================
 
@@ -110,6 +113,8 @@ class Personality:
     models: tuple[str, str] | None = None
     camera_model: str | None = None
     pads_content_length = False
+    #: A provisional (status, reason) sent with the dialog's To tag before the 200 to an INVITE.
+    invite_provisional: tuple[int, str] | None = None
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -159,6 +164,10 @@ class Personality:
 
     def call_id(self, local_host: str) -> str:
         return os.urandom(12).hex()
+
+    def answer_ssrc(self, offered: str) -> str:
+        """The ``y=`` of a live-video answer to an offer with ``y=<offered>`` (Annex F: echo it)."""
+        return offered
 
     # -- bodies ---------------------------------------------------------------------------------
     def body(self, root: str, cmd_type: str, sn: int, device_id: str,
@@ -222,6 +231,10 @@ class Hikvision(Personality):
     def call_id(self, local_host: str) -> str:
         return str(int.from_bytes(os.urandom(4), "big"))
 
+    def answer_ssrc(self, offered: str) -> str:
+        # SRS-CAP: a Hik IPC answered y=0000630886 to an offered 630886.
+        return offered.zfill(10)
+
     def body(self, root: str, cmd_type: str, sn: int, device_id: str,
              fields: list[tuple[str, Any]], *, encoding: str | None = None) -> bytes:
         enc = encoding or ("gb2312" if self.nvr else "GB2312")
@@ -254,6 +267,7 @@ class Dahua(Personality):
     models = ("DH-IPC-HFW2433M", "DH-NVR5432-4KS2")
     camera_model = "DH-IPC-HFW2433M"
     pads_content_length = True
+    invite_provisional = (101, "Dialog Establishement")  # DH-CAP, spelling included
 
     def server_uri(self) -> str:
         return f"sip:{self.cfg.server_id}@{self.cfg.server_host}:{self.cfg.server_port}"

@@ -24,6 +24,7 @@ def server_config(tmp_path, **overrides) -> Config:
         "api": {"token": TOKEN},
         "keepalive": {"interval": 0.5, "count": 3},
         "database": {"flush_interval": 0.1},
+        "media": {"host": "127.0.0.1", "rtp_port": 0},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):

@@ -24,6 +24,7 @@ from registry.models import CHANNEL_STATES, Channel, Device
 
 from .ids import IdError, parse_id
 from .queries import QueryError
+from .streams import PlayError
 from .timeparse import parse_when
 from .metrics import CONTENT_TYPE, render
 from .registrar import BEIJING
@@ -116,6 +117,16 @@ async def _auth_and_errors(request: web.Request, handler):
     server = _server(request)
     path = request.path
     public = path == "/healthz" or (path == "/metrics" and server.config.api.metrics_public)
+    if not public and path.startswith("/live/") and "sig" in request.query:
+        channel_id = request.match_info.get("channel_id", "")
+        exp = request.query.get("exp", "")
+        good = exp.isdigit() and int(exp) >= time.time() and hmac.compare_digest(
+            sign_play(server.api_token, channel_id, int(exp)).encode(),
+            request.query.get("sig", "").encode())
+        if not good:
+            return web.json_response({"error": "play URL signature is wrong or expired: ask "
+                                      "POST /api/v1/channels/{id}/play for a new URL"}, status=403)
+        public = True
     if not public:
         header = request.headers.get("Authorization", "")
         token = header[7:].strip() if header[:7].lower() == "bearer " else request.query.get("token", "")
@@ -444,6 +455,136 @@ async def online_report(request: web.Request) -> web.Response:
                               "groups": rows})
 
 
+# -- live video: play, streams, HTTP-FLV / WS-FLV, RTP forward, audit ---------------------------
+
+def sign_play(secret: str, channel_id: str, expires: int) -> str:
+    """Signature of a short-lived play URL (for players that cannot send headers)."""
+    return hmac.new(secret.encode(), f"{channel_id}:{expires}".encode(), "sha256").hexdigest()[:32]
+
+
+def _who(request: web.Request) -> tuple[str, str]:
+    """(who, from where) for the audit log: the credential used and the client address."""
+    who = "play-url" if "sig" in request.query else "api-token"
+    return who, request.remote or ""
+
+
+class PlayBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    transport: str | None = Field(None, pattern="^(udp|tcp-passive|tcp-active)$")
+
+
+def _play_urls(request: web.Request, server: GbServer, channel_id: str) -> dict[str, Any]:
+    expires = int(time.time()) + server.config.media.play_token_ttl
+    sig = sign_play(server.api_token, channel_id, expires)
+    host = request.host
+    query = f"exp={expires}&sig={sig}"
+    return {"http_flv": f"http://{host}/live/{channel_id}.flv?{query}",
+            "ws_flv": f"ws://{host}/live/{channel_id}.flv?{query}",
+            "expires_at": _iso(expires)}
+
+
+async def play_channel(request: web.Request) -> web.Response:
+    server = _server(request)
+    channel_id = request.match_info["channel_id"]
+    body = PlayBody()
+    if request.can_read_body:
+        body = await _body(request, PlayBody)  # type: ignore[assignment]
+    who, source = _who(request)
+    try:
+        live = await server.streams.play(channel_id, body.transport)
+    except PlayError as exc:
+        server.audit.record("play-failed", who=who, source=source, target=channel_id, error=str(exc))
+        return _error(exc.http_status, str(exc))
+    server.audit.record("play", who=who, source=source, target=channel_id, transport=live.transport)
+    return web.json_response({"stream_id": live.stream_id, "channel_id": channel_id,
+                              "transport": live.transport,
+                              "urls": _play_urls(request, server, channel_id)})
+
+
+async def list_streams(request: web.Request) -> web.Response:
+    streams = _server(request).streams
+    return web.json_response({"streams": [ls.as_dict() for ls in streams.live.values()]})
+
+
+def _stream_or_404(request: web.Request):
+    live = _server(request).streams.live.get(request.match_info["stream_id"])
+    if live is None:
+        raise web.HTTPNotFound(text=json.dumps({"error": f"no live stream {request.match_info['stream_id']}"}),
+                               content_type="application/json")
+    return live
+
+
+async def get_stream(request: web.Request) -> web.Response:
+    live = _stream_or_404(request)
+    out = live.as_dict()
+    out["forwards"] = [f.as_dict() for f in _server(request).forwards.get(live.channel_id, [])]
+    return web.json_response(out)
+
+
+async def stop_stream(request: web.Request) -> web.Response:
+    live = _stream_or_404(request)
+    server = _server(request)
+    who, source = _who(request)
+    await server.streams.close(live.channel_id, "stopped through the API")
+    server.audit.record("stop", who=who, source=source, target=live.channel_id)
+    return web.json_response({"stopped": live.stream_id})
+
+
+async def live_flv(request: web.Request) -> web.StreamResponse:
+    """HTTP-FLV (or WS-FLV when the request is a WebSocket upgrade), opened on demand."""
+    from media.http_flv import serve_http_flv, serve_ws_flv
+    server = _server(request)
+    channel_id = request.match_info["channel_id"]
+    who, source = _who(request)
+    try:
+        live = await server.streams.play(channel_id)
+    except PlayError as exc:
+        server.audit.record("view-failed", who=who, source=source, target=channel_id, error=str(exc))
+        return _error(exc.http_status, str(exc))
+    server.streams.viewer_joined(channel_id)
+    websocket = request.headers.get("Upgrade", "").lower() == "websocket"
+    server.audit.record("view", who=who, source=source, target=channel_id,
+                        output="ws-flv" if websocket else "http-flv")
+    if websocket:
+        return await serve_ws_flv(request, live.stream)
+    return await serve_http_flv(request, live.stream)
+
+
+class ForwardBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    host: str = Field(min_length=1, max_length=255)
+    port: int = Field(ge=1, le=65535)
+    transport: str = Field("udp", pattern="^(udp|tcp)$")
+    ssrc: int = Field(ge=0, le=2**32 - 1)
+
+
+async def add_forward(request: web.Request) -> web.Response:
+    from media.forward import RtpForwarder
+    live = _stream_or_404(request)
+    body = await _body(request, ForwardBody)
+    assert isinstance(body, ForwardBody)
+    server = _server(request)
+    fwd = RtpForwarder(live.stream, body.host, body.port, transport=body.transport,  # type: ignore[arg-type]
+                       ssrc=body.ssrc)
+    try:
+        await fwd.start()
+    except OSError as exc:
+        return _error(502, f"cannot reach {body.host}:{body.port} over {body.transport}: {exc}")
+    server.streams.viewer_joined(live.channel_id)
+    server.forwards.setdefault(live.channel_id, []).append(fwd)
+    who, source = _who(request)
+    server.audit.record("forward", who=who, source=source, target=live.channel_id,
+                        to=f"{body.transport}://{body.host}:{body.port}", ssrc=body.ssrc)
+    return web.json_response({"stream_id": live.stream_id, "forward": len(server.forwards[live.channel_id]) - 1},
+                             status=201)
+
+
+async def audit_log(request: web.Request) -> web.Response:
+    limit = _int_param(request, "limit", 100, 1, 1000)
+    recent = list(_server(request).audit.recent)[-limit:]
+    return web.json_response({"entries": recent[::-1]})
+
+
 def make_app(server: GbServer) -> web.Application:
     app = web.Application(middlewares=[_auth_and_errors], client_max_size=1024 * 1024)
     app[SERVER_KEY] = server
@@ -465,4 +606,11 @@ def make_app(server: GbServer) -> web.Application:
     app.router.add_get("/api/v1/tree", tree)
     app.router.add_get("/api/v1/reports/archive", archive_report)
     app.router.add_get("/api/v1/reports/online", online_report)
+    app.router.add_post("/api/v1/channels/{channel_id}/play", play_channel)
+    app.router.add_get("/api/v1/streams", list_streams)
+    app.router.add_get("/api/v1/streams/{stream_id}", get_stream)
+    app.router.add_delete("/api/v1/streams/{stream_id}", stop_stream)
+    app.router.add_post("/api/v1/streams/{stream_id}/forwards", add_forward)
+    app.router.add_get("/api/v1/audit", audit_log)
+    app.router.add_get("/live/{channel_id}.flv", live_flv)
     return app

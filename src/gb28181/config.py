@@ -142,6 +142,21 @@ class TiersSection(_Section):
     rules: list[TierRule] = Field([], description="first matching rule wins")
 
 
+class MediaSection(_Section):
+    host: str = Field("0.0.0.0", description="address to bind media sockets on")
+    advertised_host: str | None = Field(None, description="address devices send media to; "
+                                        "default: sip.external_host, else the SIP address")
+    rtp_port: int = Field(30000, ge=0, le=65535, description="the shared UDP port for RTP (0: any)")
+    default_transport: Literal["udp", "tcp-passive", "tcp-active"] = Field(
+        "udp", description="media transport unless the request or the device says otherwise")
+    invite_timeout: float = Field(10.0, gt=0, description="seconds to wait for the answer to an INVITE")
+    stream_timeout: float = Field(10.0, gt=0, description="no RTP this long after the ACK: BYE and fail")
+    idle_timeout: float = Field(15.0, gt=0, description="RTP stops this long on a live stream: tear it down")
+    idle_grace: float = Field(10.0, ge=0, description="BYE this long after the last viewer left")
+    max_streams: int = Field(1000, ge=1, description="live upstream INVITEs at most (486 beyond)")
+    play_token_ttl: int = Field(300, ge=10, description="lifetime of signed play URLs, seconds")
+
+
 class ReportsSection(_Section):
     civil_code_digits: int = Field(6, ge=2, le=8, description="civil-code prefix length for rates")
 
@@ -172,6 +187,7 @@ class Config(BaseSettings):
     catalog: CatalogSection = CatalogSection()
     tiers: TiersSection = TiersSection()
     reports: ReportsSection = ReportsSection()
+    media: MediaSection = MediaSection()
     database: DatabaseSection = DatabaseSection()
     log: LogSection = LogSection()
 

@@ -19,7 +19,10 @@ from registry.devices import DeviceRegistry
 from registry.models import Device, StatusEvent
 from registry.sqlite import SqliteStore
 
+from media.receiver import MediaReceiver
+
 from .api import make_app
+from .audit import AuditLog
 from .catalog import CatalogCollector
 from .config import Config, ensure_api_token
 from .messages import MessageHandler
@@ -30,7 +33,9 @@ from .registrar import Registrar
 from .sip.endpoint import SipEndpoint
 from .sip.message import make_response
 from .sip.transaction import RequestReceived
+from .invite import InviteManager
 from .stats import Counters
+from .streams import StreamManager
 from .subscriptions import SubscriptionManager
 from .sync import DeviceSync
 
@@ -67,6 +72,15 @@ class GbServer:
                                                  registry=self.registry, queries=self.queries,
                                                  sync=self.sync)
         self.sync.subscriptions = self.subscriptions
+        media = config.media
+        self.receiver = MediaReceiver(media.host, advertised_host=media.advertised_host
+                                      or config.sip.external_host or self.endpoint.advertised_host,
+                                      udp_port=media.rtp_port)
+        self.invites = InviteManager(config=config, endpoint=self.endpoint, receiver=self.receiver)
+        self.streams = StreamManager(config=config, registry=self.registry, channels=self.channels,
+                                     invites=self.invites)
+        self.forwards: dict[str, list] = {}
+        self.audit = AuditLog(config.data_dir / "audit.log")
         self.registrar = Registrar(config=config, registry=self.registry, presence=self.presence,
                                    endpoint=self.endpoint, counters=self.counters,
                                    on_registered=self.sync.on_registered)
@@ -98,7 +112,10 @@ class GbServer:
         total, online = self.registry.counts()
         log.info("registry loaded: %d devices, %d still online, %d went offline while we were down",
                  total, online, gone)
+        self.audit.open()
         await self.endpoint.start()
+        await self.receiver.start()
+        self.streams.start()
         self.presence.start()
         self.sync.start()
         self.subscriptions.start()
@@ -119,9 +136,15 @@ class GbServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        for forwards in self.forwards.values():
+            for fwd in forwards:
+                await fwd.stop()
+        await self.streams.stop()
         await self.sync.stop()
         await self.subscriptions.stop()
         await self.endpoint.close()
+        await self.receiver.close()
+        self.audit.close()
         await self.presence.stop()
         await self.channels.stop()
         await self.registry.stop()
@@ -135,15 +158,17 @@ class GbServer:
             self.messages.handle(ev)
         elif method == "NOTIFY":
             self.subscriptions.handle_notify(ev)
+        elif method == "BYE":
+            self.invites.handle_bye(ev)
         elif ev.transaction is None:
             return  # an ACK that belongs to no dialog of ours
         elif method == "OPTIONS":
             resp = make_response(ev.request, 200, to_tag="opt")
-            resp.set("Allow", "REGISTER, MESSAGE, NOTIFY, OPTIONS")
+            resp.set("Allow", "REGISTER, MESSAGE, NOTIFY, BYE, OPTIONS")
             self.endpoint.respond(ev.transaction, resp)
         else:
             resp = make_response(ev.request, 405, f"Method Not Allowed: {method} is not supported yet")
-            resp.set("Allow", "REGISTER, MESSAGE, NOTIFY, OPTIONS")
+            resp.set("Allow", "REGISTER, MESSAGE, NOTIFY, BYE, OPTIONS")
             self.endpoint.respond(ev.transaction, resp)
 
     def _channel_metrics(self):

@@ -103,6 +103,8 @@ class SipEndpoint:
         self.on_request = on_request
         self.on_cancel = on_cancel
         self.on_server_timeout = on_server_timeout
+        #: Called with the Call-ID when a 2xx to one of our INVITEs arrives again.
+        self.on_invite_2xx_retransmit: Callable[[str], Any] | None = None
         self.enable_udp = udp
         self.enable_tcp = tcp
         self.max_message_size = max_message_size
@@ -226,6 +228,10 @@ class SipEndpoint:
         except OSError as exc:
             raise SipTransportError(f"cannot open TCP connection to {addr[0]}:{addr[1]}: {exc}") from exc
 
+    def flush(self) -> None:
+        """Send what the transaction layer has queued (after ``layer.send_stateless``)."""
+        self._flush()
+
     def _flush(self) -> None:
         out = self.layer.datagrams_to_send()
         for data, transport, addr in out:
@@ -297,7 +303,13 @@ class SipEndpoint:
     def _complete(self, txn: ClientTransaction, resp: SipResponse | None) -> None:
         ctx = txn.context
         if isinstance(ctx, _Pending):
-            if not ctx.future.done():
+            if ctx.future.done():
+                # A retransmitted 2xx to an INVITE means our ACK was lost: the dialog's owner
+                # sends it again (RFC 3261 §13.2.2.4).
+                if (resp is not None and txn.method == "INVITE" and 200 <= resp.status < 300
+                        and self.on_invite_2xx_retransmit is not None):
+                    self.on_invite_2xx_retransmit(resp.call_id)
+            else:
                 if resp is None:
                     ctx.future.set_exception(SipTimeoutError(
                         f"no final response to {txn.method} from {txn.addr[0]}:{txn.addr[1]}"))

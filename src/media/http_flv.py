@@ -1,0 +1,174 @@
+"""HTTP-FLV and WebSocket-FLV outputs (aiohttp handlers) over a hub `Stream`.
+
+Each viewer is one hub consumer with its own `FlvMuxer`: it starts at the cached GOP's
+keyframe, so playback begins at once. Awaiting the socket write is the viewer's pace; a
+viewer that falls behind is skipped to a keyframe by the hub, so a slow client costs a
+bounded amount of memory (the hub's shared ring plus the transport's write buffer).
+
+The FLV header is written with the first packet, so that `audio=None` can decide from the
+stream's stats whether to announce an audio track (the cached GOP usually tells).
+
+Both handlers end cleanly when the stream closes (the HTTP body ends with the last tag /
+the WebSocket is closed with 1000) or the client leaves, and close their consumer in
+every case. Routing, authentication and CORS are left to the application.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aiohttp import WSMsgType, web
+
+from .flv import FlvMuxer
+from .hub import Consumer, Stream, StreamClosed
+
+__all__ = ["serve_http_flv", "serve_ws_flv", "FLV_CONTENT_TYPE"]
+
+log = logging.getLogger(__name__)
+
+FLV_CONTENT_TYPE = "video/x-flv"
+# Packets already waiting are joined into one write up to this many bytes (a GOP-cache
+# burst at start becomes a few large writes instead of one per frame).
+_COALESCE_BYTES = 256 * 1024
+# How often a silent stream checks whether the HTTP client has gone.
+_WATCH_INTERVAL = 1.0
+
+_CLIENT_GONE = (ConnectionError, asyncio.IncompleteReadError)
+
+
+def _consumer_name(request: web.Request, kind: str) -> str:
+    peer = request.remote or "?"
+    return f"{kind} {peer}"
+
+
+async def _next_chunk(consumer: Consumer, muxer_box: list, stream: Stream, audio: bool | None) -> bytes:
+    """Wait for the next packet, then mux it and whatever else is ready into one chunk.
+
+    Raises StreamClosed when the consumer or stream is closed.
+    """
+    pkt = await consumer.get()
+    muxer = muxer_box[0]
+    parts = []
+    if muxer is None:
+        has_audio = stream.stats.audio_codec is not None if audio is None else audio
+        muxer = muxer_box[0] = FlvMuxer(video=True, audio=has_audio)
+        parts.append(muxer.header())
+    size = 0
+    while True:
+        data = muxer.mux(pkt)
+        if data:
+            parts.append(data)
+            size += len(data)
+        if size >= _COALESCE_BYTES:
+            break
+        pkt = consumer.get_nowait()
+        if pkt is None:
+            break
+    return b"".join(parts)
+
+
+async def serve_http_flv(
+    request: web.Request, stream: Stream, *, audio: bool | None = None
+) -> web.StreamResponse:
+    """Stream `stream` as HTTP-FLV (chunked `video/x-flv`) until the client or stream ends.
+
+    `audio`: write the audio track (G.711) — None means "if the stream has audio".
+    Returns 404 if the stream is already closed.
+    """
+    try:
+        consumer = stream.subscribe(_consumer_name(request, "http-flv"))
+    except StreamClosed:
+        return web.Response(status=404, text="stream closed\n")
+    watchdog: asyncio.Task | None = None
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": FLV_CONTENT_TYPE,
+            "Cache-Control": "no-cache, no-store",
+            "X-Accel-Buffering": "no",  # no proxy buffering (nginx)
+        }
+    )
+    resp.enable_chunked_encoding()
+    try:
+        await resp.prepare(request)
+        watchdog = asyncio.create_task(_watch_http_client(request, consumer))
+        muxer_box: list[FlvMuxer | None] = [None]
+        while True:
+            try:
+                chunk = await _next_chunk(consumer, muxer_box, stream, audio)
+            except StreamClosed:
+                break
+            if chunk:
+                await resp.write(chunk)
+        if stream.closed:
+            # The stream ended: finish the chunked body so the client sees a clean end.
+            with contextlib.suppress(*_CLIENT_GONE):
+                await resp.write_eof()
+        return resp
+    except _CLIENT_GONE:
+        log.debug("http-flv client %s left stream %s", request.remote, stream.key)
+        return resp
+    finally:
+        consumer.close()
+        if watchdog is not None:
+            watchdog.cancel()
+
+
+async def _watch_http_client(request: web.Request, consumer: Consumer) -> None:
+    """Close the consumer when the client's connection goes, even if no packet comes."""
+    while not consumer.closed:
+        await asyncio.sleep(_WATCH_INTERVAL)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            consumer.close()
+            return
+
+
+async def serve_ws_flv(
+    request: web.Request, stream: Stream, *, audio: bool | None = None
+) -> web.WebSocketResponse:
+    """Stream `stream` as FLV in binary WebSocket messages (mpegts.js / flv.js over WS).
+
+    The first message is the FLV header together with the first tags; each later message
+    holds the tags of one or more packets. Incoming messages are ignored. The socket is
+    closed with 1000 when the stream ends, and 1011 if it was already closed.
+    """
+    ws = web.WebSocketResponse(compress=False, heartbeat=30.0, max_msg_size=4096)
+    await ws.prepare(request)
+    try:
+        consumer = stream.subscribe(_consumer_name(request, "ws-flv"))
+    except StreamClosed:
+        await ws.close(code=1011, message=b"stream closed")
+        return ws
+    reader = asyncio.create_task(_drain_ws(ws, consumer))
+    try:
+        muxer_box: list[FlvMuxer | None] = [None]
+        while True:
+            try:
+                chunk = await _next_chunk(consumer, muxer_box, stream, audio)
+            except StreamClosed:
+                break
+            if chunk:
+                await ws.send_bytes(chunk)
+    except _CLIENT_GONE:
+        log.debug("ws-flv client %s left stream %s", request.remote, stream.key)
+    finally:
+        consumer.close()
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, *_CLIENT_GONE):
+            await reader
+        if not ws.closed:
+            with contextlib.suppress(*_CLIENT_GONE):
+                await ws.close(code=1000, message=b"stream ended")
+    return ws
+
+
+async def _drain_ws(ws: web.WebSocketResponse, consumer: Consumer) -> None:
+    """Read (and ignore) client messages; the client closing ends the consumer."""
+    try:
+        async for msg in ws:
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                break
+    finally:
+        consumer.close()
