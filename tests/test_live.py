@@ -272,3 +272,29 @@ async def test_ffmpeg_reads_http_flv_and_rtp_forward(make_server, tmp_path):
     finally:
         sock.close()
         await fleet.stop()
+
+
+async def test_per_device_transport_and_busy_device(make_server):
+    server = await make_server()
+    fleet = ipc_fleet(server, max_streams=1)
+    await fleet.start()
+    try:
+        cid = await camera_channel(server, fleet)
+        status, body = await get_json(server, f"/api/v1/devices/{IPC}", method="PATCH",
+                                      json={"media_transport": "tcp-active"})
+        assert status == 200 and body["media_transport"] == "tcp-active"
+        status, body = await get_json(server, f"/api/v1/channels/{cid}/play", method="POST")
+        assert status == 200 and body["transport"] == "tcp-active", body
+        status, body = await get_json(server, f"/api/v1/devices/{IPC}", method="PATCH",
+                                      json={"media_transport": "carrier-pigeon"})
+        assert status == 400
+        # The camera takes one stream: a second upstream for it (after ours is gone from the
+        # server but not yet from the camera) is refused with the device's reason.
+        live = server.streams.live[cid]
+        server.streams.live.pop(cid)
+        status, body = await get_json(server, f"/api/v1/channels/{cid}/play", method="POST",
+                                      json={"transport": "udp"})
+        assert status == 502 and "486" in body["error"], body
+        server.streams.live[cid] = live
+    finally:
+        await fleet.stop()

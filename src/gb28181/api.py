@@ -332,6 +332,8 @@ class DevicePatch(BaseModel):
     name: str | None = Field(None, max_length=128)
     charset: str | None = Field(None, pattern="^(GB2312|GB18030|UTF-8)$",
                                 description="charset of bodies sent to this device")
+    media_transport: str | None = Field(None, pattern="^(udp|tcp-passive|tcp-active)$",
+                                        description="default media transport for this device")
 
 
 async def patch_device(request: web.Request) -> web.Response:
@@ -342,9 +344,12 @@ async def patch_device(request: web.Request) -> web.Response:
         device.name = body.name
     if body.charset is not None:
         device.extra["charset"] = body.charset
+    if body.media_transport is not None:
+        device.extra["media_transport"] = body.media_transport
     _server(request).registry.touch(device)
     out = device_json(device)
     out["charset"] = device.extra.get("charset")
+    out["media_transport"] = device.extra.get("media_transport")
     return web.json_response(out)
 
 
