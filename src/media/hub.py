@@ -143,7 +143,11 @@ class Stream:
         max_p, max_b, total = self.max_lag_packets, self.max_lag_bytes, self.stats.bytes
         head = self._head
         base = self._base
-        while base < keep_from and (head - base > max_p or total - ring[0][1] > max_b):
+        # What no consumer will read and the GOP cache does not hold serves nobody: at
+        # hundreds of streams the lag window must cost memory only while someone lags.
+        oldest = min((c._cursor for c in self._consumers), default=keep_from)
+        while base < keep_from and (base < oldest or head - base > max_p
+                                    or total - ring[0][1] > max_b):
             ring.popleft()
             base += 1
         self._base = base

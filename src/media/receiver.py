@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import sys
 import struct
 import time
 
@@ -340,7 +341,8 @@ class MediaReceiver:
 
     def _set_rcvbuf(self, sock: socket.socket) -> None:
         want = self.udp_rcvbuf_requested
-        force = getattr(socket, "SO_RCVBUFFORCE", None)
+        # Python does not export SO_RCVBUFFORCE; on Linux it is 33 (asm-generic/socket.h).
+        force = getattr(socket, "SO_RCVBUFFORCE", 33 if sys.platform.startswith("linux") else None)
         try:
             if force is None:
                 raise OSError
