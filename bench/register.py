@@ -233,6 +233,7 @@ def main() -> int:
                    GB28181_SIP__PORT=str(sip_port), GB28181_HTTP__HOST="127.0.0.1",
                    GB28181_HTTP__PORT=str(http_port), GB28181_LOG__LEVEL="warning",
                    GB28181_REGISTRATION__QUERY_DEVICE_INFO="false",
+                   GB28181_CATALOG__QUERY_ON_REGISTER="false",
                    GB28181_KEEPALIVE__INTERVAL="60")
         server = start_server(env, http_port)
         try:

@@ -75,7 +75,9 @@ class DeviceSync:
     # -- scheduling --------------------------------------------------------------------------
     def on_registered(self, device: Device) -> None:
         """A device (re)registered: sync it in the background."""
-        self.schedule(device)
+        cfg = self.config
+        if cfg.registration.query_device_info or cfg.catalog.query_on_register:
+            self.schedule(device)
 
     def schedule(self, device: Device) -> asyncio.Task:
         """Start a sync of ``device`` unless one is already running; returns its task."""
