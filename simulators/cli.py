@@ -136,6 +136,9 @@ def parser() -> argparse.ArgumentParser:
                        help="target video bitrate in kbit/s (default 1000)")
     media.add_argument("--audio", action="store_true",
                        help="add G.711A audio (a 1 kHz tone in 20 ms PS packets of their own)")
+    media.add_argument("--start-variants", type=int, default=5, metavar="K",
+                       help="copies of the clip with keyframes spread over the GOP, so a new "
+                            "stream starts within GOP/K frames (1: wait for the next keyframe)")
     media.add_argument("--max-streams", type=int, default=8, metavar="N",
                        help="live streams per device; one more INVITE gets 486 Busy Here (default 8)")
     media.add_argument("--media-mode", choices=MEDIA_MODES, default="normal",
@@ -176,6 +179,7 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
         missing_location_ratio=args.missing_location_ratio,
         video_codec=args.video_codec, video_size=args.video_size, fps=args.fps, gop=args.gop,
         bitrate_kbps=args.bitrate, audio=args.audio, max_streams=args.max_streams,
+        start_variants=args.start_variants,
         media_mode=args.media_mode, loss=args.loss, reorder=args.reorder,
         answer_delay=args.answer_delay)
 

@@ -154,6 +154,9 @@ class FleetConfig:
     reorder: float = 0.0
     #: Live calls one device serves at once; one more gets 486 Busy Here (Annex F note 5).
     max_streams: int = 8
+    #: Copies of the clip with keyframes spread over the GOP, so a new stream starts within
+    #: gop / start_variants frames (like a camera that sends an IDR on INVITE). 1: wait a GOP.
+    start_variants: int = 5
     #: Seconds a device takes to answer an INVITE (after Dahua's 101), so tests can CANCEL.
     answer_delay: float = 0.0
 
@@ -1093,7 +1096,8 @@ class Fleet:
         #: link outage (``pause``) its packets are lost like everything else.
         self.media = MediaSender(codec=cfg.video_codec, size=size, fps=cfg.fps, gop=cfg.gop,
                                  bitrate_kbps=cfg.bitrate_kbps, audio=cfg.audio,
-                                 running=self.running, spawn=self.spawn)
+                                 running=self.running, spawn=self.spawn,
+                                 start_variants=cfg.start_variants)
 
     def spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)

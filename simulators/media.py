@@ -287,8 +287,13 @@ def _strip_sei(au: bytes, codec: str) -> bytes:
 
 
 def encode_clip(codec: str, width: int, height: int, fps: int, gop: int,
-                bitrate_kbps: int) -> VideoClip:
-    """Encode the loop: a whole number of GOPs, about four seconds (at least one GOP)."""
+                bitrate_kbps: int, phase: int = 0) -> VideoClip:
+    """Encode the loop: a whole number of GOPs, about four seconds (at least one GOP).
+
+    ``phase`` shifts the keyframes: the encoder starts at picture ``phase`` of the loop, so
+    keyframes fall on loop indices ``phase + k * gop``. Frames are stored by loop index either
+    way, so every variant shows the same picture at the same index.
+    """
     import av
     check_video_codec(codec)
     gops = max(1, round(4 * fps / gop))
@@ -314,13 +319,18 @@ def encode_clip(codec: str, width: int, height: int, fps: int, gop: int,
             frames.append(_strip_sei(bytes(p), codec))
             keys.append(bool(p.is_keyframe))
 
+    phase %= count
     for i in range(count):
-        frame = av.VideoFrame.from_ndarray(_pattern(i, count, width, height), format="yuv420p")
+        picture = (phase + i) % count
+        frame = av.VideoFrame.from_ndarray(_pattern(picture, count, width, height), format="yuv420p")
         frame.pts = i
         take(cc.encode(frame))
     take(cc.encode(None))
     if len(frames) != count or not keys[0]:
         raise RuntimeError(f"{codec} encoder gave {len(frames)} frames for {count} pictures")
+    # Back to loop order: encoded frame i shows picture phase + i.
+    frames = frames[count - phase:] + frames[:count - phase]
+    keys = keys[count - phase:] + keys[:count - phase]
     return VideoClip(codec, width, height, fps, gop, bitrate_kbps, tuple(frames), tuple(keys),
                      tuple(_first_slice(au, codec) for au in frames))
 
@@ -330,10 +340,10 @@ _clips_lock = threading.Lock()
 
 
 def get_clip(codec: str = "h264", size: str | tuple[int, int] = "640x360", fps: int = 25,
-             gop: int = 50, bitrate_kbps: int = 1000) -> VideoClip:
+             gop: int = 50, bitrate_kbps: int = 1000, phase: int = 0) -> VideoClip:
     """The shared clip for these parameters, encoded on first use (thread-safe, once per process)."""
     width, height = parse_video_size(size) if isinstance(size, str) else size
-    key = (codec, width, height, int(fps), int(gop), int(bitrate_kbps))
+    key = (codec, width, height, int(fps), int(gop), int(bitrate_kbps), int(phase))
     clip = _clips.get(key)
     if clip is not None:
         return clip
@@ -429,6 +439,7 @@ class SimStream:
         self._rng = random.Random(f"impair:{seed or call_id}")
         self._held: bytes | None = None
         self.waiting_key = True
+        self.variant: int | None = None   # which copy of the clip (see MediaSender.start_variants)
         self._sock: socket.socket | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Transport | None = None
@@ -637,7 +648,8 @@ class MediaSender:
     def __init__(self, *, codec: str = "h264", size: tuple[int, int] = (640, 360), fps: int = 25,
                  gop: int = 50, bitrate_kbps: int = 1000, audio: bool = False,
                  running: asyncio.Event | None = None,
-                 spawn: Callable[[Any], asyncio.Task] | None = None) -> None:
+                 spawn: Callable[[Any], asyncio.Task] | None = None,
+                 start_variants: int = 1) -> None:
         self.codec = codec
         self.size = size
         self.fps = fps
@@ -655,6 +667,12 @@ class MediaSender:
         self._audio_frame = tone_frame() if audio else b""
         self._task: asyncio.Task | None = None
         self.clip: VideoClip | None = None
+        # Copies of the clip with their keyframes spread over the GOP: a new stream joins the
+        # copy whose keyframe comes first, so it starts within gop / start_variants frames, as a
+        # camera that sends an IDR on INVITE would, instead of up to a whole GOP later.
+        self.start_variants = max(1, min(int(start_variants), gop))
+        self.clips: list[VideoClip] = []
+        self._muxers: list[PsMuxer] = []
 
     def add(self, stream: SimStream) -> None:
         stream.waiting_key = True
@@ -666,11 +684,31 @@ class MediaSender:
         self.streams.pop(stream, None)
 
     async def prepare(self) -> VideoClip:
-        """Encode (or fetch from the cache) the clip, off the event loop."""
+        """Encode (or fetch from the cache) the clip and its variants, off the event loop."""
         if self.clip is None:
-            self.clip = await asyncio.to_thread(get_clip, self.codec, self.size, self.fps,
-                                                self.gop, self.bitrate_kbps)
+            phases = sorted({round(v * self.gop / self.start_variants)
+                             for v in range(self.start_variants)})
+            clips = []
+            for phase in phases:
+                clips.append(await asyncio.to_thread(get_clip, self.codec, self.size, self.fps,
+                                                     self.gop, self.bitrate_kbps, phase))
+            self.clips = clips
+            self._muxers = [self.muxer] + [PsMuxer(self.codec, "g711a" if self.audio else None)
+                                           for _ in clips[1:]]
+            self.clip = clips[0]
         return self.clip
+
+    def _variant_for(self, n: int) -> int:
+        """The clip copy whose next keyframe is nearest to tick ``n``."""
+        count = len(self.clips[0])
+        best, wait = 0, count
+        for v, clip in enumerate(self.clips):
+            for ahead in range(count):
+                if clip.keyframes[(n + ahead) % count]:
+                    break
+            if ahead < wait:
+                best, wait = v, ahead
+        return best
 
     def pts(self, counter: int) -> int:
         return _PTS_BASE + counter * CLOCK // self.fps
@@ -707,20 +745,32 @@ class MediaSender:
         self.counter += 1
         self.ticks += 1
         index = n % len(clip)
-        keyframe = clip.keyframes[index]
         pts = self.pts(n)
-        au = clip.access_unit(index, n, time.time_ns())
-        bursts = [(pts & 0xFFFFFFFF, _template(self.muxer.mux_video(au, pts, keyframe=keyframe)), True)]
+        now_ns = time.time_ns()
         # Audio of this frame interval follows its video: timestamps never go back, and a
         # stream that joins at this keyframe gets the PSM before its first audio packet.
+        audio = []
         end = self.pts(n + 1)
         while self.audio and self._audio_next < end:
-            bursts.append((self._audio_next & 0xFFFFFFFF,
-                           _template(self.muxer.mux_audio(self._audio_frame, self._audio_next)),
-                           False))
+            audio.append((self._audio_next & 0xFFFFFFFF,
+                          _template(self.muxer.mux_audio(self._audio_frame, self._audio_next)),
+                          False))
             self._audio_next += AUDIO_FRAME_TICKS
+        built: dict[int, tuple[list, bool]] = {}   # per clip copy in use, built once this tick
         lost = self.running is not None and not self.running.is_set()
         for stream in list(self.streams):
+            variant = getattr(stream, "variant", None)
+            if variant is None or variant >= len(self.clips):
+                variant = stream.variant = self._variant_for(n) if stream.waiting_key else 0
+            entry = built.get(variant)
+            if entry is None:
+                vclip = self.clips[variant] if self.clips else clip
+                keyframe = vclip.keyframes[index]
+                au = vclip.access_unit(index, n, now_ns)
+                video = _template(self._muxers[variant].mux_video(au, pts, keyframe=keyframe)) \
+                    if self._muxers else _template(self.muxer.mux_video(au, pts, keyframe=keyframe))
+                entry = built[variant] = ([(pts & 0xFFFFFFFF, video, True), *audio], keyframe)
+            bursts, keyframe = entry
             try:
                 stream.deliver(bursts, keyframe, lost)
             except Exception as exc:  # one broken socket must not stop the others
