@@ -593,7 +593,9 @@ async def test_h265_stream_decodes(probe, fleets, sinks):
 
 
 async def test_streams_share_one_frame_per_tick(probe, fleets, sinks):
-    fleet = await fleets(nvr=True, channels=4, first_id=NVR)
+    # One copy of the clip: every stream gets the very same PS bytes each tick. (With several
+    # copies, streams share per copy; see test_new_streams_start_within_a_fraction_of_the_gop.)
+    fleet = await fleets(nvr=True, channels=4, first_id=NVR, start_variants=1)
     calls, made = [], []
     for n in range(4):
         sink = sinks(await udp_sink())
@@ -617,6 +619,27 @@ async def test_streams_share_one_frame_per_tick(probe, fleets, sinks):
     assert all(s[ts] == per_stream[0][ts] for s in per_stream)  # the same PS bytes for all
     assert len({s.ssrc for s in fleet.streams}) == 4 and len(fleet.streams) == 4
     assert fleet.media.ticks >= max(s.frames_sent for s in fleet.streams)
+
+
+async def test_new_streams_start_within_a_fraction_of_the_gop(probe, fleets, sinks):
+    """Five clip copies with shifted keyframes: at any tick some copy has a keyframe at most
+    GOP/5 - 1 ticks ahead, a new stream takes that copy, and every stream starts on a keyframe."""
+    fleet = await fleets(nvr=True, channels=4, first_id=NVR, gop=25, start_variants=5)
+    sender = fleet.media
+    await sender.prepare()
+    assert len(sender.clips) == 5
+    count = len(sender.clips[0])
+    for n in range(count):
+        clip = sender.clips[sender._variant_for(n)]
+        ahead = next(a for a in range(count) if clip.keyframes[(n + a) % count])
+        assert ahead <= 25 // 5 - 1, (n, ahead)
+    for n in range(4):
+        sink = sinks(await udp_sink())
+        await probe.play(NVR, channel_of(fleet, NVR, n), media_port=sink.port)
+        await sink.wait(5)
+        await asyncio.sleep(0.1 * (n + 1))  # the next one joins elsewhere in the GOP
+        frames = PsDemuxer().feed(b"".join(bytes(parse_rtp(d).payload) for _, d in sink.packets[:40]))
+        assert frames and frames[0].keyframe, "every stream starts with a keyframe"
 
 
 # -- pieces --------------------------------------------------------------------------------
