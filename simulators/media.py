@@ -310,7 +310,7 @@ def encode_clip(codec: str, width: int, height: int, fps: int, gop: int,
         cc.options = {"preset": "ultrafast", "tune": "zerolatency", "x264-params": common}
     else:
         cc.options = {"preset": "ultrafast", "tune": "zerolatency",
-                      "x265-params": f"{common}:open-gop=0:info=0:log-level=none"}
+                      "x265-params": f"{common}:open-gop=0:info=0:log-level=none:pools=none:frame-threads=1"}
     frames: list[bytes] = []
     keys: list[bool] = []
 

@@ -166,7 +166,7 @@ def test_serve_port_in_use_says_so(tmp_path):
         port = busy.getsockname()[1]
         result = run("gb28181", "serve", timeout=20, env=clean_env(
             GB28181_DATA_DIR=str(tmp_path), GB28181_SIP__HOST="127.0.0.1",
-            GB28181_SIP__PORT=str(free_port()), GB28181_HTTP__HOST="127.0.0.1",
+            GB28181_SIP__PORT=str(free_port()), GB28181_HTTP__HOST="127.0.0.1", GB28181_MEDIA__RTP_PORT="0",
             GB28181_HTTP__PORT=str(port)))
     assert result.returncode != 0
     assert "cannot bind" in result.stderr
@@ -212,7 +212,7 @@ def test_end_to_end_serve_sim_api_sqlite(tmp_path):
     while http_port == sip_port:
         http_port = free_port()
     env = clean_env(GB28181_DATA_DIR=str(data_dir), GB28181_SIP__HOST="127.0.0.1",
-                    GB28181_SIP__PORT=str(sip_port), GB28181_HTTP__HOST="127.0.0.1",
+                    GB28181_SIP__PORT=str(sip_port), GB28181_HTTP__HOST="127.0.0.1", GB28181_MEDIA__RTP_PORT="0",
                     GB28181_HTTP__PORT=str(http_port), GB28181_KEEPALIVE__INTERVAL="1")
     out_log, err_log = tmp_path / "serve.out", tmp_path / "serve.err"
     logs = [out_log, err_log]

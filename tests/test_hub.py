@@ -45,7 +45,7 @@ def encode(codec: str = "libx264", n: int = N_FRAMES, width: int = WIDTH, height
     if codec == "libx264":
         cc.options = {"preset": "ultrafast", "tune": "zerolatency", "g": str(gop), "keyint_min": str(gop)}
     else:
-        cc.options = {"preset": "ultrafast", "x265-params": f"log-level=none:keyint={gop}:min-keyint={gop}"}
+        cc.options = {"preset": "ultrafast", "x265-params": f"log-level=none:keyint={gop}:min-keyint={gop}:pools=none:frame-threads=1"}
     out = []
 
     def take(packets) -> None:

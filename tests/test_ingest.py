@@ -373,7 +373,7 @@ def test_h265_codec_and_geometry() -> None:
     cc.width, cc.height, cc.pix_fmt = 64, 48, "yuv420p"
     cc.time_base = fractions.Fraction(1, 25)
     cc.framerate = 25
-    cc.options = {"x265-params": "log-level=none:keyint=5:bframes=0"}
+    cc.options = {"x265-params": "log-level=none:keyint=5:bframes=0:pools=none:frame-threads=1"}
     hevc = []
     for i in range(10):
         img = np.full((48, 64, 3), i * 20, np.uint8)

@@ -99,7 +99,7 @@ def x264_aus() -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def x265_aus() -> list[bytes]:
-    return _encode("libx265", 64, 48, options={"x265-params": "log-level=none"})
+    return _encode("libx265", 64, 48, options={"x265-params": "log-level=none:pools=none:frame-threads=1"})
 
 
 def test_real_h264_sps_and_keyframes(x264_aus: list[bytes]) -> None:
@@ -128,7 +128,7 @@ def test_real_h265_sps_and_keyframes(x265_aus: list[bytes]) -> None:
     info = nal.sps_info(x265_aus[0], "h265")
     assert info is not None and (info.width, info.height) == (64, 48)
     assert nal.is_keyframe(x265_aus[0], "h265") and not nal.is_keyframe(x265_aus[-1], "h265")
-    cropped = _encode("libx265", 72, 40, options={"x265-params": "log-level=none"})
+    cropped = _encode("libx265", 72, 40, options={"x265-params": "log-level=none:pools=none:frame-threads=1"})
     info = nal.sps_info(cropped[0], "h265")
     assert info is not None and (info.width, info.height) == (72, 40)
 

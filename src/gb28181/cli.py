@@ -79,7 +79,8 @@ def _serve(path: str | None) -> int:
         except OSError as exc:
             await server.stop()
             raise SystemExit(f"gb28181: cannot bind: {exc}. Free the port or set "
-                             "GB28181_SIP__PORT / GB28181_HTTP__PORT to another one.") from None
+                             "GB28181_SIP__PORT / GB28181_HTTP__PORT / GB28181_MEDIA__RTP_PORT "
+                             "to another one.") from None
         # The registry's objects live as long as the process: keep the collector off them, so
         # full collections do not stall the event loop for 100+ ms at 100k channels.
         import gc
