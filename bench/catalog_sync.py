@@ -36,18 +36,9 @@ NVR = "34020000001180000001"
 TOKEN = "bench-token-123456"
 
 
-def free_port() -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-        with socket.socket() as t:
-            try:
-                t.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
 
+
+from gb28181.netutil import free_port  # noqa: E402
 
 def http(port: int, method: str, path: str, timeout: float = 600) -> tuple[int, dict]:
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,

@@ -61,18 +61,9 @@ asyncio.run(main())
 """
 
 
-def free_port() -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-        with socket.socket() as t:
-            try:
-                t.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
 
+
+from gb28181.netutil import free_port  # noqa: E402
 
 def cpu_seconds(proc: psutil.Process) -> float:
     t = proc.cpu_times()

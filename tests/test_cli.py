@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from gb28181.netutil import free_port
+
 pytestmark = pytest.mark.slow
 
 
@@ -44,19 +46,6 @@ def run(name: str, *args: str, env: dict[str, str] | None = None, timeout: float
                           env=env if env is not None else clean_env(), timeout=timeout, cwd=cwd)
 
 
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no port free for both UDP and TCP")
 
 
 # -- help ----------------------------------------------------------------------------------------
