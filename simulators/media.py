@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from media.nal import iter_nal_units
+from media.nal import escape_rbsp, iter_nal_units
 from media.ps import PsMuxer
 from media.rtp import packetize
 
@@ -89,19 +89,6 @@ _PTS_BASE = CLOCK
 
 # -- SEI ------------------------------------------------------------------------------------
 
-def _escape(rbsp: bytes) -> bytes:
-    """Insert emulation-prevention bytes (H.264 7.4.1.1): 00 00 0x (x <= 3) → 00 00 03 0x."""
-    out = bytearray()
-    zeros = 0
-    for b in rbsp:
-        if zeros >= 2 and b <= 3:
-            out.append(3)
-            zeros = 0
-        out.append(b)
-        zeros = zeros + 1 if b == 0 else 0
-    return bytes(out)
-
-
 def build_sim_sei(counter: int, time_ns: int, codec: str = "h264") -> bytes:
     """The simulator SEI NAL unit, with a 4-byte start code, carrying ``counter`` and ``time_ns``.
 
@@ -111,7 +98,7 @@ def build_sim_sei(counter: int, time_ns: int, codec: str = "h264") -> bytes:
     rbsp = bytes((5, _SEI_SIZE)) + SIM_SEI_UUID + _SEI_PAYLOAD.pack(
         counter & 0xFFFFFFFFFFFFFFFF, time_ns & 0xFFFFFFFFFFFFFFFF) + b"\x80"
     header = b"\x4e\x01" if codec == "h265" else b"\x06"
-    return _START4 + header + _escape(rbsp)
+    return _START4 + header + escape_rbsp(rbsp)
 
 
 def _ff_coded(rbsp: bytes, pos: int) -> tuple[int, int]:

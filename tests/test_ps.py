@@ -177,17 +177,6 @@ class _BitWriter:
         return bytes(int("".join(map(str, bits[i : i + 8])), 2) for i in range(0, len(bits), 8))
 
 
-def _emulation_prevent(rbsp: bytes) -> bytes:
-    out, zeros = bytearray(), 0
-    for b in rbsp:
-        if zeros >= 2 and b <= 3:
-            out.append(3)
-            zeros = 0
-        out.append(b)
-        zeros = zeros + 1 if b == 0 else 0
-    return bytes(out)
-
-
 def test_h264_sps_scaling_lists_cropping_poc1() -> None:
     """Hand-built High 4:2:2 SPS: scaling matrices, POC type 1, fields, cropping."""
     w = _BitWriter()
@@ -206,7 +195,7 @@ def test_h264_sps_scaling_lists_cropping_poc1() -> None:
     w.ue(119), w.ue(33)  # 120 MBs wide, 34 map units high
     w.u(1, 0), w.u(1, 1), w.u(1, 1)  # field coding, mb_adaptive, direct_8x8
     w.u(1, 1), w.ue(0), w.ue(0), w.ue(0), w.ue(4)  # crop 4 units of SubHeightC*2 = 8 rows
-    sps = b"\x67" + _emulation_prevent(w.rbsp())
+    sps = b"\x67" + nal.escape_rbsp(w.rbsp())
     info = nal.parse_h264_sps(sps)
     assert (info.width, info.height, info.chroma_format_idc, info.bit_depth) == (1920, 1080, 2, 10)
     assert nal.sps_info(SC + sps + SC + b"\x65\x88", "h264") == info
@@ -222,7 +211,7 @@ def test_h265_sps_with_sub_layers() -> None:
     w.ue(0), w.ue(1), w.ue(1920), w.ue(1088)
     w.u(1, 1), w.ue(0), w.ue(0), w.ue(0), w.ue(4)  # conformance window: 8 rows
     w.ue(0), w.ue(0)
-    sps = b"\x42\x01" + _emulation_prevent(w.rbsp())
+    sps = b"\x42\x01" + nal.escape_rbsp(w.rbsp())
     info = nal.parse_h265_sps(sps)
     assert (info.width, info.height, info.profile_idc, info.level_idc) == (1920, 1080, 1, 123)
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from registry.channels import ChannelRegistry
 from registry.devices import DeviceRegistry
-from registry.models import Channel, Device
+from registry.models import CHANNEL_STATES, Channel, Device
 
 from . import manscdp
 from .catalog import CatalogCollector, CatalogResult, channel_kind, item_to_channel
@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 __all__ = ["DeviceSync", "SyncResult"]
 
 log = logging.getLogger("gb28181.sync")
-
-_NOTIFY_STATES = {"ON": "ON", "OFF": "OFF", "VLOST": "VLOST", "DEFECT": "DEFECT"}
 
 
 @dataclass(slots=True)
@@ -222,7 +220,7 @@ class DeviceSync:
             elif event == "DEL":
                 if stored is None or not self.channels.remove(channel_id):
                     continue
-            elif event in _NOTIFY_STATES:
+            elif event in CHANNEL_STATES:
                 if stored is None:
                     # A change for a channel we have not seen in a catalog yet: keep its state
                     # now, the next catalog fills in the rest.
@@ -230,7 +228,7 @@ class DeviceSync:
                                    kind=channel_kind(channel_id))
                     apply_tier(stub, self.config.tiers)
                     stored, _ = self.channels.upsert(stub, at=now, reason="notify")
-                self.channels.set_status(stored, _NOTIFY_STATES[event], "notify", at=now)
+                self.channels.set_status(stored, event, "notify", at=now)
             else:
                 continue
             applied += 1

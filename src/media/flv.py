@@ -38,7 +38,6 @@ __all__ = ["FlvMuxer", "flv_header", "avc_decoder_config", "hevc_decoder_config"
 TAG_AUDIO = 8
 TAG_VIDEO = 9
 
-_SC3 = b"\x00\x00\x01"
 _TAG_HEAD = struct.Struct(">II3x")  # type<<24 | size, ts24<<8 | ts_ext, stream id 0
 _U32 = struct.Struct(">I")
 _U16 = struct.Struct(">H")
@@ -67,22 +66,6 @@ def flv_header(video: bool = True, audio: bool = False) -> bytes:
     return b"FLV\x01" + bytes(((0x04 if audio else 0) | (0x01 if video else 0),)) + b"\x00\x00\x00\x09" + b"\x00" * 4
 
 
-def _nal_spans(au: bytes) -> list[tuple[int, int]]:
-    """(start, end) of each NAL unit of an Annex-B AU, start codes and trailing zeros excluded."""
-    spans = []
-    find = au.find
-    i = find(_SC3)
-    while i >= 0:
-        start = i + 3
-        j = find(_SC3, start)
-        end = j if j >= 0 else len(au)
-        e = end
-        while e > start and au[e - 1] == 0:
-            e -= 1
-        if e > start:
-            spans.append((start, e))
-        i = j
-    return spans
 
 
 # Parsed AUs, shared by every muxer in the process: N viewers of a stream mux the same
@@ -111,7 +94,7 @@ def _parse_au(au: bytes, hevc: bool) -> tuple[list[tuple[int, int]], dict[int, l
     aud = nal.H265_NAL_AUD if hevc else nal.H264_NAL_AUD
     found: dict[int, list[bytes]] | None = None
     keep: list[tuple[int, int]] = []
-    for s, e in _nal_spans(au):
+    for s, e in nal.nal_spans(au):
         t = (au[s] >> 1) & 0x3F if hevc else au[s] & 0x1F
         if t not in skip_types:
             keep.append((s, e))

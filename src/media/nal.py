@@ -83,6 +83,14 @@ def iter_nal_units(au: bytes) -> Iterator[bytes]:
     cannot legally end in 0x00 (its RBSP ends with a stop bit). Bytes before the
     first start code are ignored.
     """
+    for start, end in nal_spans(au):
+        yield au[start:end]
+
+
+def nal_spans(au: bytes) -> list[tuple[int, int]]:
+    """(start, end) offsets of each NAL unit of an Annex-B AU, by the rules of
+    :func:`iter_nal_units`, without copying (the FLV muxer slices only what it keeps)."""
+    spans = []
     find = au.find
     i = find(_START)
     while i >= 0:
@@ -94,8 +102,23 @@ def iter_nal_units(au: bytes) -> Iterator[bytes]:
         while e > start and au[e - 1] == 0:
             e -= 1
         if e > start:
-            yield au[start:e]
+            spans.append((start, e))
         i = j
+    return spans
+
+
+def escape_rbsp(rbsp: bytes) -> bytes:
+    """Insert emulation-prevention bytes (H.264 7.4.1.1, H.265 7.4.2): 00 00 0x (x <= 3)
+    becomes 00 00 03 0x, so a payload written into a NAL unit cannot fake a start code."""
+    out = bytearray()
+    zeros = 0
+    for b in rbsp:
+        if zeros >= 2 and b <= 3:
+            out.append(3)
+            zeros = 0
+        out.append(b)
+        zeros = zeros + 1 if b == 0 else 0
+    return bytes(out)
 
 
 def _nal_header_offsets(au: bytes) -> Iterator[int]:

@@ -199,18 +199,6 @@ class SipEndpoint:
             raise SipTimeoutError(f"no final response to {request.method} from "
                                   f"{addr[0]}:{addr[1]} within {timeout} s") from None
 
-    def send_request_nowait(self, request: SipRequest, addr: Addr, transport: str = "udp",
-                            callback: Callable[[SipResponse | None], Any] | None = None,
-                            ) -> ClientTransaction:
-        """Fire a request without awaiting; ``callback`` gets the final response or None on timeout.
-
-        Over TCP only an existing connection is used.
-        """
-        txn = self.layer.send_request(request, addr, transport, self.now)
-        txn.context = callback
-        self._flush()
-        return txn
-
     def respond(self, txn: ServerTransaction, response: SipResponse) -> None:
         self.layer.send_response(txn, response, self.now)
         self._flush()
@@ -315,8 +303,6 @@ class SipEndpoint:
                         f"no final response to {txn.method} from {txn.addr[0]}:{txn.addr[1]}"))
                 else:
                     ctx.future.set_result(resp)
-        elif ctx is not None:
-            ctx(resp)
 
     def _receive(self, data: bytes, addr: Addr, transport: str) -> None:
         self.stats.received += 1
