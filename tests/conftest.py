@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
+import uvloop
 
 from gb28181.config import Config, load_config
 from gb28181.server import GbServer
 
 TOKEN = "test-token-0123456789"
+
+
+def pytest_asyncio_loop_factories(config, item):
+    """Every async test runs on both loops: the default one and uvloop, which `gb28181 serve`
+    ships with (uvloop's transports are not asyncio's classes, and once that alone broke TCP)."""
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
 def server_config(tmp_path, **overrides) -> Config:
@@ -75,3 +91,234 @@ async def wait_for(predicate: Callable[[], bool | Awaitable[bool]], timeout: flo
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+# -- the product as users run it: `gb28181 serve` and `gb28181-sim` in subprocesses -------------
+
+def command(name: str) -> list[str]:
+    """The console script installed beside this interpreter (the README's .venv/bin/...)."""
+    script = Path(sys.executable).with_name(name)
+    if script.exists():
+        return [str(script)]
+    module = {"gb28181": "gb28181.cli", "gb28181-sim": "simulators.cli"}[name]
+    return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment minus a developer's GB28181_* settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("GB28181_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def http(url: str, method: str = "GET", body: Any = None, token: str | None = None,
+         timeout: float = 20.0) -> tuple[int, Any]:
+    """(status, JSON or bytes) of one HTTP request; HTTP errors are returned, not raised."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, method=method, data=data)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, raw, ctype = resp.status, resp.read(), resp.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        status, raw, ctype = exc.code, exc.read(), exc.headers.get("Content-Type", "")
+    return status, json.loads(raw) if "json" in ctype and raw else raw
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
+               check: Callable[[], str | None] | None = None, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned); ``check`` may report a
+    dead process early. Fails the test with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = predicate()
+        except OSError:
+            result = None
+        if result:
+            return result
+        problem = check() if check is not None else None
+        if problem:
+            pytest.fail(f"{problem} while waiting for {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class ServedServer:
+    """`gb28181 serve` in its own process group, on its shipped event loop (uvloop), with
+    ephemeral ports read back from ``--ready-file``. ``env`` entries are GB28181_* settings."""
+
+    def __init__(self, workdir: Path, **env: str) -> None:
+        self.workdir = workdir
+        self.data_dir = workdir / "data"
+        self.log_path = workdir / "server.log"
+        self.ready_path = workdir / "ready.json"
+        settings = {"GB28181_DATA_DIR": str(self.data_dir), "GB28181_SIP__HOST": "127.0.0.1",
+                    "GB28181_SIP__PORT": "0", "GB28181_HTTP__HOST": "127.0.0.1",
+                    "GB28181_HTTP__PORT": "0", "GB28181_MEDIA__HOST": "127.0.0.1",
+                    "GB28181_MEDIA__RTP_PORT": "0", "GB28181_API__TOKEN": TOKEN, **env}
+        self.env = clean_env(**settings)
+        self.proc: subprocess.Popen | None = None
+        self.ports: dict[str, Any] = {}
+
+    def start(self, timeout: float = 30.0) -> ServedServer:
+        self.ready_path.unlink(missing_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(command("gb28181") + ["serve", "--ready-file", str(self.ready_path)],
+                                         cwd=self.workdir, env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        self.ports = wait_until(lambda: self.ready_path.exists() and json.loads(self.ready_path.read_text()),
+                                timeout, "the server to listen", self.exited)
+        return self
+
+    def exited(self) -> str | None:
+        if self.proc is not None and self.proc.poll() is not None:
+            return f"gb28181 serve exited with {self.proc.returncode}:\n{self.log()[-3000:]}"
+        return None
+
+    @property
+    def sip_port(self) -> int:
+        return int(self.ports["sip_port"])
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.ports['http_port']}"
+
+    def api(self, path: str, method: str = "GET", body: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
+        return http(self.base + path, method, body, TOKEN, timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def error_lines(self) -> list[str]:
+        return [line for line in self.log().splitlines() if "Traceback" in line or " ERROR " in line]
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM, as an init system stops it; returns the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"gb28181 serve did not stop within {timeout} s of SIGTERM")
+
+    def kill(self) -> None:
+        """SIGKILL: a crash or a power cut of the process."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+class SimProcess:
+    """`gb28181-sim` in its own process group, as installed."""
+
+    def __init__(self, workdir: Path, server: ServedServer, *args: str, name: str = "sim") -> None:
+        self.log_path = workdir / f"{name}.log"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                command("gb28181-sim") + ["--server", f"127.0.0.1:{server.sip_port}", *args],
+                cwd=workdir, env=clean_env(), stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def exited(self) -> str | None:
+        if self.proc.poll() is not None:
+            return f"gb28181-sim exited with {self.proc.returncode}:\n{self.log()[-2000:]}"
+        return None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def served(tmp_path):
+    """``served(**GB28181_settings)`` → a started ServedServer; everything is stopped at teardown."""
+    started: list[ServedServer] = []
+
+    def factory(workdir: Path | None = None, **env: str) -> ServedServer:
+        workdir = workdir or tmp_path / f"server{len(started)}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        server = ServedServer(workdir, **env).start()
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.kill()
+
+
+@pytest.fixture
+def sims(tmp_path):
+    """``sims(server, *gb28181-sim args)`` → a running SimProcess; stopped at teardown."""
+    running: list[SimProcess] = []
+
+    def factory(server: ServedServer, *args: str) -> SimProcess:
+        sim = SimProcess(tmp_path, server, *args, name=f"sim{len(running)}")
+        running.append(sim)
+        return sim
+
+    yield factory
+    for sim in running:
+        sim.stop()
+
+
+def listed(payload: Any) -> list[dict]:
+    """The list in an API listing ({"devices": [...], "total": n} and the like)."""
+    if isinstance(payload, list):
+        return payload
+    return next((v for v in payload.values() if isinstance(v, list)), [])
+
+
+def read_stream(url: str, seconds: float, token: str | None = TOKEN) -> bytes:
+    """The first ``seconds`` of a live HTTP stream (HTTP-FLV), read with a plain HTTP client."""
+    req = urllib.request.Request(url)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    data = bytearray()
+    deadline = time.monotonic() + seconds
+    with urllib.request.urlopen(req, timeout=max(5.0, seconds)) as resp:
+        assert resp.status == 200, resp.status
+        while time.monotonic() < deadline:
+            chunk = resp.read1(65536)
+            if not chunk:
+                break
+            data += chunk
+    return bytes(data)
+
+
+def whole_tags(flv: bytes) -> bytes:
+    """An FLV capture cut at the end of its last complete tag (a live read stops anywhere)."""
+    pos = 9 + 4  # header, PreviousTagSize0
+    while pos + 11 <= len(flv):
+        end = pos + 11 + int.from_bytes(flv[pos + 1:pos + 4], "big") + 4
+        if end > len(flv):
+            break
+        pos = end
+    return flv[:pos]
+
+
+def decode_video(flv: bytes) -> list:
+    """Every video frame of an FLV capture decoded by FFmpeg (PyAV); a decode error raises."""
+    import io
+
+    import av
+    frames = []
+    with av.open(io.BytesIO(whole_tags(flv)), format="flv") as container:
+        for packet in container.demux(container.streams.video[0]):
+            frames.extend(packet.decode())
+    return frames

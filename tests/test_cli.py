@@ -5,47 +5,22 @@ SQLite file on disk."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 import socket
 import sqlite3
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from gb28181.netutil import free_port
+from .conftest import ServedServer, clean_env, command, http, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def command(name: str) -> list[str]:
-    """The installed console script, or the module it points at when PATH lacks it."""
-    path = shutil.which(name)
-    if path is not None:
-        return [path]
-    module = {"gb28181": "gb28181.cli", "gb28181-sim": "simulators.cli"}[name]
-    return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("GB28181_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
 
 
 def run(name: str, *args: str, env: dict[str, str] | None = None, timeout: float = 30,
         cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(command(name) + list(args), capture_output=True, text=True,
                           env=env if env is not None else clean_env(), timeout=timeout, cwd=cwd)
-
-
 
 
 # -- help ----------------------------------------------------------------------------------------
@@ -155,7 +130,7 @@ def test_serve_port_in_use_says_so(tmp_path):
         port = busy.getsockname()[1]
         result = run("gb28181", "serve", timeout=20, env=clean_env(
             GB28181_DATA_DIR=str(tmp_path), GB28181_SIP__HOST="127.0.0.1",
-            GB28181_SIP__PORT=str(free_port()), GB28181_HTTP__HOST="127.0.0.1", GB28181_MEDIA__RTP_PORT="0",
+            GB28181_SIP__PORT="0", GB28181_HTTP__HOST="127.0.0.1", GB28181_MEDIA__RTP_PORT="0",
             GB28181_HTTP__PORT=str(port)))
     assert result.returncode != 0
     assert "cannot bind" in result.stderr
@@ -165,76 +140,37 @@ def test_serve_port_in_use_says_so(tmp_path):
 
 # -- end to end ------------------------------------------------------------------------------------
 
-def http_get(url: str, token: str | None = None, timeout: float = 2.0) -> tuple[int, bytes]:
-    req = urllib.request.Request(url)
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None,
-               logs: list[Path] = ()):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = predicate()
-        except OSError:
-            result = None
-        if result:
-            return result
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"process exited ({proc.returncode}) while waiting for {what}:\n"
-                        + "\n".join(p.read_text(errors="replace") for p in logs))
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}:\n"
-                        + "\n".join(p.read_text(errors="replace") for p in logs))
-        time.sleep(0.05)
-
-
 def test_end_to_end_serve_sim_api_sqlite(tmp_path):
-    data_dir = tmp_path / "data"
-    sip_port, http_port = free_port(), free_port()
-    while http_port == sip_port:
-        http_port = free_port()
-    env = clean_env(GB28181_DATA_DIR=str(data_dir), GB28181_SIP__HOST="127.0.0.1",
-                    GB28181_SIP__PORT=str(sip_port), GB28181_HTTP__HOST="127.0.0.1", GB28181_MEDIA__RTP_PORT="0",
-                    GB28181_HTTP__PORT=str(http_port), GB28181_KEEPALIVE__INTERVAL="1")
-    out_log, err_log = tmp_path / "serve.out", tmp_path / "serve.err"
-    logs = [out_log, err_log]
-    with open(out_log, "w") as out, open(err_log, "w") as err:
-        server = subprocess.Popen(command("gb28181") + ["serve"], env=env, stdout=out, stderr=err,
-                                  cwd=tmp_path)
+    server = ServedServer(tmp_path, GB28181_KEEPALIVE__INTERVAL="1", GB28181_API__TOKEN="")
+    del server.env["GB28181_API__TOKEN"]  # the generated token is part of what is tested
+    server.start()
+    data_dir = server.data_dir
     sim = None
     try:
-        base = f"http://127.0.0.1:{http_port}"
-        wait_until(lambda: http_get(base + "/healthz")[0] == 200, 15, "/healthz", server, logs)
-        status, body = http_get(base + "/healthz")
-        assert json.loads(body) == {"status": "ok", "devices": 0, "online": 0}
+        base = server.base
+        status, body = http(base + "/healthz")
+        assert status == 200 and (body["status"], body["devices"], body["online"]) == ("ok", 0, 0)
 
         # The generated token: in DATA_DIR/api-token (mode 600) and printed once at start.
         token_file = data_dir / "api-token"
         token = token_file.read_text().strip()
         assert len(token) >= 16
         assert token_file.stat().st_mode & 0o777 == 0o600
-        printed = wait_until(lambda: "gb28181 serving" in out_log.read_text() and out_log.read_text(),
-                             5, "the start banner", server, logs)
+        printed = wait_until(lambda: "gb28181 serving" in server.log() and server.log(),
+                             5, "the start banner", server.exited)
         assert f"API token (from {token_file}): {token}" in printed
-        assert f":{sip_port}" in printed and f":{http_port}" in printed
-        assert http_get(base + "/api/v1/devices")[0] == 401
+        assert f":{server.sip_port}" in printed and f":{server.ports['http_port']}" in printed
+        assert http(base + "/api/v1/devices")[0] == 401
 
         sim = subprocess.Popen(
-            command("gb28181-sim") + ["--server", f"127.0.0.1:{sip_port}", "--devices", "20",
+            command("gb28181-sim") + ["--server", f"127.0.0.1:{server.sip_port}", "--devices", "20",
                                       "--keepalive-interval", "1", "--duration", "3", "--json"],
             env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
         def all_online():
-            status, body = http_get(base + "/api/v1/devices?status=online&limit=1000", token)
-            return status == 200 and json.loads(body)["total"] == 20 and json.loads(body)
-        listed = wait_until(all_online, 10, "20 devices online in the API", server, logs)
+            status, body = http(base + "/api/v1/devices?status=online&limit=1000", token=token)
+            return status == 200 and body["total"] == 20 and body
+        listed = wait_until(all_online, 10, "20 devices online in the API", server.exited)
         ids = sorted(d["device_id"] for d in listed["devices"])
         assert ids == [f"3402000000132{n:07d}" for n in range(1, 21)]
         assert all(d["status"] == "online" and d["registered"] for d in listed["devices"])
@@ -249,22 +185,21 @@ def test_end_to_end_serve_sim_api_sqlite(tmp_path):
         assert summary["keepalives_ok"] >= 20
         assert summary["errors"] == {}
 
-        status, body = http_get(base + "/api/v1/devices?limit=1000", token)
-        assert status == 200 and json.loads(body)["total"] == 20
-        status, body = http_get(base + "/metrics")
+        status, body = http(base + "/api/v1/devices?limit=1000", token=token)
+        assert status == 200 and body["total"] == 20
+        status, body = http(base + "/metrics")
         assert status == 200
         assert b"gb28181_devices_registered 20.0" in body
         assert b'gb28181_register_requests_total{result="ok"} 20.0' in body
 
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=15) == 0, "\n".join(p.read_text() for p in logs)
+        assert server.stop() == 0, server.log()
     finally:
-        for proc in (sim, server):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert "stopping" in out_log.read_text()
-    assert "Traceback" not in err_log.read_text()
+        if sim is not None and sim.poll() is None:
+            sim.kill()
+            sim.wait()
+        server.kill()
+    assert "stopping" in server.log()
+    assert "Traceback" not in server.log()
 
     # Everything reached the database before the process ended.
     db = data_dir / "gb28181.db"

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -26,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
                                        "defaults (SQLite under ./data, SIP 5060, HTTP 8080). "
                                        "GB28181_* environment variables override any setting.")
     serve.add_argument("--config", "-c", metavar="FILE", help="YAML config (see configs/default.yaml)")
+    serve.add_argument("--ready-file", metavar="FILE",
+                       help="once listening, write the bound ports and addresses to FILE as JSON "
+                            "(for scripts and tests that start the server on port 0)")
     check = sub.add_parser("check-config", help="validate a config file and exit",
                            description="Validate FILE plus the environment; print the effective "
                                        "config as JSON, or the faults one per line (exit 2).")
@@ -61,7 +65,15 @@ def _report(args: argparse.Namespace) -> int:
     return archive_report(config, limit=args.limit, as_json=args.json)
 
 
-def _serve(path: str | None) -> int:
+def _write_ready_file(path: str, info: dict) -> None:
+    # Written to a temporary name and renamed, so a reader never sees half a file.
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(info, f)
+    os.replace(tmp, path)
+
+
+def _serve(path: str | None, ready_file: str | None = None) -> int:
     config = load_config(path)
     logging.basicConfig(level=config.log.level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -91,6 +103,8 @@ def _serve(path: str | None) -> int:
         print(f"gb28181 serving: SIP {config.sip.host}:{server.sip_port} udp/tcp, "
               f"HTTP http://{config.http.host}:{server.http_port}/api/v1/devices, "
               f"server ID {config.server.id}, domain {config.server.domain}", flush=True)
+        if ready_file:
+            _write_ready_file(ready_file, server.listening())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -107,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
-            return _serve(args.config)
+            return _serve(args.config, args.ready_file)
         if args.command == "report":
             return _report(args)
         if args.command == "check-config":

@@ -9,6 +9,7 @@ then flush the registry so nothing is lost.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -131,6 +132,12 @@ class GbServer:
                  self.config.sip.host, self.sip_port, self.config.sip.udp, self.config.sip.tcp,
                  self.config.http.host, self.http_port, self.config.server.id,
                  self.config.server.domain)
+
+    def listening(self) -> dict:
+        """Where the server listens, with the ports actually bound (port 0 in the config)."""
+        return {"pid": os.getpid(), "sip_host": self.config.sip.host, "sip_port": self.sip_port,
+                "http_host": self.config.http.host, "http_port": self.http_port,
+                "rtp_port": self.receiver.udp_port}
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -16,6 +16,7 @@ rest is counted and dropped.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import time
@@ -125,6 +126,22 @@ class SipEndpoint:
 
     # -- life cycle ---------------------------------------------------------------------------
     async def start(self) -> None:
+        ephemeral = not self.port
+        for attempt in range(20):
+            try:
+                await self._bind()
+                return
+            except OSError as exc:
+                # Port 0: the kernel picked a UDP port whose TCP twin is taken; pick again.
+                if not (ephemeral and self.enable_udp and self.enable_tcp
+                        and exc.errno == errno.EADDRINUSE and attempt < 19):
+                    raise
+                if self._udp is not None:
+                    self._udp.close()
+                    self._udp = None
+                self.port = 0
+
+    async def _bind(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         if self.enable_udp:
             self._udp, _ = await loop.create_datagram_endpoint(
@@ -380,8 +397,8 @@ class _SipTcpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # No isinstance check: uvloop's TCPTransport is not an asyncio.Transport subclass.
+        self.transport = transport  # type: ignore[assignment]
         ep = self.endpoint
         peername = transport.get_extra_info("peername")
         self.peer = (peername[0], peername[1])
