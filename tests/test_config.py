@@ -3,13 +3,19 @@ scripts rely on), one-line fault reports, the shipped configs/default.yaml and t
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import types
 from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import pytest
 import yaml
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
+from gb28181.cli import main as cli_main
 from gb28181.config import Config, ConfigError, ensure_api_token, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,6 +255,201 @@ def test_several_faults_give_one_line_each(tmp_path):
 def test_config_error_is_a_value_error(tmp_path):
     with pytest.raises(ValueError):
         load_config(write(tmp_path, "sip:\n  port: -1\n"))
+
+
+# -- every key from the environment --------------------------------------------------------------
+
+def env_var(path: tuple[str, ...]) -> str:
+    return "GB28181_" + "__".join(path).upper()
+
+
+def leaf_fields(model: type[BaseModel] = Config,
+                path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], FieldInfo]]:
+    """Every key that holds a value (lists and their models included), through the sections."""
+    out: list[tuple[tuple[str, ...], FieldInfo]] = []
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out += leaf_fields(field.annotation, path + (name,))
+        else:
+            out.append((path + (name,), field))
+    return out
+
+
+def _within(x: float, constraints: list[Any]) -> bool:
+    return all((getattr(c, "ge", None) is None or x >= c.ge)
+               and (getattr(c, "gt", None) is None or x > c.gt)
+               and (getattr(c, "le", None) is None or x <= c.le)
+               and (getattr(c, "lt", None) is None or x < c.lt) for c in constraints)
+
+
+def sample(annotation: Any, default: Any = None, constraints: list[Any] | None = None) -> Any:
+    """A valid value of this type other than ``default``, in the JSON form model_dump gives."""
+    constraints = constraints or []
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return sample(args[0], default, [*constraints, *args[1:]])
+    if origin in (Union, types.UnionType):
+        (inner,) = [a for a in args if a is not type(None)]
+        return sample(inner, default, constraints)
+    if origin is Literal:
+        return next(v for v in args if v != default)
+    if origin is list:
+        return [sample(args[0])]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return {name: sample(f.annotation, None if f.is_required() else f.default, f.metadata)
+                for name, f in annotation.model_fields.items()}
+    if annotation is bool:
+        return not default
+    if annotation in (int, float):
+        base = default if default is not None else 0
+        return next(annotation(x) for x in (base + 1, base - 1, base + 10) if _within(x, constraints))
+    if annotation is str:
+        if default is None:
+            return "set-from-env"
+        if default.isdigit():       # an ID or a number-like password: keep its shape
+            return default[:-1] + str((int(default[-1]) + 1) % 10)
+        return default + "-env"
+    if annotation is Path:
+        return str(Path(default or ".") / "from-env")
+    raise AssertionError(f"sample() does not know {annotation!r}: teach it this type")
+
+
+def env_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def dig(tree: Any, path: tuple[str, ...]) -> Any:
+    for part in path:
+        tree = tree[part]
+    return tree
+
+
+LEAVES = leaf_fields()
+
+
+def test_the_walk_finds_every_key():
+    def dotted(tree: dict, prefix: str = "") -> set[str]:
+        out: set[str] = set()
+        for key, value in tree.items():
+            out |= dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key}
+        return out
+    assert {".".join(path) for path, _ in LEAVES} == dotted(load_config(None).model_dump(mode="json"))
+    assert {("data_dir",), ("tiers", "default"), ("tiers", "rules")} <= {p for p, _ in LEAVES}
+
+
+@pytest.mark.parametrize("path, field", LEAVES, ids=[env_var(p) for p, _ in LEAVES])
+def test_every_key_is_settable_from_the_environment(monkeypatch, path, field):
+    value = sample(field.annotation, None if field.is_required() else field.default, field.metadata)
+    assert dig(load_config(None).model_dump(mode="json"), path) != value
+    monkeypatch.setenv(env_var(path), env_text(value))
+    assert dig(load_config(None).model_dump(mode="json"), path) == value
+
+
+def test_tier_from_env_text(monkeypatch):
+    monkeypatch.setenv("GB28181_TIERS__DEFAULT", "1")
+    monkeypatch.setenv("GB28181_TIERS__RULES", '[{"tier": "2", "industry": ["04"]}]')
+    cfg = load_config(None)
+    assert cfg.tiers.default == 1 and type(cfg.tiers.default) is int
+    assert cfg.tiers.rules[0].tier == 2 and type(cfg.tiers.rules[0].tier) is int
+
+
+@pytest.mark.parametrize("text", ["4", "0", "one", "1.5", ""])
+def test_tier_still_one_of_three(monkeypatch, text):
+    monkeypatch.setenv("GB28181_TIERS__DEFAULT", text)
+    msg = one_line(config_error(None))
+    assert "tiers.default" in msg and "1, 2 or 3" in msg and "GB28181_TIERS__DEFAULT" in msg
+    assert repr(int(text) if text.isdigit() else text) in msg
+
+
+def test_tier_rule_still_one_of_three(tmp_path):
+    msg = one_line(config_error(write(tmp_path, "tiers:\n  rules:\n    - tier: 4\n")))
+    assert "tiers.rules.tier" in msg and "1, 2 or 3" in msg and "(got 4)" in msg
+
+
+# -- misnamed environment variables: one line each, naming the variable, the fix -------------------
+
+# (variable as set, value, the cause named, the name meant)
+MISNAMED = [
+    ("GB28181_REGISTRAR__QUERY_DEVICE_INFO", "false", "unknown section 'registrar'",
+     "GB28181_REGISTRATION__QUERY_DEVICE_INFO"),
+    ("GB28181_SIPP__PORT", "5070", "unknown section 'sipp'", "GB28181_SIP__PORT"),
+    ("GB28181_SIP__PROT", "1", "unknown key 'prot'", "GB28181_SIP__PORT"),
+    ("gb28181_keepalive__cont", "4", "unknown key 'cont'", "GB28181_KEEPALIVE__COUNT"),
+    ("GB28181_Registraton__Min_Expire", "30", "unknown section 'registraton'",
+     "GB28181_REGISTRATION__MIN_EXPIRES"),
+    ("GB28181_DATADIR", "/srv/gb", "unknown key 'datadir'", "GB28181_DATA_DIR"),
+    ("GB28181_SIP____PORT", "5070", "empty key", "GB28181_SIP__PORT"),
+    ("GB28181_SIP__PORT__UDP", "5070", "sip.port takes one value", "GB28181_SIP__PORT"),
+    ("GB28181_TIERS__RULES__0__TIER", "1", "the whole list, as JSON", "GB28181_TIERS__RULES"),
+]
+
+
+@pytest.mark.parametrize("var, value, cause, meant", MISNAMED, ids=[c[0] for c in MISNAMED])
+def test_misnamed_env_var_is_reported(monkeypatch, var, value, cause, meant):
+    monkeypatch.setenv(var, value)
+    msg = one_line(config_error(None))
+    assert f"environment variable {var} " in msg
+    assert cause in msg
+    assert f"did you mean {meant}?" in msg
+    assert f"rename or unset {var}" in msg
+
+
+def test_misnamed_env_var_without_a_likely_meaning(monkeypatch):
+    monkeypatch.setenv("GB28181_XYZZY__PORT", "1")
+    msg = one_line(config_error(None))
+    assert "GB28181_XYZZY__PORT" in msg and "unknown section 'xyzzy'" in msg
+    assert "did you mean" not in msg
+    assert "keepalive" in msg                       # what is allowed instead
+    assert "rename or unset GB28181_XYZZY__PORT" in msg
+
+
+def test_misnamed_env_vars_and_file_faults_one_line_each(tmp_path, monkeypatch):
+    monkeypatch.setenv("GB28181_SIPP__PORT", "5070")
+    monkeypatch.setenv("GB28181_SIP__PROT", "5070")        # pydantic sees this one too: once only
+    monkeypatch.setenv("GB28181_SIP__PORT__UDP", "5070")   # ... and this one
+    lines = config_error(write(tmp_path, "http:\n  port: 70000\n")).splitlines()
+    assert len(lines) == 4, lines
+    assert all(line.startswith("config error: ") for line in lines)
+    for needle in ("GB28181_SIPP__PORT", "environment variable GB28181_SIP__PROT",
+                   "GB28181_SIP__PORT__UDP", "GB28181_HTTP__PORT"):
+        assert sum(needle in line for line in lines) == 1, (needle, lines)
+
+
+@pytest.mark.parametrize("var, value", [
+    ("GB28181_DATA_DIR", "/srv/gb"),
+    ("gb28181_data_dir", "/srv/gb"),
+    ("Gb28181_Sip__Port", "5070"),
+    ("GB28181_SIP", '{"port": 5070}'),
+    ("GB28181_TIERS", '{"default": 2, "rules": [{"tier": 1}]}'),
+    ("GB28181_TIERS__RULES", '[{"tier": 1, "industry": ["04"], "name_contains": ["路口"]}]'),
+])
+def test_valid_env_names_are_not_flagged(monkeypatch, var, value):
+    monkeypatch.setenv(var, value)
+    load_config(None)
+
+
+def test_check_config_reports_misnamed_env_vars_and_exits_2(monkeypatch, capsys):
+    monkeypatch.setenv("GB28181_REGISTRAR__QUERY_DEVICE_INFO", "false")
+    monkeypatch.setenv("GB28181_SIP__PROT", "5070")
+    assert cli_main(["check-config"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 2, err
+    assert "GB28181_REGISTRAR__QUERY_DEVICE_INFO" in lines[0]
+    assert "did you mean GB28181_REGISTRATION__QUERY_DEVICE_INFO?" in lines[0]
+    assert "GB28181_SIP__PROT" in lines[1] and "did you mean GB28181_SIP__PORT?" in lines[1]
+    assert all("rename or unset" in line for line in lines)
+
+
+def test_check_config_takes_a_tier_from_env(monkeypatch, capsys):
+    monkeypatch.setenv("GB28181_TIERS__DEFAULT", "1")
+    assert cli_main(["check-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["tiers"]["default"] == 1
 
 
 # -- the shipped example ------------------------------------------------------------------------

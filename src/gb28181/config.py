@@ -4,7 +4,9 @@ Environment names follow the pydantic-settings convention and are a public contr
 deployment scripts rely on: prefix ``GB28181_``, ``__`` between section and key
 (``GB28181_SIP__PORT``, ``GB28181_API__TOKEN``, ``GB28181_DATA_DIR``). The environment beats
 the file, the file beats the defaults. A bad value is reported as one line per fault naming
-the key, what is allowed and the environment variable that sets it (``ConfigError``).
+the key, what is allowed and the environment variable that sets it (``ConfigError``). So is a
+``GB28181_*`` variable whose name sets no key (a misspelt section or key): pydantic-settings
+would silently ignore it, leaving the operator to wonder why the setting has no effect.
 
 The defaults are a working single-host server: SQLite under ``./data``, SIP on 5060 (UDP and
 TCP), HTTP on 8080, the timers of GB/T 28181-2016 (§9.1.1, §9.6.1).
@@ -15,11 +17,14 @@ from __future__ import annotations
 import difflib
 import os
 import secrets
+import types
+from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .ids import IdError, parse_id
@@ -27,6 +32,20 @@ from .ids import IdError, parse_id
 __all__ = ["Config", "ConfigError", "load_config", "ensure_api_token"]
 
 ENV_PREFIX = "GB28181_"
+ENV_DELIMITER = "__"
+
+
+def _int_from_text(value: object) -> object:
+    # The environment delivers text, and pydantic matches an int Literal only against ints
+    # ("1" is not 1), so GB28181_TIERS__DEFAULT=1 would be refused. Digits become the int; the
+    # Literal still refuses anything but its values.
+    if isinstance(value, str) and value.strip().isdecimal():
+        return int(value)
+    return value
+
+
+Tier = Annotated[Literal[1, 2, 3], BeforeValidator(_int_from_text)]
+"""1 key sites, 2 key organisations, 3 the rest."""
 
 
 class _Section(BaseModel):
@@ -128,7 +147,7 @@ class CatalogSection(_Section):
 class TierRule(_Section):
     """Channels matching every criterion given (each list: any of its values) get ``tier``."""
 
-    tier: Literal[1, 2, 3]
+    tier: Tier
     id_prefix: list[str] = []
     industry: list[str] = Field([], description="ID digits 9-10, e.g. '04' traffic road")
     type_code: list[str] = Field([], description="ID digits 11-13, e.g. '131'")
@@ -138,7 +157,7 @@ class TierRule(_Section):
 
 
 class TiersSection(_Section):
-    default: Literal[1, 2, 3] = Field(3, description="tier of channels no rule matches")
+    default: Tier = Field(3, description="tier of channels no rule matches")
     rules: list[TierRule] = Field([], description="first matching rule wins")
 
 
@@ -173,7 +192,7 @@ class LogSection(_Section):
 class Config(BaseSettings):
     """The whole configuration; see configs/default.yaml for a commented example."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__",
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_DELIMITER,
                                       extra="forbid", case_sensitive=False)
 
     data_dir: Path = Path("data")
@@ -214,16 +233,38 @@ class ConfigError(ValueError):
 
 
 def _env_name(loc: tuple) -> str:
-    return ENV_PREFIX + "__".join(str(p).upper() for p in loc)
+    return ENV_PREFIX + ENV_DELIMITER.join(str(p).upper() for p in loc)
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The model held by a field of this type (``X`` or ``X | None``), whose keys can be set one
+    by one; None for a plain value, a list or a mapping."""
+    args: tuple[Any, ...] = (annotation,)
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = tuple(a for a in get_args(annotation) if a is not type(None))
+    if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+        return args[0]
+    return None
+
+
+def _is_mapping(annotation: Any) -> bool:
+    origin = get_origin(annotation) or annotation
+    return isinstance(origin, type) and issubclass(origin, Mapping)
+
+
+def _model_at(path: tuple) -> type[BaseModel] | None:
+    """The model whose keys sit at ``path`` below Config; None if nothing (known) is there."""
+    model: type[BaseModel] | None = Config
+    for part in path:
+        field = model.model_fields.get(str(part)) if model is not None else None
+        model = _model_of(field.annotation) if field is not None else None
+    return model
 
 
 def _unknown_key(loc: tuple) -> str:
     # Name what is allowed there: the keys of the enclosing section (or the sections).
-    model: Any = Config
-    for part in loc[:-1]:
-        field = getattr(model, "model_fields", {}).get(str(part))
-        model = field.annotation if field is not None else None
-    known = list(getattr(model, "model_fields", {}))
+    model = _model_at(loc[:-1])
+    known = list(model.model_fields) if model is not None else []
     if not known:
         return "unknown key (check the spelling against configs/default.yaml)"
     close = difflib.get_close_matches(str(loc[-1]) if loc else "", known, n=1)
@@ -231,10 +272,15 @@ def _unknown_key(loc: tuple) -> str:
     return f"unknown key; {hint}allowed here: {', '.join(known)}"
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
+def format_validation_error(exc: ValidationError, source: str,
+                            reported: Collection[tuple[str, ...]] = ()) -> str:
+    """One line per fault of ``exc``; ``source`` names the file. Faults at a location in
+    ``reported`` are left out: a misnamed environment variable was reported there already."""
     lines = []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not isinstance(p, int))
+        if loc in reported:
+            continue
         key = ".".join(str(p) for p in loc) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
@@ -245,6 +291,70 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         verb = "fix or remove it" if err["type"] == "extra_forbidden" else "set it"
         lines.append(f"config error: {key}: {msg}{got_text}; {verb} in {source} or {_env_name(loc)}")
     return "\n".join(lines)
+
+
+def _closest_path(parts: list[str]) -> tuple[str, ...] | None:
+    """``parts`` with each misspelt key replaced by the closest one there, cut at the first plain
+    value; None when some key resembles nothing."""
+    out: list[str] = []
+    model: type[BaseModel] | None = Config
+    for part in parts:
+        if model is None:
+            break           # below a plain value nothing can be set: the name ends there
+        if not part:
+            continue        # a doubled delimiter (GB28181_SIP____PORT)
+        fields = model.model_fields
+        close = [part] if part in fields else difflib.get_close_matches(part, list(fields), n=1)
+        if not close:
+            return None
+        out.append(close[0])
+        annotation = fields[close[0]].annotation
+        if _is_mapping(annotation):
+            return tuple(out)   # the keys of a mapping are data: nothing more to correct
+        model = _model_of(annotation)
+    return tuple(out) or None
+
+
+def _env_var_fault(name: str) -> tuple[tuple[str, ...] | None, str] | None:
+    """Why the ``GB28181_*`` variable ``name`` sets no key of Config, or None if it sets one.
+
+    The answer is the location pydantic reports the same fault at, if it sees the variable at
+    all (so the fault is said once), and the line to print. Case-insensitive, as the settings are.
+    """
+    parts = name[len(ENV_PREFIX):].lower().split(ENV_DELIMITER)
+    model: type[BaseModel] = Config
+    depth, fault, allowed = 0, "", ""
+    for depth, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            kind = "section" if depth == 0 and len(parts) > 1 else "key"
+            fault = (f"unknown {kind} {part!r}" if part else
+                     f"empty {kind}" + (f" (a doubled {ENV_DELIMITER!r}?)" if depth else ""))
+            where = "at the top level" if depth == 0 else f"in {'.'.join(parts[:depth])}"
+            allowed = f" allowed {where}: {', '.join(fields)};"
+            break
+        annotation = fields[part].annotation
+        if depth == len(parts) - 1 or _is_mapping(annotation):
+            return None         # a key, a whole section (as JSON) or a mapping's own keys
+        sub = _model_of(annotation)
+        if sub is None:
+            whole = " (the whole list, as JSON)" if get_origin(annotation) is list else ""
+            fault = f"{'.'.join(parts[:depth + 1])} takes one value{whole}, not keys below it"
+            break
+        model = sub
+    suggestion = _closest_path(parts)
+    hint = f" did you mean {_env_name(suggestion)}?" if suggestion else ""
+    key = f" ({'.'.join(parts)})" if any(parts) else ""
+    line = (f"config error: environment variable {name}{key}: {fault};{hint}{allowed} "
+            f"rename or unset {name}")
+    # pydantic-settings looks up only the sections it knows: below one, it sees the variable.
+    return (tuple(parts[:depth + 1]) if depth else None), line
+
+
+def _env_faults(environ: Mapping[str, str]) -> list[tuple[tuple[str, ...] | None, str]]:
+    found = (_env_var_fault(name) for name in sorted(environ)
+             if name.upper().startswith(ENV_PREFIX))
+    return [fault for fault in found if fault is not None]
 
 
 def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Config:
@@ -271,10 +381,17 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Conf
                               f"(server:, sip:, ...), not a {type(loaded).__name__}")
         data = loaded
     data.update(overrides)
+    env_faults = _env_faults(os.environ)
+    lines = [line for _, line in env_faults]
     try:
-        return Config(**data)
+        config = Config(**data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from None
+        reported = {loc for loc, _ in env_faults if loc}
+        lines.append(format_validation_error(exc, source, reported))
+    lines = [line for line in lines if line]
+    if lines:
+        raise ConfigError("\n".join(lines))
+    return config
 
 
 def ensure_api_token(config: Config) -> tuple[str, Path | None]:
