@@ -15,7 +15,10 @@ seeded with the device or channel ID, never Python's salted ``hash``):
 - with ``malformed`` every 7th channel (numbers 3, 10, 17, ...) gets a bare ``&`` in its
   name and every 7th (5, 12, 19, ...) a ``<`` in its address; ``Channel.name`` and
   ``Channel.address`` hold the text as meant, the vendor layer (``vendors.py``) decides
-  whether it reaches the wire escaped.
+  whether it reaches the wire escaped;
+- the IDs a device derives (cameras, groups, alarm inputs) keep its centre, industry and
+  network digits and take their serials from a block reserved for the device
+  (:class:`IdBlocks`), so that no two devices of a fleet share one.
 
 The fleet (``fleet.py``) owns one :class:`DeviceCatalog` per device and turns its items into
 MANSCDP with :func:`catalog_item` / :func:`group_item`.
@@ -35,6 +38,7 @@ __all__ = [
     "Channel",
     "DeviceCatalog",
     "Group",
+    "IdBlocks",
     "catalog_item",
     "device_info_fields",
     "group_item",
@@ -104,6 +108,73 @@ class Group:
         return "business-group" if self.group_id[10:13] == "215" else "virtual-organisation"
 
 
+#: Digits 15–20 of an ID are its serial (GB/T 28181-2016 Annex D.1): a million per prefix.
+_SERIALS = 1_000_000
+#: Virtual organisations of a device: numbers 1–3 (one per district) and 4 (the nested one).
+_ORGANISATIONS = 4
+#: The usual blocks: the IDs the simulator has always given, kept whenever a fleet fits them.
+_USUAL_CHANNELS, _USUAL_ORGANISATIONS, _USUAL_ALARM_INPUTS = 1000, 100, 10
+
+
+@dataclass(frozen=True, slots=True)
+class IdBlocks:
+    """How many serials each device reserves for each type of ID it derives.
+
+    A fleet's devices have consecutive serials under one prefix (GB/T 28181-2016 Annex D.1:
+    centre, industry, type, network digits). The IDs a device derives keep its centre,
+    industry and network digits, so a derived type has a million serials for the whole fleet.
+    Device serial ``s`` owns serials ``s·B + 1`` … ``s·B + B`` of each type, with B the block
+    of that type, so with the usual B = 1000 channel 5 of device 000123 has serial 123005.
+    Blocks never overlap, and a fleet is refused when the IDs of its last device would not fit
+    in 6 digits. A business group (215) takes its device's own serial and needs no block.
+    """
+
+    #: Cameras (type 131): numbers 1 … B per device, room for channels added later.
+    channels: int = _USUAL_CHANNELS
+    #: Virtual organisations (type 216): see ``_ORGANISATIONS``.
+    organisations: int = _USUAL_ORGANISATIONS
+    #: Alarm inputs (type 134) reported by DeviceStatus: 1 and 2.
+    alarm_inputs: int = _USUAL_ALARM_INPUTS
+
+    @classmethod
+    def plan(cls, first_serial: int, devices: int, channels: int, *, groups: bool) -> IdBlocks:
+        """Blocks for ``devices`` consecutive serials from ``first_serial``, each with
+        ``channels`` cameras (and, with ``groups``, virtual organisations); ValueError naming
+        the limit and the fix when they cannot fit.
+
+        Each block keeps its usual size when the fleet fits it, else becomes the largest power
+        of ten that fits (IDs still read as device serial then number), else the largest size
+        that fits. Same arguments, same blocks: nothing here is random.
+        """
+        last = first_serial + max(devices, 1) - 1
+        return cls(
+            channels=_block(first_serial, last, channels, _USUAL_CHANNELS,
+                            "cameras (type 131)", "fewer devices or channels per device"),
+            organisations=_block(first_serial, last, _ORGANISATIONS, _USUAL_ORGANISATIONS,
+                                 "virtual organisations (type 216)", "fewer devices, no groups")
+            if groups else _USUAL_ORGANISATIONS,
+            alarm_inputs=_block(first_serial, last, 2, _USUAL_ALARM_INPUTS,
+                                "alarm inputs (type 134)", "fewer devices"))
+
+
+def _block(first: int, last: int, count: int, usual: int, what: str, fewer: str) -> int:
+    """The block that gives each device serial ``first``…``last`` ``count`` IDs of one type."""
+    # The largest B with last·B + count < _SERIALS: the last device's IDs still have 6 digits.
+    fits = (_SERIALS - 1 - count) // last if last else _SERIALS
+    if count <= usual <= fits:
+        return usual
+    power = 10 ** (len(str(fits)) - 1) if fits > 0 else 0
+    for size in (power, fits):
+        if count <= size:
+            return size
+    most = (_SERIALS - 1) // count - first  # devices that fit from this serial (B = count)
+    room = f"at most {most} devices from that serial" if most > 0 else "none from that serial"
+    raise ValueError(
+        f"{last - first + 1} devices from serial {first:06d} with {count} {what} each do not fit "
+        f"the 6-digit serial of GB/T 28181-2016 Annex D: {room}; use {fewer}, or a --first-id "
+        "with a smaller serial")
+
+
 def location_missing(channel_id: str, ratio: float) -> bool:
     """Whether ``channel_id`` is one of the ``ratio`` share of channels without coordinates.
 
@@ -130,7 +201,8 @@ class DeviceCatalog:
     """The catalog of one device: group items (optional) and channels, mutable by tests."""
 
     def __init__(self, device_id: str, channels: int, *, is_nvr: bool, groups: bool = False,
-                 missing_location_ratio: float = 0.0, malformed: bool = False) -> None:
+                 missing_location_ratio: float = 0.0, malformed: bool = False,
+                 blocks: IdBlocks | None = None) -> None:
         self.device_id = device_id
         self.is_nvr = is_nvr
         self.missing_location_ratio = missing_location_ratio
@@ -139,6 +211,12 @@ class DeviceCatalog:
         self.districts = _civil_codes(device_id, rnd)
         self.base = (118.3 + rnd.random() * 0.2, 31.3 + rnd.random() * 0.2)
         self.serial = int(device_id[14:])
+        count = max(1, channels) if is_nvr else 1
+        #: The fleet's blocks (``Fleet`` passes them); alone, a device is a fleet of one.
+        self.blocks = blocks if blocks is not None else IdBlocks.plan(self.serial, 1, count,
+                                                                      groups=groups)
+        #: The alarm inputs a DeviceStatus response lists under Alarmstatus.
+        self.alarm_inputs = [self._derived_id("134", k, self.blocks.alarm_inputs) for k in (1, 2)]
         self.groups: list[Group] = []
         self._vo_of_district: list[str] = []
         self._nested_vo: str | None = None
@@ -147,40 +225,49 @@ class DeviceCatalog:
             self._make_groups()
         self.channels: list[Channel] = []
         self._next = 1
-        for _ in range(max(1, channels) if is_nvr else 1):
+        for _ in range(count):
             self.new_channel()
+
+    def _derived_id(self, type_code: str, number: int, block: int) -> str:
+        """ID ``number`` of a type in this device's block (IdBlocks); the device's centre,
+        industry and network digits (Annex D.1) with ``type_code`` in digits 11–13."""
+        d = self.device_id
+        return f"{d[:10]}{type_code}{d[13]}{self.serial * block + number:06d}"
 
     def _make_groups(self) -> None:
         d = self.device_id
-        self.business_group_id = f"{d[:10]}215{d[13]}{self.serial % 1_000_000:06d}"
+        self.business_group_id = f"{d[:10]}215{d[13]}{d[14:]}"
         # Annex O: a business group's ParentID is the system ID; the NVR is that system here.
         self.groups.append(Group(self.business_group_id, f"视频监控{self.serial:03d}业务分组", d))
+        block = self.blocks.organisations
         for k, _ in enumerate(self.districts):
-            vo = f"{d[:10]}216{d[13]}{(self.serial * 100 + k + 1) % 1_000_000:06d}"
+            vo = self._derived_id("216", k + 1, block)
             self.groups.append(Group(vo, _VO_NAMES[k % len(_VO_NAMES)], self.business_group_id,
                                      self.business_group_id))
             self._vo_of_district.append(vo)
         # One nested organisation shows the optional "ParentID = parent VO" form.
-        nested = f"{d[:10]}216{d[13]}{(self.serial * 100 + 99) % 1_000_000:06d}"
+        nested = self._derived_id("216", _ORGANISATIONS, block)
         self.groups.append(Group(nested, "重点路口", self._vo_of_district[0], self.business_group_id))
         self._nested_vo = nested
 
     # -- channels ----------------------------------------------------------------------------
-    def _channel_id(self, n: int) -> str:
-        d = self.device_id
-        # Same centre and industry as the device, type 131, serial from the device's.
-        return f"{d[:10]}131{d[13]}{(self.serial * 1000 + n) % 1_000_000:06d}"
-
     def new_channel(self) -> Channel:
-        """Create the next channel (number and ID one past the highest so far) and add it."""
+        """Create the next channel (number and ID one past the highest so far) and add it.
+
+        ValueError when the device's block of camera IDs is used up (see IdBlocks).
+        """
         n = self._next
+        block = self.blocks.channels
+        if n > block or self.serial * block + n >= _SERIALS:
+            raise ValueError(f"device {self.device_id} has no camera ID left for channel {n} "
+                             f"(a block of {block} from serial {self.serial * block + 1:06d})")
         self._next += 1
         ch = self._make_channel(n)
         self.channels.append(ch)
         return ch
 
     def _make_channel(self, n: int) -> Channel:
-        cid = self._channel_id(n)
+        cid = self._derived_id("131", n, self.blocks.channels)
         rnd = random.Random(cid)
         a, b = rnd.sample(_ROADS, 2)
         k = rnd.randrange(len(self.districts))

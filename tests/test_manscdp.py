@@ -251,11 +251,74 @@ def test_rare_characters_need_gb18030() -> None:
 
 
 def test_utf8_body_declared_gb2312() -> None:
-    # The declaration is ignored; valid UTF-8 wins.
-    body = _catalog_item("东门").encode("utf-8")
+    # A lying declaration: GB18030 is tried first and fails ("东门口" is 9 bytes, and the
+    # last GB18030 pair would end in "<"), so the body is read as the UTF-8 it is.
+    body = _catalog_item("东门口").encode("utf-8")
     m = parse(body)
     assert m.encoding == "utf-8"
-    assert m.items()[0]["Name"] == "东门"
+    assert m.items()[0]["Name"] == "东门口"
+
+
+# "学院路" in GB2312 is D1A7 D4BA C2B7, which is also valid UTF-8 for "ѧԺ·" (U+0467 U+053A
+# U+00B7): only the declaration can tell them apart.
+AMBIGUOUS_NAME = "学院路 01"
+AMBIGUOUS_BYTES = b"\xd1\xa7\xd4\xba\xc2\xb7 01"
+
+
+def _device_info(declaration: bytes, name: bytes) -> bytes:
+    return (
+        declaration + b"\r\n<Response>\r\n<CmdType>DeviceInfo</CmdType>\r\n<SN>9</SN>\r\n"
+        b"<DeviceID>34020000001180000001</DeviceID>\r\n<DeviceName>" + name + b"</DeviceName>\r\n"
+        b"<Result>OK</Result>\r\n</Response>\r\n"
+    )
+
+
+def test_ambiguous_bytes_are_valid_in_both_charsets() -> None:
+    assert AMBIGUOUS_NAME.encode("gb2312") == AMBIGUOUS_BYTES
+    assert AMBIGUOUS_BYTES.decode("utf-8") == "\u0467\u053a\u00b7 01"
+
+
+@pytest.mark.parametrize(
+    "declaration",
+    [
+        b'<?xml version="1.0" encoding="GB2312"?>',
+        b'<?xml version="1.0" encoding="gb2312"?>',  # Hik NVR
+        b'<?xml version="1.0" encoding="GB2312" ?>',  # Dahua
+        b"<?xml version='1.0' encoding = 'Gb2312'?>",
+        b'<?xml version="1.0" encoding="GBK"?>',
+        b'<?xml version="1.0" encoding="gb18030" standalone="yes"?>',
+        b'\r\n  <?xml version="1.0" encoding="GB2312"?>',  # whitespace before the declaration
+    ],
+)
+def test_gb_declaration_wins_over_accidental_utf8(declaration: bytes) -> None:
+    body = _device_info(declaration, AMBIGUOUS_BYTES)
+    m = parse(body)
+    assert m.encoding == "gb18030"
+    assert m.text("DeviceName") == AMBIGUOUS_NAME
+    assert decode_body(body).endswith("</Response>\r\n") and AMBIGUOUS_NAME in decode_body(body)
+
+
+@pytest.mark.parametrize(
+    "declaration",
+    [
+        b'<?xml version="1.0" encoding="UTF-8"?>',
+        b'<?xml version="1.0"?>',
+        b"",
+        b'\xef\xbb\xbf<?xml version="1.0" encoding="GB2312"?>',  # a UTF-8 BOM outranks it
+        b'<?xml version="1.0" encoding="GB2312-ish"?>',
+    ],
+)
+def test_without_a_gb_declaration_valid_utf8_still_wins(declaration: bytes) -> None:
+    m = parse(_device_info(declaration, AMBIGUOUS_BYTES))
+    assert m.encoding == "utf-8"
+    assert m.text("DeviceName") == "\u0467\u053a\u00b7 01"
+
+
+def test_real_device_name_in_gb2312_with_declaration() -> None:
+    name = "合肥市长江路与黄山路交叉口球机"
+    for declaration in (b'<?xml version="1.0" encoding="GB2312"?>', b""):
+        m = parse(_device_info(declaration, name.encode("gb2312")))
+        assert m.encoding == "gb18030" and m.text("DeviceName") == name
 
 
 # --------------------------------------------------------------------------- repairs
@@ -294,6 +357,10 @@ def test_decode_body() -> None:
     assert decode_body("<a>中</a>".encode("gb18030")) == "<a>中</a>"
     assert decode_body(b"\xef\xbb\xbf<a/>\x00\x00") == "<a/>"
     assert decode_body(b"<a>\xff</a>") == "<a>\ufffd</a>"
+    gb = b'<?xml version="1.0" encoding="GB2312"?>'
+    assert decode_body(gb + b"<a>\xff</a>") == '<?xml version="1.0" encoding="GB2312"?><a>\ufffd</a>'
+    assert decode_body(gb + b"<a>" + AMBIGUOUS_BYTES + b"</a>").endswith(f"<a>{AMBIGUOUS_NAME}</a>")
+    assert decode_body(b"<a>" + AMBIGUOUS_BYTES + b"</a>") == "<a>\u0467\u053a\u00b7 01</a>"
 
 
 # --------------------------------------------------------------------------- refusals
@@ -676,3 +743,13 @@ def test_fuzz_build_parse_round_trip(name: str, address: str, sn: int, encoding:
     [item] = m.items()
     assert item["Name"] == name.strip()
     assert item["Address"] == address.strip()
+
+
+@FUZZ
+@given(XML_TEXT, st.sampled_from(["GB18030", "GB2312", "GBK"]))
+def test_fuzz_gb_declared_bodies_read_back_whatever_they_hold(name: str, encoding: str) -> None:
+    # With the declaration honoured, no "中" is needed to keep GB bytes from passing as UTF-8.
+    body = build("Response", "DeviceInfo", 1, "34020000001180000001", [("DeviceName", name)],
+                 encoding=encoding)
+    m = parse(body)
+    assert m.encoding == "gb18030" and m.text("DeviceName") == name.strip()

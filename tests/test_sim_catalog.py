@@ -5,13 +5,21 @@ a device answers. A ``Probe`` (a real ``SipEndpoint`` playing the platform) is o
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
+import random
 import re
+import subprocess
+import sys
 
 import pytest
 import pytest_asyncio
 
 from gb28181 import manscdp
-from simulators.catalog import DeviceCatalog, location_missing
+from gb28181.ids import parse_id
+from simulators.catalog import DeviceCatalog, Group, IdBlocks, location_missing
+from simulators.cli import config_from_args, parser
+from simulators.fleet import FleetConfig, device_catalog, device_ids, id_blocks
 from simulators.probe import Probe, Received, start_fleet
 
 NVR = "34020000001180000001"
@@ -122,6 +130,125 @@ def test_catalogs_are_deterministic_and_follow_the_device_id():
     assert {c.civil_code[:6] for c in local.channels} == {"340203"}
     ipc = DeviceCatalog("34020000001320000001", 16, is_nvr=False)
     assert len(ipc.channels) == 1 and ipc.channels[0].channel_id[10:13] == "131"
+
+
+# -- IDs across a fleet ------------------------------------------------------------------------
+
+IPC = "34020000001320000001"
+
+
+def fleet_ids(cfg: FleetConfig) -> list[str]:
+    """Every ID a fleet of ``cfg`` gives out, as its devices build them: devices, cameras,
+    business groups and virtual organisations, alarm inputs."""
+    blocks = id_blocks(cfg)
+    ids = []
+    for device_id in device_ids(cfg.first_id, cfg.devices, nvr=cfg.nvr):
+        catalog = device_catalog(cfg, device_id, blocks)
+        ids.append(device_id)
+        ids += [x.group_id if isinstance(x, Group) else x.channel_id for x in catalog.items()]
+        ids += catalog.alarm_inputs
+    return ids
+
+
+FLEETS = {
+    # Serials above 1000: the old `(serial * 1000 + n) % 1_000_000` gave IPC 1 and IPC 1001
+    # the same camera.
+    "2000-ipcs": (FleetConfig(devices=2000, first_id=IPC),
+                  {"34020000001310000101", "34020000001310200001", "34020000001340020002"}),
+    # The usual blocks fit: these are the IDs the simulator has always given.
+    "200-nvrs-x64": (FleetConfig(devices=200, nvr=True, channels=64, first_id=NVR, groups=True),
+                     {"34020000001310001001", "34020000001310200064", "34020000002150000200",
+                      "34020000002160000101", "34020000001340000011"}),
+    # Neither the usual camera block (1000) nor the organisation block (100) fits.
+    "12000-nvrs-x4": (FleetConfig(devices=12000, nvr=True, channels=4, first_id=NVR, groups=True),
+                      {"34020000001310000011", "34020000001310120004", "34020000002160120004"}),
+}
+
+
+def ids_digest(name: str) -> str:
+    return hashlib.sha256(" ".join(fleet_ids(FLEETS[name][0])).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("name", FLEETS)
+def test_every_id_of_a_fleet_is_unique_valid_and_fixed(name):
+    cfg, expected = FLEETS[name]
+    ids = fleet_ids(cfg)
+    assert len(set(ids)) == len(ids), "duplicate IDs"
+    assert expected <= set(ids)
+    per_device = cfg.channels if cfg.nvr else 1
+    assert sum(gb_id[10:13] == "131" for gb_id in ids) == cfg.devices * per_device
+    first = parse_id(cfg.first_id)
+    kinds = set()
+    for gb_id in ids:
+        gid = parse_id(gb_id)  # 20 digits
+        # Annex D.1: centre code (digits 1-8), industry (9-10) and network (14) of the device.
+        assert (gid.centre, gid.industry, gid.network) == (first.centre, first.industry, first.network)
+        kinds.add(gid.type_code)
+    assert kinds == ({118, 131, 134, 215, 216} if cfg.groups else {132, 131, 134})
+    # Nothing random: another global random state gives the same IDs.
+    state = random.getstate()
+    try:
+        random.seed(os.urandom(16))
+        assert fleet_ids(cfg) == ids
+    finally:
+        random.setstate(state)
+
+
+def test_fleet_ids_do_not_depend_on_the_process():
+    # Python's str hash is salted per process: IDs must not depend on it, or on anything else.
+    script = "from tests.test_sim_catalog import ids_digest; print(ids_digest('2000-ipcs'))"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digests = {
+        subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                       check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
+        for seed in ("1", "2")
+    }
+    assert digests == {ids_digest("2000-ipcs")}
+
+
+def test_an_ipc_keeps_its_camera_id_while_the_usual_block_fits():
+    assert DeviceCatalog(IPC, 1, is_nvr=False).channels[0].channel_id == "34020000001310001001"
+    last = "34020000001320000999"
+    assert device_ids(IPC, 999)[-1] == last
+    blocks = id_blocks(FleetConfig(devices=999, first_id=IPC))
+    assert blocks == IdBlocks()
+    assert device_catalog(FleetConfig(devices=999), last, blocks).channels[0].channel_id == \
+        "34020000001310999001"
+
+
+@pytest.mark.parametrize("cfg,limit", [
+    (FleetConfig(devices=15624, nvr=True, channels=64, first_id=NVR), "at most 15623 devices"),
+    (FleetConfig(devices=10, nvr=True, channels=64, first_id="34020000001180500000"),
+     "none from that serial"),
+    (FleetConfig(devices=500_000, first_id=IPC), "at most 499998 devices"),  # 2 alarm inputs each
+])
+def test_a_fleet_that_cannot_fit_is_refused(cfg, limit):
+    with pytest.raises(ValueError, match=limit) as info:
+        id_blocks(cfg)
+    assert "--first-id" in str(info.value) and "Annex D" in str(info.value)
+    assert "fewer devices" in str(info.value)
+
+
+def test_the_limit_is_exact():
+    assert id_blocks(FleetConfig(devices=15623, nvr=True, channels=64, first_id=NVR)).channels == 64
+
+
+def test_cli_reports_a_fleet_that_cannot_fit_in_one_line():
+    args = parser().parse_args(["--devices", "20000", "--nvr", "--channels", "64",
+                                "--first-id", NVR])
+    with pytest.raises(SystemExit) as info:
+        config_from_args(args)
+    message = str(info.value.code)
+    assert message.startswith("gb28181-sim: 20000 devices") and "\n" not in message
+    assert "at most 15623 devices" in message
+
+
+def test_added_channels_stay_inside_the_device_block():
+    catalog = DeviceCatalog(NVR, 3, is_nvr=True, blocks=IdBlocks(channels=4))
+    assert catalog.new_channel().channel_id == "34020000001310000008"  # serial 1 × 4 + 4
+    with pytest.raises(ValueError, match="no camera ID left"):
+        catalog.new_channel()
+    assert len(catalog.channels) == 4
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.2, 1.0])

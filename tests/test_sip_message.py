@@ -7,6 +7,8 @@ keepalive body, space-padded Content-Length) and a Dahua IPC (alphabetical heade
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,6 +21,7 @@ from gb28181.sip.message import (
     SipResponse,
     make_response,
     new_request,
+    parse_delta_seconds,
     parse_message,
     parse_name_addr,
     parse_uri,
@@ -395,11 +398,82 @@ def test_empty_mandatory_header_counts_as_present_but_cseq_is_checked() -> None:
 
 @pytest.mark.parametrize("cseq", ["abc MESSAGE", "1", "1 ", "-1 MESSAGE", "1.0 MESSAGE",
                                   "2147483648 MESSAGE", "\u00b2 MESSAGE", "\u0661 MESSAGE",
-                                  "9" * 5000 + " MESSAGE", "MESSAGE 1"])
+                                  "9" * 5000 + " MESSAGE", "MESSAGE 1",
+                                  # str.strip()/split() whitespace that RFC 3261 LWS is not:
+                                  "3\x1c MESSAGE", "3 MESSAGE\x1f", "\x1e3 MESSAGE",
+                                  "3\x0bMESSAGE", "3\x0cMESSAGE", "3\u3000MESSAGE", "3\x85MESSAGE",
+                                  "3\rMESSAGE", "3 MES\x00SAGE", "3 MES SAGE", "3 MESSAGE;x"])
 def test_bad_cseq(cseq: str) -> None:
     with pytest.raises(SipParseError, match="CSeq") as info:
         parse_message(_basic(cseq=cseq))
     assert isinstance(info.value.message, SipRequest)
+
+
+def test_response_cseq_with_a_control_character_is_refused() -> None:
+    # Found by fuzzing: str.strip() removes \x1c, so "3\x1c" passed the number check and the
+    # transaction layer's `.cseq` later raised a bare ValueError from int().
+    data = (
+        "SIP/2.0 200 OK\r\n"
+        "Via: SIP/2.0/UDP 192.168.1.100:5060;branch=z9hG4bK3a1b\r\n"
+        f"From: <sip:{SRV}@3402000000>;tag=abc\r\n"
+        f"To: <sip:{DEV}@3402000000>;tag=def\r\n"
+        "Call-ID: 77@192.168.1.100\r\n"
+        "CSeq: 3\x1c MESSAGE\r\n"
+        "Content-Length: 0\r\n"
+        "\r\n"
+    ).encode()
+    with pytest.raises(SipParseError, match="invalid CSeq") as info:
+        parse_message(data)
+    assert isinstance(info.value.message, SipResponse)
+
+
+@pytest.mark.parametrize("cseq,stored,parsed", [
+    ("7 MESSAGE", "7 MESSAGE", (7, "MESSAGE")),
+    ("7 \t message", "7 message", (7, "MESSAGE")),
+    ("0007\tMESSAGE", "7 MESSAGE", (7, "MESSAGE")),
+    ("0" * 5000 + "1 MESSAGE", "1 MESSAGE", (1, "MESSAGE")),  # int() refuses >4300 digits
+])
+def test_cseq_is_stored_in_canonical_form(cseq: str, stored: str, parsed: tuple[int, str]) -> None:
+    msg = parse_message(_basic(cseq=cseq))
+    assert msg.get("cseq") == stored and msg.cseq == parsed
+    assert make_response(msg, 200).get("cseq") == stored
+    assert _same(parse_message(msg.serialize()), msg)
+
+
+def test_folded_cseq_is_joined_with_one_space() -> None:
+    msg = parse_message(_basic(cseq="5\r\n\t MESSAGE"))
+    assert msg.get("cseq") == "5 MESSAGE" and msg.cseq == (5, "MESSAGE")
+
+
+@pytest.mark.parametrize("code", ["\u00b2\u00b2\u00b2", "\u0662\u0660\u0660", "2\x1c0"])
+def test_status_code_must_be_ascii_digits(code: str) -> None:
+    data = DAHUA_101.replace(b"101", code.encode(), 1)
+    with pytest.raises(SipParseError, match="status line"):
+        parse_message(data)
+
+
+@pytest.mark.parametrize("value,stored", [
+    ("3600", "3600"), ("  0 ", "0"), ("\t003600", "3600"), ("4294967295", "4294967295"),
+    ("0" * 5000 + "60", "60"),  # int() alone refuses more than 4300 digits
+])
+def test_expires_is_stored_as_plain_seconds(value: str, stored: str) -> None:
+    msg = parse_message(_basic(f"Expires: {value}\r\n", cseq="1 REGISTER", method="REGISTER"))
+    assert msg.get("expires") == stored and int(stored) == parse_delta_seconds(value)
+
+
+@pytest.mark.parametrize("value", ["", "soon", "-1", "1.5", "0x10", "\u00b2", "\u0663",
+                                   "4294967296", "9" * 5000,  # above 2**32-1 (RFC 3261 §20.19)
+                                   "3600\x1c", "36 00", "3600;refresher=uac",
+                                   "Thu, 01 Dec 1994 16:00:00 GMT"])
+def test_invalid_expires_is_a_parse_error(value: str) -> None:
+    assert parse_delta_seconds(value) is None
+    data = _basic(f"Expires: {value}\r\n", cseq="1 REGISTER", method="REGISTER")
+    with pytest.raises(SipParseError, match="invalid Expires") as info:
+        parse_message(data)
+    # The request is still there, so the endpoint can answer it with a 400.
+    assert isinstance(info.value.message, SipRequest) and info.value.message.method == "REGISTER"
+    with pytest.raises(SipParseError, match="invalid Expires"):
+        parse_message(DAHUA_101.replace(b"CSeq:", f"Expires: {value}\r\nCSeq:".encode()))
 
 
 def test_largest_cseq_accepted() -> None:
@@ -698,6 +772,41 @@ def _mutated(draw: st.DrawFn) -> bytes:
 @given(_mutated())
 def test_fuzz_mutated_register(data: bytes) -> None:
     _check_parse(data)
+
+
+# What str.strip()/split() treat as whitespace but RFC 3261 LWS is not, and other traps.
+_CSEQ_JUNK = st.sampled_from([b"\x1c", b"\x1d", b"\x1e", b"\x1f", b"\x0b", b"\x0c", b"\x00",
+                              b"\xc2\x85", b"\xc2\xa0", b"\xe3\x80\x80", b"\xc2\xb2", b"\xd9\xa1",
+                              b"\xff", b"\t", b" ", b"\r", b"\n", b"\n ", b"\r\n\t", b";", b"-",
+                              b"0" * 5000, b"9" * 12])
+
+
+@st.composite
+def _cseq_line_insertions(draw: st.DrawFn) -> bytes:
+    base = draw(st.sampled_from([_basic(cseq="20 MESSAGE"), HIK_REGISTER, DAHUA_101,
+                                 DAHUA_REGISTER]))
+    start = base.index(b"\nCSeq:") + 1
+    end = base.index(b"\n", start)  # the line's own CR/LF may be hit too
+    cuts = draw(st.lists(st.integers(start, end), min_size=1, max_size=4))
+    data = base
+    for pos in sorted(cuts, reverse=True):
+        data = data[:pos] + draw(st.one_of(_CSEQ_JUNK, st.binary(min_size=1, max_size=6))) + data[pos:]
+    return data
+
+
+@FUZZ
+@given(_cseq_line_insertions())
+def test_fuzz_bytes_in_the_cseq_line(data: bytes) -> None:
+    # Whatever is inserted into the CSeq line, the parser refuses it or `.cseq` works.
+    try:
+        msg = parse_message(data)
+    except SipParseError:
+        return
+    number, method = msg.cseq
+    assert 0 <= number < 2**31 and re.fullmatch(r"[A-Za-z0-9.!%*_+`'~-]+", method)
+    if isinstance(msg, SipRequest):
+        assert method == msg.method and make_response(msg, 200).cseq == msg.cseq
+    assert _same(parse_message(msg.serialize()), msg)
 
 
 @FUZZ

@@ -120,24 +120,54 @@ def _to_dict(el: ET.Element) -> dict[str, Any]:
 # --------------------------------------------------------------------------- decoding
 
 
+# The encoding named by an XML declaration near the start of the body (XML 1.0 §4.3.3), in
+# any quoting and spacing devices use: `encoding="gb2312"`, `encoding = 'GB2312' ?>`.
+_DECLARED_ENCODING = re.compile(rb"<\?xml\b[^>]*?\bencoding\s*=\s*[\"']?\s*([A-Za-z0-9._-]{1,40})")
+# How far into the body the declaration is looked for: it comes first, after at most a BOM,
+# some whitespace or a little garbage (see _repair_and_parse).
+_DECLARATION_WINDOW = 256
+# GB18030 is a superset of GB2312 and GBK, so it reads all three (and rare name characters
+# need it: #1344, #1934).
+_GB_FAMILY = frozenset({"GB2312", "GBK", "GB18030"})
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _declares_gb(body: bytes) -> bool:
+    """Whether the XML declaration names GB2312, GBK or GB18030 (any case)."""
+    m = _DECLARED_ENCODING.search(body, 0, _DECLARATION_WINDOW)
+    return m is not None and m.group(1).decode("ascii").upper() in _GB_FAMILY
+
+
 def _decode(body: bytes) -> tuple[str, str]:
     # NUL padding shows up after bodies copied out of fixed-size C buffers.
     body = body.rstrip(b"\x00")
-    try:
-        text, encoding = body.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
-        # GB18030 is a superset of GB2312 and GBK: rare name characters need it (#1344,
-        # #1934). Declarations lie (Hik NVRs say gb2312, IPCs UTF-8), so they are ignored.
-        text, encoding = body.decode("gb18030", errors="replace"), "gb18030"
-    if text[:1] == "\ufeff":  # a UTF-8 or GB18030 byte order mark
-        text = text[1:]
-    return text, encoding
+    # Declarations can lie (a UTF-8 body declared GB2312), so a GB declaration only decides
+    # which strict decoding is tried first. It has to: some GB2312 text is valid UTF-8 by
+    # accident ("学院路" is D1A7 D4BA C2B7, which UTF-8 reads as "ѧԺ·"). GB/T 28181-2016
+    # §6.10 has signalling in GB2312, so a GB-declared body gets GB18030 first. A UTF-8 BOM
+    # outranks any declaration (XML 1.0 Appendix F).
+    order = ("utf-8", "gb18030")
+    if not body.startswith(_UTF8_BOM) and _declares_gb(body):
+        order = ("gb18030", "utf-8")
+    for encoding in order:
+        try:
+            return _without_bom(body.decode(encoding)), encoding
+        except UnicodeDecodeError:
+            continue
+    return _without_bom(body.decode("gb18030", errors="replace")), "gb18030"
+
+
+def _without_bom(text: str) -> str:
+    # A UTF-8 or GB18030 byte order mark decodes to U+FEFF.
+    return text[1:] if text[:1] == "\ufeff" else text
 
 
 def decode_body(body: bytes) -> str:
-    """Body bytes as text: strict UTF-8 when valid, else GB18030 (undecodable bytes → U+FFFD).
+    """Body bytes as text, by the same rule as :func:`parse`.
 
-    The XML declaration's encoding is ignored, a leading BOM and trailing NULs are removed.
+    With a GB2312/GBK/GB18030 declaration: strict GB18030, else strict UTF-8; otherwise
+    (UTF-8 declared, or nothing): strict UTF-8, else strict GB18030. When neither fits, GB18030
+    with undecodable bytes as U+FFFD. A leading BOM and trailing NULs are removed.
     """
     return _decode(bytes(body))[0]
 
@@ -156,7 +186,7 @@ _ADDRESS_LINE = re.compile(r"(<Address>)((?:(?!</?Address>)[^\n])*)(</Address>)"
 
 def _fromstring(text: str) -> ET.Element:
     # Feeding str makes expat ignore the declared encoding, which is what we want: the
-    # charset was already chosen from the bytes. forbid_dtd refuses every DOCTYPE, so no
+    # charset was already chosen (_decode). forbid_dtd refuses every DOCTYPE, so no
     # entity (billion laughs, external/parameter entities) can ever be declared.
     return DET.fromstring(text, forbid_dtd=True, forbid_entities=True, forbid_external=True)
 
@@ -200,8 +230,8 @@ def _repair_and_parse(original: str, first: ET.ParseError) -> ET.Element:
         if start < 0:
             raise ManscdpError("body is not XML (no '<' found)")
     text = original[start:]
-    # The declaration only matters for its charset, which we ignore; dropping it also
-    # disposes of malformed ones.
+    # The declaration only matters for its charset, which _decode has used; dropping it
+    # also disposes of malformed ones.
     m = _XML_DECL.match(text)
     if m:
         text = text[m.end() :]
