@@ -174,7 +174,147 @@ async def test_a_raising_consumer_does_not_break_the_receiver(receiver, udp_send
     assert receiver.ingest_errors >= 1
 
 
+
+# -- SSRCs of the answer (add_ssrc) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("answers", ["a-then-b", "b-then-a"])
+async def test_answered_ssrcs_of_two_streams_of_one_host_never_swap(receiver, udp_sender, answers: str) -> None:
+    # Two INVITEs to one NVR; each 200 carries a y= of the NVR's own choosing, and the
+    # second stream's RTP is first to arrive: the oldest-waiting fallback would swap them.
+    a, b = Sink(), Sink()
+    ha = receiver.expect_udp(200000001, a.ingest, source_host=HOST)
+    hb = receiver.expect_udp(200000002, b.ingest, source_host=HOST)
+    if answers == "a-then-b":
+        assert ha.add_ssrc(1101) and hb.add_ssrc(1102)
+    else:
+        assert hb.add_ssrc(1102) and ha.add_ssrc(1101)
+    aus_a, pk_a = stream(1101, frames=12, seed=1)
+    aus_b, pk_b = stream(1102, frames=12, seed=2)
+    sock = udp_sender()
+    await send_udp(sock, receiver.udp_port, pk_b)
+    await wait_for(lambda: len(b.out) == 12, 5, what="the second stream")
+    assert not ha.first_packet.is_set() and not a.out
+    await send_udp(sock, receiver.udp_port, pk_a)
+    await wait_for(lambda: len(a.out) == 12, 5, what="the first stream")
+    assert a.aus == aus_a and b.aus == aus_b
+    assert ha.ssrcs == [200000001, 1101] and hb.ssrcs == [200000002, 1102]
+    assert receiver.ssrc_fallbacks == 0 and receiver.unknown_ssrc == 0
+
+
+async def test_a_claim_takes_back_an_ssrc_that_the_fallback_guessed(receiver, udp_sender) -> None:
+    # The second stream's RTP arrives before its 200 is handled: the guess gives it to the
+    # first stream, and the answer's claim takes it back.
+    a, b = Sink(), Sink()
+    ha = receiver.expect_udp(200000011, a.ingest, source_host=HOST)
+    hb = receiver.expect_udp(200000012, b.ingest, source_host=HOST)
+    aus_a, pk_a = stream(1201, frames=10, seed=1)
+    aus_b, pk_b = stream(1202, frames=20, seed=2)
+    sock = udp_sender()
+    early = [p for p in pk_b if int.from_bytes(p[4:8], "big") < 10 * 3600]  # frames 0-9
+    await send_udp(sock, receiver.udp_port, early)
+    await wait_for(lambda: ha.first_packet.is_set(), 2, what="the guess")
+    assert receiver.ssrc_fallbacks == 1 and ha.ssrcs == [200000011, 1202]
+    assert hb.add_ssrc(1202) and ha.add_ssrc(1201)
+    assert ha.ssrcs == [200000011, 1201] and not ha.first_packet.is_set() and ha.peer is None
+    assert receiver.ssrc_revoked == 1
+    await send_udp(sock, receiver.udp_port, pk_b[len(early):] + pk_a)
+    await wait_for(lambda: len(b.aus) == 10 and a.aus[-10:] == aus_a, 5, what="both streams")
+    assert b.aus == aus_b[10:]
+    assert set(a.aus[:-10]) <= set(aus_b[:10])  # what the guess gave it, then its own
+    assert ha.first_packet.is_set() and hb.first_packet.is_set() and receiver.ssrc_fallbacks == 1
+
+
+async def test_add_ssrc_does_not_steal_and_close_releases(receiver, udp_sender) -> None:
+    a, b = Sink(), Sink()
+    ha = receiver.expect_udp(1301, a.ingest, source_host=HOST)
+    hb = receiver.expect_udp(1302, b.ingest, source_host=HOST)
+    assert ha.add_ssrc(1311) and ha.add_ssrc(1311) and ha.add_ssrc(1301)
+    assert not hb.add_ssrc(1311) and not hb.add_ssrc(1301)  # owned by a live stream
+    assert hb.ssrcs == [1302]
+    _, pk = stream(1311, frames=2)
+    sock = udp_sender()
+    await send_udp(sock, receiver.udp_port, pk)
+    await wait_for(lambda: ha.packets == len(pk), 2, what="routing to the owner")
+    assert hb.packets == 0 and not hb.first_packet.is_set()
+    ha.close()
+    assert not ha.add_ssrc(1399)
+    await send_udp(sock, receiver.udp_port, pk)  # retired: not guessed for the waiting stream
+    await wait_for(lambda: receiver.stale == len(pk), 2, what="stale count")
+    assert not hb.first_packet.is_set()
+    assert hb.add_ssrc(1311)  # released: a new claim may have it at once
+    await send_udp(sock, receiver.udp_port, pk)
+    await wait_for(lambda: hb.packets == len(pk), 2, what="routing to the new owner")
+    with pytest.raises(ValueError):
+        receiver.expect_udp(1311, Sink().ingest)
+
+
+async def test_fallback_skips_ssrcs_claimed_by_tcp_and_streams_that_answered(receiver, udp_sender) -> None:
+    a, b = Sink(), Sink()
+    ha = receiver.expect_udp(1401, a.ingest, source_host=HOST)
+    hb = receiver.expect_udp(1402, b.ingest, source_host=HOST)
+    ht = await receiver.listen_tcp(Sink().ingest, ssrc=1403)
+    assert ht.add_ssrc(1404)
+    assert ha.add_ssrc(1411)  # the older stream's answer named its SSRC
+    sock = udp_sender()
+    _, claimed = stream(1404, frames=2)
+    await send_udp(sock, receiver.udp_port, claimed)
+    await wait_for(lambda: receiver.unknown_ssrc == len(claimed), 2, what="claimed SSRC dropped")
+    _, unknown = stream(630886, frames=2)
+    await send_udp(sock, receiver.udp_port, unknown)
+    await wait_for(lambda: hb.first_packet.is_set(), 2, what="the guess")
+    assert hb.ssrcs == [1402, 630886] and not ha.first_packet.is_set() and receiver.ssrc_fallbacks == 1
+
+
 # -- TCP passive ------------------------------------------------------------------------
+
+
+def rfc4571(packets: list[bytes]) -> bytes:
+    return b"".join(frame_rfc4571(p) for p in packets)
+
+
+async def device(port: int, local: str = HOST) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A device connecting to our media port from `local` (a media NIC, another host)."""
+    return await asyncio.open_connection(HOST, port, local_addr=(local, 0))
+
+
+def free_tcp_range(n: int) -> tuple[int, int]:
+    """n consecutive TCP ports free on HOST, below the ephemeral range."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32000 - n)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + n):
+                socks.append(socket.socket())
+                socks[-1].bind((HOST, port))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return base, base + n - 1
+    raise RuntimeError("no free TCP port range")
+
+
+@pytest_asyncio.fixture
+async def shared():
+    """A receiver whose passive TCP streams share ports from a range of three."""
+    lo, hi = free_tcp_range(3)
+    r = MediaReceiver(HOST, tcp_port_range=(lo, hi), tcp_pending_timeout=0.5, tcp_pending_max=3)
+    await r.start()
+    yield r
+    await r.close()
+
+
+@pytest_asyncio.fixture
+async def one_port():
+    """A receiver whose passive TCP streams all share one port."""
+    lo, _ = free_tcp_range(1)
+    r = MediaReceiver(HOST, tcp_port_range=(lo, lo))
+    await r.start()
+    yield r
+    await r.close()
 
 
 async def _send_split(writer: asyncio.StreamWriter, data: bytes, rng: random.Random) -> None:
@@ -190,61 +330,242 @@ async def _send_split(writer: asyncio.StreamWriter, data: bytes, rng: random.Ran
 
 async def test_tcp_passive_rfc4571_split_at_random_boundaries(receiver) -> None:
     sink = Sink()
-    h = await receiver.listen_tcp(sink.ingest)
+    h = await receiver.listen_tcp(sink.ingest, ssrc=42)
     assert h.transport == "tcp" and h.mode == "passive" and h.port > 0 and not h.connected
+    assert h.waiting and receiver.as_dict()["tcp_ports"] == {h.port: 1}
     aus, packets = stream(42)
-    reader, writer = await asyncio.open_connection(HOST, h.port)
-    await _send_split(writer, b"".join(frame_rfc4571(p) for p in packets), random.Random(5))
+    reader, writer = await device(h.port)
+    await _send_split(writer, rfc4571(packets), random.Random(5))
     await asyncio.wait_for(h.first_packet.wait(), 2)
     await wait_for(lambda: len(sink.out) == 30, 5, what="all frames over TCP")
     assert sink.aus == aus and h.connected and h.peer == writer.get_extra_info("sockname")
     assert h.framer is not None and h.framer.mode == "rfc4571" and h.framer.resyncs == 0
+    assert not h.waiting and not sink.ingest.stats.ssrc_mismatch
     writer.close()
     await wait_for(lambda: not h.connected, 2, what="disconnect")
     assert h.disconnects == {"eof": 1}
 
 
+async def test_tcp_passive_accepts_any_address_and_keeps_the_first_bytes(receiver) -> None:
+    # The NVR signals from one address and sends media from another NIC.
+    sink = Sink(expected_ssrc=77)
+    h = await receiver.listen_tcp(sink.ingest, ssrc=77, source_host="192.0.2.9")
+    aus, packets = stream(77)
+    reader, writer = await device(h.port, local="127.0.0.2")
+    writer.write(rfc4571(packets))  # one write: the packets read while pending are the first ones
+    await wait_for(lambda: len(sink.out) == 30, 5, what="all frames")
+    assert sink.aus == aus and h.peer[0] == "127.0.0.2" and h.connections == 1
+    assert receiver.as_dict()["tcp_unbound"] == {} and receiver.as_dict()["tcp_pending"] == 0
+    writer.close()
+
+
 async def test_tcp_passive_reconnect_keeps_the_newest_connection(receiver) -> None:
     sink = Sink()
-    h = await receiver.listen_tcp(sink.ingest)
+    h = await receiver.listen_tcp(sink.ingest, ssrc=43)
     aus, packets = stream(43)
     half = len(packets) // 2
-    r1, w1 = await asyncio.open_connection(HOST, h.port)
-    w1.write(b"".join(frame_rfc4571(p) for p in packets[:half]))
+    r1, w1 = await device(h.port)
+    w1.write(rfc4571(packets[:half]))
     await w1.drain()
     await wait_for(lambda: h.packets == half, 2, what="first half")
-    r2, w2 = await asyncio.open_connection(HOST, h.port)
-    await wait_for(lambda: h.connections == 2, 2, what="second connection")
-    assert h.disconnects == {"replaced": 1}
+    r2, w2 = await device(h.port, local="127.0.0.3")
+    await _send_split(w2, rfc4571(packets[half:]), random.Random(6))
+    await wait_for(lambda: h.connections == 2 and h.disconnects == {"replaced": 1}, 2, what="second connection")
+    assert h.peer[0] == "127.0.0.3"
     assert await asyncio.wait_for(r1.read(), 2) == b""  # the old one was cut off
-    await _send_split(w2, b"".join(frame_rfc4571(p) for p in packets[half:]), random.Random(6))
     await wait_for(lambda: len(sink.aus) == 30, 5, what="the rest over the new connection")
     assert sink.aus == aus and sink.ingest.stats.lost == 0
     w1.close()
     w2.close()
 
 
-async def test_tcp_passive_refuses_other_hosts(receiver) -> None:
-    h = await receiver.listen_tcp(Sink().ingest, source_host="192.0.2.9")
-    reader, writer = await asyncio.open_connection(HOST, h.port)
-    assert await asyncio.wait_for(reader.read(), 2) == b""
-    assert h.rejected == 1 and not h.connected and h.connections == 0
-    writer.close()
+async def test_tcp_passive_streams_share_a_port_and_are_told_apart_by_ssrc(one_port) -> None:
+    r = one_port
+    a, b = Sink(), Sink()
+    ha = await r.listen_tcp(a.ingest, ssrc=501)
+    hb = await r.listen_tcp(b.ingest, ssrc=502)
+    assert ha.port == hb.port and r.as_dict()["tcp_ports"] == {ha.port: 2}
+    aus_a, pk_a = stream(501, frames=10, seed=1)
+    aus_b, pk_b = stream(502, frames=10, seed=2)
+    # The second stream's device connects first, from another address.
+    rb, wb = await device(hb.port, local="127.0.0.4")
+    wb.write(rfc4571(pk_b))
+    await wait_for(lambda: len(b.out) == 10, 5, what="the second stream")
+    assert not ha.connected and ha.waiting and not a.out
+    ra, wa = await device(ha.port, local="127.0.0.3")
+    await _send_split(wa, rfc4571(pk_a), random.Random(8))
+    await wait_for(lambda: len(a.out) == 10, 5, what="the first stream")
+    assert a.aus == aus_a and b.aus == aus_b
+    assert ha.peer[0] == "127.0.0.3" and hb.peer[0] == "127.0.0.4"
+    assert r.as_dict()["tcp_ssrc_fallbacks"] == 0 and r.as_dict()["tcp_unbound"] == {}
+    wa.close()
+    wb.close()
+
+
+@pytest.mark.parametrize("answers", ["a-then-b", "b-then-a"])
+async def test_tcp_passive_answered_ssrcs_on_a_shared_port(one_port, answers: str) -> None:
+    shared = one_port
+    a, b = Sink(), Sink()
+    ha = await shared.listen_tcp(a.ingest, ssrc=200000021)
+    hb = await shared.listen_tcp(b.ingest, ssrc=200000022)
+    assert ha.port == hb.port
+    for h, answer in ([(ha, 1521), (hb, 1522)] if answers == "a-then-b" else [(hb, 1522), (ha, 1521)]):
+        assert h.add_ssrc(answer)
+    assert not ha.add_ssrc(1522)  # the other stream's answer
+    aus_a, pk_a = stream(1521, frames=6, seed=1)
+    aus_b, pk_b = stream(1522, frames=6, seed=2)
+    rb, wb = await device(hb.port, local="127.0.0.4")
+    wb.write(rfc4571(pk_b))
+    await wait_for(lambda: len(b.out) == 6, 5, what="the second stream")
+    ra, wa = await device(ha.port, local="127.0.0.4")
+    wa.write(rfc4571(pk_a))
+    await wait_for(lambda: len(a.out) == 6, 5, what="the first stream")
+    assert a.aus == aus_a and b.aus == aus_b and shared.as_dict()["tcp_ssrc_fallbacks"] == 0
+    wa.close()
+    wb.close()
+
+
+async def test_tcp_passive_port_choice_skips_ports_in_use_and_closes_idle_listeners() -> None:
+    lo, hi = free_tcp_range(3)
+    squatter = socket.socket()
+    squatter.bind((HOST, lo))
+    squatter.listen()
+    r = MediaReceiver(HOST, tcp_port_range=(lo, hi))
+    await r.start()
+    try:
+        h1 = await r.listen_tcp(Sink().ingest, ssrc=601)
+        h2 = await r.listen_tcp(Sink().ingest, ssrc=602)
+        assert (h1.port, h2.port) == (lo + 1, lo + 2)  # lo is taken by someone else
+        h3 = await r.listen_tcp(Sink().ingest, ssrc=603)  # no free port left: shares one
+        assert h3.port == lo + 1
+        reader, writer = await device(h2.port)
+        writer.write(rfc4571(stream(602, frames=2)[1]))
+        await wait_for(lambda: h2.connected, 2, what="the second stream")
+        h4 = await r.listen_tcp(Sink().ingest, ssrc=604)
+        assert h4.port == lo + 2  # the port with the fewest streams waiting
+        assert r.as_dict()["tcp_ports"] == {lo + 1: 2, lo + 2: 2}
+        h2.close()
+        h4.close()
+        with pytest.raises(OSError):
+            await device(lo + 2)  # its last stream went away: the port is closed
+        h5 = await r.listen_tcp(Sink().ingest, ssrc=605)
+        assert h5.port == lo + 2  # reopened
+        for h in (h1, h3, h5):
+            h.close()
+        assert r.as_dict()["tcp_ports"] == {} and r.as_dict()["tcp_streams"] == 0
+        writer.close()
+    finally:
+        await r.close()
+    r = MediaReceiver(HOST, tcp_port_range=(lo, lo))
+    await r.start()
+    try:
+        with pytest.raises(OSError):
+            await r.listen_tcp(Sink().ingest, ssrc=606)
+        assert r.as_dict()["tcp_streams"] == 0
+        assert r.expect_udp(606, Sink().ingest)  # the failed stream's SSRC was released
+    finally:
+        await r.close()
+        squatter.close()
+
+
+async def test_tcp_passive_unknown_ssrc_goes_to_the_one_waiting_stream(shared) -> None:
+    a, b = Sink(expected_ssrc=701), Sink(expected_ssrc=702)
+    ha = await shared.listen_tcp(a.ingest, ssrc=701)
+    _, pk_a = stream(701, frames=3, seed=1)
+    ra, wa = await device(ha.port)
+    wa.write(rfc4571(pk_a))
+    await wait_for(lambda: len(a.out) == 3, 5, what="the first stream")
+    hb = await shared.listen_tcp(b.ingest, ssrc=702)
+    assert hb.port == ha.port
+    aus, pk_b = stream(630886, frames=10, seed=2)  # the device ignored y=
+    rb, wb = await device(hb.port, local="127.0.0.2")
+    wb.write(rfc4571(pk_b[:1]))  # one packet is no evidence yet: held
+    await wb.drain()
+    await asyncio.sleep(0.05)
+    assert not hb.connected and shared.as_dict()["tcp_pending"] == 1
+    wb.write(rfc4571(pk_b[1:]))
+    await wait_for(lambda: len(b.out) == 10, 5, what="the mismatched stream")
+    assert b.aus == aus and b.ingest.stats.ssrc_mismatch and hb.ssrcs == [702, 630886]
+    assert shared.as_dict()["tcp_ssrc_fallbacks"] == 1 and not a.ingest.stats.ssrc_mismatch
+    # A reconnect of that device is recognised by its SSRC.
+    rb2, wb2 = await device(hb.port, local="127.0.0.2")
+    wb2.write(rfc4571(stream(630886, frames=1, seq=5000)[1]))
+    await wait_for(lambda: hb.connections == 2, 2, what="the reconnect")
+    for w in (wa, wb, wb2):
+        w.close()
+
+
+async def test_tcp_passive_ambiguous_stale_and_claimed_ssrcs_are_closed(shared) -> None:
+    ha = await shared.listen_tcp(Sink().ingest, ssrc=801)
+    _, pk_a = stream(801, frames=2)
+    ra, wa = await device(ha.port)
+    wa.write(rfc4571(pk_a))
+    await wait_for(lambda: ha.connected, 2, what="the first stream")
+    port = ha.port
+    ha.close()  # BYE; the device goes on
+    # Four streams on three ports: two wait on the first port, reopened.
+    hb, hc, hd, he = [await shared.listen_tcp(Sink().ingest, ssrc=s) for s in (802, 803, 805, 806)]
+    assert hb.port == he.port == port and len({hb.port, hc.port, hd.port}) == 3
+    shared.expect_udp(804, Sink().ingest)
+    cases = [
+        (pk_a, "stale"),  # the closed stream's device goes on
+        (stream(804, frames=2)[1], "claimed"),  # another stream's SSRC
+        (stream(999, frames=2)[1], "unmatched"),  # hb or he? cannot tell
+    ]
+    for packets, why in cases:
+        reader, writer = await device(port)
+        writer.write(rfc4571(packets))
+        assert await asyncio.wait_for(reader.read(), 2) == b""
+        assert shared.as_dict()["tcp_unbound"].get(why) == 1
+        writer.close()
+    assert not any(h.connected for h in (hb, hc, hd, he))
+    assert all(h.waiting for h in (hb, hc, hd, he))
+    wa.close()
+
+
+async def test_tcp_passive_pending_connections_are_bounded(shared) -> None:
+    sink = Sink()
+    h = await shared.listen_tcp(sink.ingest, ssrc=901)
+    idle = [await device(h.port) for _ in range(4)]  # the limit is 3: the oldest goes
+    assert await asyncio.wait_for(idle[0][0].read(), 2) == b""
+    await wait_for(lambda: shared.as_dict()["tcp_unbound"] == {"overflow": 1, "timeout": 3}, 3,
+                   what="pending timeouts")
+    assert h.waiting and shared.as_dict()["tcp_pending"] == 0
+    aus, packets = stream(901, frames=3)
+    reader, writer = await device(h.port)
+    writer.write(rfc4571(packets))
+    await wait_for(lambda: len(sink.out) == 3, 2, what="the real device")
+    # The port's last stream going away closes what still waits on it.
+    r2, w2 = await device(h.port)
+    await wait_for(lambda: shared.as_dict()["tcp_pending"] == 1, 2, what="a pending connection")
+    h.close()
+    assert await asyncio.wait_for(r2.read(), 2) == b""
+    await wait_for(lambda: shared.as_dict()["tcp_unbound"].get("closed") == 1, 2, what="closed count")
+    for _, w in idle + [(reader, writer), (r2, w2)]:
+        w.close()
 
 
 @pytest.mark.parametrize("garbage", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 20000, random.Random(3).randbytes(400_000)],
                          ids=["text", "random"])
-async def test_tcp_garbage_is_disconnected(receiver, garbage: bytes) -> None:
+@pytest.mark.parametrize("after_rtp", [False, True], ids=["pending", "tied"])
+async def test_tcp_garbage_is_disconnected(receiver, garbage: bytes, after_rtp: bool) -> None:
     sink = Sink()
-    h = await receiver.listen_tcp(sink.ingest)
-    reader, writer = await asyncio.open_connection(HOST, h.port)
+    h = await receiver.listen_tcp(sink.ingest, ssrc=45)
+    reader, writer = await device(h.port)
+    if after_rtp:
+        writer.write(rfc4571(stream(45, frames=2)[1]))
+        await wait_for(lambda: h.connected, 2, what="the stream")
     writer.write(garbage)
     try:
         await writer.drain()
     except ConnectionError:
         pass
-    await wait_for(lambda: h.disconnects.get("garbage") == 1, 3, what="garbage disconnect")
-    assert h.close_reason == "garbage" and not h.connected and not sink.out
+    if after_rtp:
+        await wait_for(lambda: h.disconnects.get("garbage") == 1, 3, what="garbage disconnect")
+        assert h.close_reason == "garbage" and not h.connected and len(sink.out) <= 2
+    else:
+        await wait_for(lambda: receiver.as_dict()["tcp_unbound"].get("garbage") == 1, 3, what="garbage count")
+        assert h.waiting and h.connections == 0 and not sink.out
     try:
         assert await asyncio.wait_for(reader.read(), 2) == b""
     except ConnectionError:
@@ -267,8 +588,8 @@ async def test_tcp_active_connects_and_reads_interleaved_frames(receiver) -> Non
     port = server.sockets[0].getsockname()[1]
     try:
         sink = Sink()
-        h = await receiver.connect_tcp(HOST, port, sink.ingest, timeout=2)
-        assert h.mode == "active" and h.peer == (HOST, port)
+        h = await receiver.connect_tcp(HOST, port, sink.ingest, timeout=2, ssrc=44)
+        assert h.mode == "active" and h.peer == (HOST, port) and h.ssrcs == [44]
         await asyncio.wait_for(h.first_packet.wait(), 2)
         await wait_for(lambda: len(sink.out) == 30, 5, what="frames from the device")
         await wait_for(lambda: not h.connected, 2, what="device closing")
@@ -279,23 +600,58 @@ async def test_tcp_active_connects_and_reads_interleaved_frames(receiver) -> Non
         await server.wait_closed()
 
 
-async def test_tcp_active_connection_refused(receiver) -> None:
+async def test_tcp_active_falls_back_to_the_next_address(receiver) -> None:
+    # The answer's c= is not reachable (here: nothing listens on 127.0.0.2); the
+    # device's signalling address is.
+    aus, packets = stream(46, frames=3)
+
+    async def device(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(rfc4571(packets))
+        await writer.drain()
+
+    server = await asyncio.start_server(device, HOST, 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        sink = Sink()
+        h = await receiver.connect_tcp(["0.0.0.0", "127.0.0.2", HOST, "127.0.0.2"], port, sink.ingest, timeout=2)
+        assert h.peer == (HOST, port)
+        await wait_for(lambda: len(sink.out) == 3, 5, what="frames from the device")
+        h.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_tcp_active_connection_refused_names_every_address(receiver) -> None:
     with socket.socket() as s:
         s.bind((HOST, 0))
         port = s.getsockname()[1]  # nothing listens here
+    with pytest.raises(OSError) as err:
+        await receiver.connect_tcp(["127.0.0.2", HOST], port, Sink().ingest, timeout=2, ssrc=47)
+    assert f"127.0.0.2:{port}" in str(err.value) and f"{HOST}:{port}" in str(err.value)
+    assert receiver.as_dict()["tcp_streams"] == 0
     with pytest.raises(OSError):
-        await receiver.connect_tcp(HOST, port, Sink().ingest, timeout=2)
+        await receiver.connect_tcp(HOST, port, Sink().ingest, timeout=2, ssrc=47)  # SSRC free again
 
 
 async def test_close_releases_everything(udp_sender) -> None:
     r = MediaReceiver(HOST, advertised_host="203.0.113.5")
     await r.start()
     assert r.advertised_host == "203.0.113.5" and r.udp_port > 0
-    h = await r.listen_tcp(Sink().ingest)
-    reader, writer = await asyncio.open_connection(HOST, h.port)
+    h = await r.listen_tcp(Sink().ingest, ssrc=48)
+    hp = await r.listen_tcp(Sink().ingest, ssrc=49)
+    hu = r.expect_udp(50, Sink().ingest, source_host=HOST)
+    reader, writer = await device(h.port)
+    writer.write(rfc4571(stream(48, frames=2)[1]))
     await wait_for(lambda: h.connected, 2, what="connection")
+    r2, w2 = await device(hp.port)  # still pending
+    await wait_for(lambda: r.as_dict()["tcp_pending"] == 1, 2, what="pending connection")
     await r.close()
-    assert h.closed and await asyncio.wait_for(reader.read(), 2) == b""
+    assert h.closed and hp.closed and hu.closed and await asyncio.wait_for(reader.read(), 2) == b""
+    assert await asyncio.wait_for(r2.read(), 2) == b""
     with pytest.raises(OSError):
         await asyncio.open_connection(HOST, h.port)
+    d = r.as_dict()
+    assert (d["udp_streams"], d["tcp_streams"], d["tcp_ports"], d["tcp_pending"]) == (0, 0, {}, 0)
     writer.close()
+    w2.close()

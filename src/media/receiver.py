@@ -4,25 +4,32 @@ A thin asyncio adapter, in the aioquic/h11 manner: everything that decides
 anything about RTP lives in the sans-IO ingest; this module only moves bytes
 from sockets to `RtpIngest.feed` and keeps counters of what it threw away.
 
+- SSRC claims: a stream claims the SSRC we offered (`y=`) when it is created,
+  and the SSRC of the device's answer when the 200 arrives
+  (`handle.add_ssrc`, PROTOCOL.md 5.2: the callee may choose, Annex F note 4).
+  A claimed SSRC belongs to one live stream: it is routed to it at once, and
+  no guess below ever gives it to another stream (a claim even takes back an
+  SSRC a guess gave to another stream, which then waits again). Closing a
+  stream releases its SSRCs; they are "retired" for a while, since a device
+  goes on sending for a moment after BYE, and no guess takes them then.
 - UDP: ONE shared port for every stream (like ZLMediaKit's single RTP port).
   Datagrams are told apart by the SSRC in bytes 8-12 of the RTP header, read
-  without parsing the packet. A device that ignores the offered `y=` SSRC
-  (PROTOCOL.md 5.2: answers may differ, or be missing) is caught by a fallback:
-  a packet with an unknown SSRC from a host that has a stream waiting for its
-  first packet is routed to that stream from then on, and the stream is
-  flagged `ssrc_mismatch`. SSRCs of recently closed streams are not eligible
-  (a device goes on sending for a moment after BYE), and anything else with an
-  unknown SSRC is counted and dropped.
-- TCP passive (we offered `a=setup:passive`, Annex L default): `listen_tcp`
-  opens a listening socket on an ephemeral port; the device connects after the
-  ACK. A device may reconnect: the newest connection wins.
-- TCP active (we offered `a=setup:active`): `connect_tcp` connects to the
-  port in the device's answer.
+  without parsing the packet. A device that ignores the offered `y=` (answers
+  may differ, or be missing) is caught by a fallback guess: a packet with an
+  unclaimed SSRC from a host that has a stream waiting for its first packet is
+  routed to that stream from then on (the oldest waiting stream whose answer
+  gave no SSRC of its own, else the oldest), and the stream is flagged
+  `ssrc_mismatch`. Anything else with an unknown SSRC is counted and dropped.
+- TCP (`media.receiver_tcp`): passive (we offered `a=setup:passive`, Annex L
+  default; `listen_tcp`) on a port of the stream's own or shared with other
+  streams (`tcp_port_range`), from any address, each connection tied to its
+  stream by the SSRC of its first packets; or active (`connect_tcp`), trying
+  the answer's `c=` address, then the device's signalling address.
 
 On TCP the framing (RFC 4571, or RTSP `$`-interleaved, auto-detected) is
 `media.rtp_tcp.TcpRtpFramer`, whose buffer is bounded by one maximal packet; a
 connection that keeps failing to frame (garbage) is aborted and the reason
-counted on its handle. No stage here buffers anything else.
+counted. No stage here buffers anything else.
 """
 
 from __future__ import annotations
@@ -33,10 +40,11 @@ import socket
 import sys
 import struct
 import time
+from collections.abc import Sequence
 
 from .ingest import RtpIngest
+from .receiver_tcp import TCP_PENDING_MAX, TCP_PENDING_S, TcpHandle, TcpListeners, _TcpConnection
 from .rtp import RTP_HEADER_SIZE
-from .rtp_tcp import TcpRtpFramer
 
 __all__ = ["MediaReceiver", "UdpHandle", "TcpHandle", "UDP_RCVBUF"]
 
@@ -46,19 +54,13 @@ log = logging.getLogger("media.receiver")
 # stall of half a second. Linux caps SO_RCVBUF at net.core.rmem_max unless the
 # process may use SO_RCVBUFFORCE; the effective size is in `udp_rcvbuf`.
 UDP_RCVBUF = 64 << 20
-# A device may keep sending for a while after BYE; its SSRC is not taken by the
-# fallback for another stream of the same host within this many seconds.
+# A device may keep sending for a while after BYE; its SSRC is not taken by a
+# fallback guess for another stream within this many seconds.
 RETIRED_SSRC_S = 10.0
-# TCP garbage limits. TCP does not lose or corrupt bytes, so a peer that sends
-# RTP has no framing errors at all and keeps one SSRC; random bytes, by contrast,
-# pass the framer's checks about once per resync but with a new "SSRC" each
-# time. A connection is given up after this many framing errors plus SSRC
-# changes (and one more per 1000 packets), or this many bytes dropped in a row.
-TCP_ERROR_LIMIT = 8
-TCP_GARBAGE_BYTES = 128 << 10
 _MAX_UNKNOWN_SSRCS = 256  # distinct unknown SSRCs remembered for diagnostics
 _RTCP_TYPES = (192, 223)  # RFC 5761 4: RTCP packet types, byte 1
 _MIN_RTCP_SIZE = 8  # an empty receiver report (RFC 3550 6.4.2)
+_NO_ADDRESS = ("", "0.0.0.0", "::")
 
 _unpack_ssrc = struct.Struct("!I").unpack_from
 
@@ -78,203 +80,58 @@ def _advertise(host: str) -> str:
 
 
 class UdpHandle:
-    """One stream expected on the shared UDP port."""
+    """One stream expected on the shared UDP port.
+
+    `ssrc` is the offered SSRC; `ssrcs` every SSRC routed here (offered,
+    answered through `add_ssrc`, then fallback guesses).
+    """
 
     transport = "udp"
 
-    __slots__ = ("_receiver", "ssrc", "ssrcs", "ingest", "source_host", "first_packet", "peer", "packets", "closed")
+    __slots__ = (
+        "_receiver",
+        "ssrc",
+        "ssrcs",
+        "ingest",
+        "source_host",
+        "first_packet",
+        "peer",
+        "packets",
+        "closed",
+        "_answered",
+        "_order",
+    )
 
     def __init__(self, receiver: MediaReceiver, ssrc: int, ingest: RtpIngest, source_host: str | None) -> None:
         self._receiver = receiver
         self.ssrc = ssrc  # the SSRC we offered (y=)
-        self.ssrcs = [ssrc]  # every SSRC routed here (the offered one, then fallbacks)
+        self.ssrcs: list[int] = []
         self.ingest = ingest
         self.source_host = source_host
         self.first_packet = asyncio.Event()
         self.peer: tuple[str, int] | None = None
         self.packets = 0
         self.closed = False
+        self._answered = False  # the answer named an SSRC of its own
+        self._order = 0  # creation order, oldest first among the waiting
+
+    def add_ssrc(self, ssrc: int) -> bool:
+        """Route `ssrc` (the answer's `y=`) here from now on.
+
+        False (and nothing changes) if another live stream claimed it.
+        """
+        return self._receiver._claim(self, ssrc, answer=True)
 
     def close(self) -> None:
-        """Stop routing to this stream (idempotent)."""
+        """Stop routing to this stream and release its SSRCs (idempotent)."""
         if not self.closed:
             self.closed = True
-            self._receiver._release_udp(self)
+            self._receiver._release(self)
 
     def _first(self, addr: tuple) -> None:
         self.peer = (addr[0], addr[1])
         self.first_packet.set()
         self._receiver._unwait(self)
-
-
-class TcpHandle:
-    """One stream over TCP, passive (we listen) or active (we connect).
-
-    `port` is the listening port (passive) or our local port (active);
-    `peer` the device's address of the current or last connection.
-    `disconnects` counts why connections ended ("eof", "garbage", "replaced",
-    "error", "closed"); `close_reason` is the last one; `rejected` counts
-    connections refused because they came from another host than `source_host`.
-    """
-
-    transport = "tcp"
-
-    __slots__ = (
-        "_receiver",
-        "mode",
-        "ingest",
-        "source_host",
-        "first_packet",
-        "port",
-        "peer",
-        "packets",
-        "connections",
-        "rejected",
-        "disconnects",
-        "close_reason",
-        "closed",
-        "_server",
-        "_conn",
-    )
-
-    def __init__(self, receiver: MediaReceiver, mode: str, ingest: RtpIngest, source_host: str | None) -> None:
-        self._receiver = receiver
-        self.mode = mode  # "passive" | "active"
-        self.ingest = ingest
-        self.source_host = source_host
-        self.first_packet = asyncio.Event()
-        self.port = 0
-        self.peer: tuple[str, int] | None = None
-        self.packets = 0
-        self.connections = 0
-        self.rejected = 0
-        self.disconnects: dict[str, int] = {}
-        self.close_reason: str | None = None
-        self.closed = False
-        self._server: asyncio.AbstractServer | None = None
-        self._conn: _TcpConnection | None = None
-
-    @property
-    def connected(self) -> bool:
-        return self._conn is not None
-
-    @property
-    def framer(self) -> TcpRtpFramer | None:
-        """The framer of the current connection (its counters say how framing went)."""
-        return self._conn.framer if self._conn is not None else None
-
-    def close(self) -> None:
-        """Close the listener and the connection (idempotent)."""
-        if self.closed:
-            return
-        self.closed = True
-        if self._server is not None:
-            self._server.close()
-        if self._conn is not None:
-            self._conn.abort("closed")
-        self._receiver._tcp.discard(self)
-
-    def _attach(self, conn: _TcpConnection, peer: tuple) -> bool:
-        if self.closed:
-            return False
-        if self.source_host is not None and peer[0] != self.source_host:
-            self.rejected += 1
-            log.warning("media TCP connection from %s refused: expecting %s", peer[0], self.source_host)
-            return False
-        old = self._conn
-        self._conn = conn
-        self.connections += 1
-        self.peer = (peer[0], peer[1])
-        if old is not None:
-            log.info("media TCP %s reconnected from %s:%s", self.mode, peer[0], peer[1])
-            old.abort("replaced")
-        return True
-
-    def _detach(self, conn: _TcpConnection, reason: str) -> None:
-        self.disconnects[reason] = self.disconnects.get(reason, 0) + 1
-        self.close_reason = reason
-        if self._conn is conn:
-            self._conn = None
-
-
-class _TcpConnection(asyncio.Protocol):
-    """One TCP connection feeding a TcpHandle's ingest."""
-
-    __slots__ = ("handle", "framer", "transport", "_reason", "_dropped_mark", "_attached", "_ssrc", "_ssrc_changes")
-
-    def __init__(self, handle: TcpHandle) -> None:
-        self.handle = handle
-        self.framer = TcpRtpFramer()
-        self.transport: asyncio.Transport | None = None
-        self._reason: str | None = None
-        self._dropped_mark = 0  # framer.dropped_bytes when the last good packet came
-        self._attached = False
-        self._ssrc = b""  # SSRC bytes of the last packet
-        self._ssrc_changes = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        peer = transport.get_extra_info("peername") or ("?", 0)
-        if not self.handle._attach(self, peer):
-            self._reason = "rejected"
-            transport.abort()
-            return
-        self._attached = True
-
-    def data_received(self, data: bytes) -> None:
-        if self._reason is not None:
-            return
-        framer = self.framer
-        packets = framer.feed(data)
-        if packets:
-            self._dropped_mark = framer.dropped_bytes
-            h = self.handle
-            if not h.first_packet.is_set():
-                h.first_packet.set()
-            h.packets += len(packets)
-            feed = h.ingest.feed
-            for p in packets:
-                ssrc = p[8:12]
-                if ssrc != self._ssrc:
-                    if self._ssrc:
-                        self._ssrc_changes += 1
-                    self._ssrc = ssrc
-                try:
-                    feed(p)
-                except Exception:
-                    h._receiver._ingest_error(h)
-        if (
-            framer.resyncs + self._ssrc_changes > TCP_ERROR_LIMIT + framer.packets // 1000
-            or framer.dropped_bytes - self._dropped_mark > TCP_GARBAGE_BYTES
-        ):
-            log.warning(
-                "media TCP from %s is not RTP (%d framing errors, %d SSRC changes, %d bytes dropped): "
-                "disconnecting",
-                self.handle.peer,
-                framer.resyncs,
-                self._ssrc_changes,
-                framer.dropped_bytes,
-            )
-            self.abort("garbage")
-
-    def eof_received(self) -> bool:
-        self._reason = self._reason or "eof"
-        return False  # close the transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self._attached:
-            return
-        reason = self._reason or ("eof" if exc is None else "error")
-        if exc is not None and self._reason is None:
-            log.info("media TCP from %s lost: %s", self.handle.peer, exc)
-        self.handle._detach(self, reason)
-
-    def abort(self, reason: str) -> None:
-        if self._reason is None or self._reason == "eof":
-            self._reason = reason
-        if self.transport is not None:
-            self.transport.abort()
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
@@ -288,11 +145,17 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 class MediaReceiver:
     """The platform's media sockets; see the module docstring.
 
+    `tcp_port_range` (inclusive) makes passive TCP streams share listening
+    ports from that range; None gives each its own ephemeral port. A passive
+    connection waits at most `tcp_pending_timeout` seconds for its first RTP
+    packet, and at most `tcp_pending_max` connections wait at once.
+
     Counters: `udp_packets` (routed to a stream), `invalid` (not RTP v2),
     `rtcp`, `unknown_ssrc` (dropped, with `unknown_ssrcs` = SSRC -> count for
     the first few SSRCs seen), `stale` (SSRC of a recently closed stream),
-    `ssrc_fallbacks` (unknown SSRCs routed by source host), `ingest_errors`
-    (exceptions raised downstream of an ingest).
+    `ssrc_fallbacks` (unknown SSRCs routed by source host), `ssrc_revoked`
+    (guesses taken back by a claim), `ingest_errors` (exceptions raised
+    downstream of an ingest); passive TCP's are in `as_dict()`.
     """
 
     def __init__(
@@ -302,6 +165,9 @@ class MediaReceiver:
         advertised_host: str | None = None,
         udp_port: int = 0,
         udp_rcvbuf: int = UDP_RCVBUF,
+        tcp_port_range: tuple[int, int] | None = None,
+        tcp_pending_timeout: float = TCP_PENDING_S,
+        tcp_pending_max: int = TCP_PENDING_MAX,
     ) -> None:
         self.host = host
         self.advertised_host = advertised_host or _advertise(host)
@@ -309,10 +175,13 @@ class MediaReceiver:
         self.udp_rcvbuf_requested = udp_rcvbuf
         self.udp_rcvbuf = 0  # effective size, known after start()
         self._udp: asyncio.DatagramTransport | None = None
-        self._by_ssrc: dict[int, UdpHandle] = {}
+        self._by_ssrc: dict[int, UdpHandle] = {}  # UDP routes: claims and guesses
+        self._owner: dict[int, UdpHandle | TcpHandle] = {}  # claimed SSRC -> its live stream
         self._waiting: dict[str, list[UdpHandle]] = {}  # source host -> handles with no packet yet
         self._retired: dict[int, float] = {}  # SSRC of a closed stream -> when
+        self._udp_order = 0
         self._tcp: set[TcpHandle] = set()
+        self._tcp_listeners = TcpListeners(self, host, tcp_port_range, tcp_pending_timeout, tcp_pending_max)
         self.udp_packets = 0
         self.invalid = 0
         self.rtcp = 0
@@ -320,6 +189,7 @@ class MediaReceiver:
         self.unknown_ssrcs: dict[int, int] = {}
         self.stale = 0
         self.ssrc_fallbacks = 0
+        self.ssrc_revoked = 0
         self.ingest_errors = 0
         self._error_log_at = 0.0
 
@@ -368,35 +238,123 @@ class MediaReceiver:
             self._udp = None
         for h in list(self._tcp):
             h.close()
-        self._by_ssrc.clear()
-        self._waiting.clear()
+        self._tcp_listeners.close()
+        for u in {id(u): u for u in self._by_ssrc.values()}.values():
+            u.close()
 
     def as_dict(self) -> dict:
         """Counters, JSON-ready."""
+        passive = self._tcp_listeners
         return {
             "udp_port": self.udp_port,
             "udp_rcvbuf": self.udp_rcvbuf,
             "udp_streams": len({id(h) for h in self._by_ssrc.values()}),
             "tcp_streams": len(self._tcp),
+            "tcp_ports": passive.as_dict(),
+            "tcp_pending": passive.pending,
+            "tcp_unbound": dict(passive.unbound),
+            "tcp_ssrc_fallbacks": passive.ssrc_fallbacks,
             "udp_packets": self.udp_packets,
             "invalid": self.invalid,
             "rtcp": self.rtcp,
             "unknown_ssrc": self.unknown_ssrc,
             "stale": self.stale,
             "ssrc_fallbacks": self.ssrc_fallbacks,
+            "ssrc_revoked": self.ssrc_revoked,
             "ingest_errors": self.ingest_errors,
         }
+
+    # -- SSRC claims (both transports) --
+
+    def _claim(self, h: UdpHandle | TcpHandle, ssrc: int, *, answer: bool = False) -> bool:
+        """Make `ssrc` belong to live stream `h`; False if another live stream claimed it."""
+        ssrc &= 0xFFFFFFFF
+        if h.closed:
+            return False
+        owner = self._owner.get(ssrc)
+        if owner is not None and owner is not h:
+            if answer:
+                log.warning(
+                    "SSRC %d of the answer for the %s stream offered SSRC %s is another stream's: not taken",
+                    ssrc,
+                    h.transport,
+                    h.ssrc,
+                )
+            return False
+        self._owner[ssrc] = h
+        self._retired.pop(ssrc, None)
+        if ssrc not in h.ssrcs:
+            h.ssrcs.append(ssrc)
+        guessed = self._by_ssrc.get(ssrc)
+        if guessed is not None and guessed is not h:
+            self._revoke(guessed, ssrc)
+        if h.transport == "udp":
+            self._by_ssrc[ssrc] = h  # type: ignore[assignment]
+            if answer:
+                h._answered = True  # type: ignore[union-attr]
+        return True
+
+    def _revoke(self, g: UdpHandle, ssrc: int) -> None:
+        """Take back an SSRC that a fallback guess gave to `g`; `g` waits again.
+
+        If `g` has its own packets after all, the next one ends its wait again.
+        """
+        del self._by_ssrc[ssrc]
+        g.ssrcs.remove(ssrc)
+        self.ssrc_revoked += 1
+        log.info("SSRC %d claimed by its stream: no longer routed to the stream offered SSRC %d", ssrc, g.ssrc)
+        if g.peer is not None and g.source_host is not None:
+            g.peer = None
+            g.first_packet.clear()
+            waiting = self._waiting.setdefault(g.source_host, [])
+            pos = next((i for i, w in enumerate(waiting) if w._order > g._order), len(waiting))
+            waiting.insert(pos, g)
+
+    def _fallback_refusal(self, ssrc: int) -> str | None:
+        """Why a guess may not give `ssrc` to a stream: "claimed", "stale", or None."""
+        if ssrc in self._owner:
+            return "claimed"
+        retired = self._retired.get(ssrc)
+        if retired is not None:
+            if time.monotonic() - retired < RETIRED_SSRC_S:
+                return "stale"
+            del self._retired[ssrc]
+        return None
+
+    def _release(self, h: UdpHandle | TcpHandle) -> None:
+        if h.transport == "udp":
+            self._unwait(h)  # type: ignore[arg-type]
+        else:
+            self._tcp.discard(h)  # type: ignore[arg-type]
+        now = time.monotonic()
+        retired = self._retired
+        for ssrc in h.ssrcs:
+            if self._owner.get(ssrc) is h:
+                del self._owner[ssrc]
+            if self._by_ssrc.get(ssrc) is h:
+                del self._by_ssrc[ssrc]
+            if ssrc not in self._owner:
+                retired.pop(ssrc, None)
+                retired[ssrc] = now  # re-inserted: the dict stays ordered by time
+        while retired:
+            oldest = next(iter(retired))
+            if now - retired[oldest] < RETIRED_SSRC_S:
+                break
+            del retired[oldest]
 
     # -- UDP --
 
     def expect_udp(self, ssrc: int, ingest: RtpIngest, *, source_host: str | None = None) -> UdpHandle:
-        """Route datagrams with `ssrc` to `ingest`; `source_host` enables the fallback."""
+        """Route datagrams with `ssrc` (the offered `y=`) to `ingest`; `source_host` enables the fallback.
+
+        ValueError if another live stream claimed `ssrc`.
+        """
         ssrc &= 0xFFFFFFFF
-        if ssrc in self._by_ssrc:
-            raise ValueError(f"SSRC {ssrc} is already expected by another stream")
         h = UdpHandle(self, ssrc, ingest, source_host)
-        self._by_ssrc[ssrc] = h
-        self._retired.pop(ssrc, None)
+        if not self._claim(h, ssrc):
+            raise ValueError(f"SSRC {ssrc} is already expected by another stream")
+        self._udp_order += 1
+        h._order = self._udp_order
         if source_host is not None:
             self._waiting.setdefault(source_host, []).append(h)
         return h
@@ -428,14 +386,12 @@ class MediaReceiver:
             self._ingest_error(h)
 
     def _fallback(self, ssrc: int, addr: tuple) -> UdpHandle | None:
-        retired = self._retired.get(ssrc)
-        if retired is not None:
-            if time.monotonic() - retired < RETIRED_SSRC_S:
-                self.stale += 1
-                return None
-            del self._retired[ssrc]
+        refusal = self._fallback_refusal(ssrc)
+        if refusal == "stale":
+            self.stale += 1
+            return None
         waiting = self._waiting.get(addr[0])
-        if not waiting:
+        if not waiting or refusal is not None:
             self.unknown_ssrc += 1
             seen = self.unknown_ssrcs
             if ssrc in seen:
@@ -444,7 +400,8 @@ class MediaReceiver:
                 seen[ssrc] = 1
                 log.info("media UDP from %s:%s with unknown SSRC %d dropped", addr[0], addr[1], ssrc)
             return None
-        h = waiting[0]  # the oldest stream of that host still waiting
+        # The oldest stream of that host still waiting, unless its answer told its own SSRC.
+        h = next((w for w in waiting if not w._answered), waiting[0])
         self._by_ssrc[ssrc] = h
         h.ssrcs.append(ssrc)
         h.ingest.stats.ssrc_mismatch = True
@@ -467,21 +424,6 @@ class MediaReceiver:
             if not waiting:
                 del self._waiting[h.source_host]
 
-    def _release_udp(self, h: UdpHandle) -> None:
-        self._unwait(h)
-        now = time.monotonic()
-        retired = self._retired
-        for ssrc in h.ssrcs:
-            if self._by_ssrc.get(ssrc) is h:
-                del self._by_ssrc[ssrc]
-                retired.pop(ssrc, None)
-                retired[ssrc] = now  # re-inserted: the dict stays ordered by time
-        while retired:
-            oldest = next(iter(retired))
-            if now - retired[oldest] < RETIRED_SSRC_S:
-                break
-            del retired[oldest]
-
     def _ingest_error(self, h: UdpHandle | TcpHandle) -> None:
         self.ingest_errors += 1
         now = time.monotonic()
@@ -491,21 +433,71 @@ class MediaReceiver:
 
     # -- TCP --
 
-    async def listen_tcp(self, ingest: RtpIngest, *, source_host: str | None = None) -> TcpHandle:
-        """Listen on an ephemeral port (`handle.port`) for the device to connect (TCP passive)."""
-        loop = asyncio.get_running_loop()
-        h = TcpHandle(self, "passive", ingest, source_host)
-        server = await loop.create_server(lambda: _TcpConnection(h), self.host, 0, backlog=8, reuse_address=True)
-        h._server = server
-        h.port = server.sockets[0].getsockname()[1]
+    async def listen_tcp(
+        self, ingest: RtpIngest, *, ssrc: int | None = None, source_host: str | None = None
+    ) -> TcpHandle:
+        """Listen for the device to connect (TCP passive); put `handle.port` in the offer.
+
+        `ssrc` is the offered `y=` (ValueError if another live stream claimed
+        it); connections from any address are tied to the stream by SSRC.
+        `source_host` is only recorded. OSError if no port can be had.
+        """
+        h = TcpHandle(self, "passive", ingest, None if ssrc is None else ssrc & 0xFFFFFFFF, source_host)
+        if h.ssrc is not None and not self._claim(h, h.ssrc):
+            raise ValueError(f"SSRC {h.ssrc} is already expected by another stream")
         self._tcp.add(h)
+        try:
+            await self._tcp_listeners.add(h)
+        except BaseException:
+            h.close()
+            raise
         return h
 
-    async def connect_tcp(self, host: str, port: int, ingest: RtpIngest, *, timeout: float = 5.0) -> TcpHandle:
-        """Connect to the device's media port (TCP active); raises OSError/TimeoutError."""
-        loop = asyncio.get_running_loop()
-        h = TcpHandle(self, "active", ingest, None)
-        transport, _ = await asyncio.wait_for(loop.create_connection(lambda: _TcpConnection(h), host, port), timeout)
-        h.port = transport.get_extra_info("sockname")[1]
+    async def connect_tcp(
+        self,
+        hosts: str | Sequence[str],
+        port: int,
+        ingest: RtpIngest,
+        *,
+        timeout: float = 5.0,
+        ssrc: int | None = None,
+    ) -> TcpHandle:
+        """Connect to the device's media port (TCP active), trying `hosts` in order.
+
+        `hosts` is the answer's `c=` address, then the device's signalling
+        address (duplicates and wildcard addresses are skipped); `timeout`
+        applies to each attempt. Raises OSError naming every address tried.
+        """
+        candidates = [hosts] if isinstance(hosts, str) else list(hosts)
+        tried: list[str] = []
+        failures: list[str] = []
+        h = TcpHandle(self, "active", ingest, None if ssrc is None else ssrc & 0xFFFFFFFF, None)
+        if h.ssrc is not None and not self._claim(h, h.ssrc):
+            raise ValueError(f"SSRC {h.ssrc} is already expected by another stream")
         self._tcp.add(h)
-        return h
+        loop = asyncio.get_running_loop()
+        try:
+            for host in candidates:
+                if host in _NO_ADDRESS or host in tried:
+                    continue
+                tried.append(host)
+                where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                try:
+                    transport, _ = await asyncio.wait_for(
+                        loop.create_connection(lambda: _TcpConnection(h), host, port), timeout
+                    )
+                except TimeoutError:
+                    failures.append(f"{where} (timed out after {timeout:g} s)")
+                    continue
+                except OSError as exc:
+                    failures.append(f"{where} ({exc.strerror or exc})")
+                    continue
+                h.port = transport.get_extra_info("sockname")[1]
+                return h
+        except BaseException:
+            h.close()
+            raise
+        h.close()
+        if not tried:
+            raise OSError(f"no address to connect to for the device's media port {port}: {candidates!r}")
+        raise OSError(f"cannot connect to the device's media port: {'; '.join(failures)}")
