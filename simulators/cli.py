@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gb28181.ids import IdError, parse_id
 
-from .fleet import MEDIA_MODES, Fleet, FleetConfig, device_ids
+from .fleet import MEDIA_MODES, Fleet, FleetConfig, device_ids, id_blocks
 from .media import VIDEO_CODECS, parse_video_size
 from .vendors import VENDORS
 
@@ -57,17 +57,22 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def _read_passwords(path: str) -> dict[str, str]:
-    out: dict[str, str] = {}
+def _read_passwords(path: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Per-device passwords and, where a third field is given, digest usernames."""
+    passwords: dict[str, str] = {}
+    usernames: dict[str, str] = {}
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         parts = line.replace(",", " ").replace(";", " ").split()
-        if len(parts) < 2:
-            raise SystemExit(f"gb28181-sim: {path}:{n}: expected 'DEVICE_ID PASSWORD', got {line!r}")
-        out[parts[0]] = parts[1]
-    return out
+        if len(parts) not in (2, 3):
+            raise SystemExit(f"gb28181-sim: {path}:{n}: expected 'DEVICE_ID PASSWORD [AUTH_USERNAME]', "
+                             f"got {line!r}")
+        passwords[parts[0]] = parts[1]
+        if len(parts) == 3:
+            usernames[parts[0]] = parts[2]
+    return passwords, usernames
 
 
 def parser() -> argparse.ArgumentParser:
@@ -90,7 +95,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, default=16, help="channels per NVR (default 16)")
     p.add_argument("--password", default="12345678", help="password of every device (default 12345678)")
     p.add_argument("--passwords", metavar="FILE",
-                   help="per-device passwords, lines of 'DEVICE_ID PASSWORD' (override --password)")
+                   help="per-device passwords, lines of 'DEVICE_ID PASSWORD [AUTH_USERNAME]' (override "
+                        "--password; AUTH_USERNAME: a digest username other than the device ID)")
     p.add_argument("--transport", choices=("udp", "tcp"), default="udp")
     p.add_argument("--bind", default="127.0.0.1", help="local address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="local SIP port of the shared socket (0: any)")
@@ -167,10 +173,11 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
         device_ids(args.first_id, args.devices, nvr=args.nvr)
     except ValueError as exc:
         raise SystemExit(f"gb28181-sim: {exc}; lower --devices or --first-id's serial") from None
-    return FleetConfig(
+    passwords, usernames = _read_passwords(args.passwords) if args.passwords else ({}, {})
+    cfg = FleetConfig(
         server_host=args.server[0], server_port=args.server[1], server_id=args.server_id,
         devices=args.devices, first_id=args.first_id, nvr=args.nvr, channels=args.channels,
-        password=args.password, passwords=_read_passwords(args.passwords) if args.passwords else {},
+        password=args.password, passwords=passwords, auth_usernames=usernames,
         transport=args.transport, bind_host=args.bind, bind_port=args.port,
         per_device_ports=args.per_device_ports, expires=args.expires,
         keepalive_interval=args.keepalive_interval, register_rate=args.rate,
@@ -182,6 +189,11 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
         start_variants=args.start_variants,
         media_mode=args.media_mode, loss=args.loss, reorder=args.reorder,
         answer_delay=args.answer_delay)
+    try:
+        id_blocks(cfg)  # the channel, group and alarm-input IDs must fit too
+    except ValueError as exc:
+        raise SystemExit(f"gb28181-sim: {exc}") from None
+    return cfg
 
 
 async def _run(cfg: FleetConfig, args: argparse.Namespace) -> dict:

@@ -39,6 +39,7 @@ integration tests use to check offline detection and recovery.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import logging
 import random
@@ -54,6 +55,7 @@ from gb28181 import manscdp
 from gb28181.ids import parse_id
 from gb28181.sdp import MediaDescription, SdpError, SessionDescription, build_sdp, parse_sdp
 from gb28181.sip.auth import authorization_header
+from gb28181.sip.dialog import Dialog, DialogError
 from gb28181.sip.endpoint import SipEndpoint, SipTimeoutError, SipTransportError
 from gb28181.sip.message import (
     SipMessage,
@@ -62,7 +64,6 @@ from gb28181.sip.message import (
     make_response,
     new_request,
     new_tag,
-    parse_name_addr,
     parse_uri,
 )
 from gb28181.sip.transaction import CancelReceived, RequestReceived, ServerTransaction
@@ -72,6 +73,7 @@ from .catalog import (
     Channel,
     DeviceCatalog,
     Group,
+    IdBlocks,
     catalog_item,
     device_info_fields,
     group_item,
@@ -112,6 +114,9 @@ class FleetConfig:
     channels: int = 1
     password: str = "12345678"
     passwords: dict[str, str] = field(default_factory=dict)
+    #: Digest usernames of devices whose "SIP user authentication ID" is not their device ID
+    #: (Hikvision allows that); the others use their device ID.
+    auth_usernames: dict[str, str] = field(default_factory=dict)
     transport: str = "udp"
     bind_host: str = "127.0.0.1"
     bind_port: int = 0
@@ -175,6 +180,21 @@ def device_ids(first_id: str, count: int, *, nvr: bool = False) -> list[str]:
     return [f"{prefix}{serial + n:06d}" for n in range(count)]
 
 
+def id_blocks(cfg: FleetConfig) -> IdBlocks:
+    """How ``cfg``'s devices number the IDs they derive (channels, groups, alarm inputs), so
+    that no two share one; ValueError naming the limit and the fix if the fleet cannot fit."""
+    device_ids(cfg.first_id, cfg.devices, nvr=cfg.nvr)  # the devices' own serials first
+    return IdBlocks.plan(int(parse_id(cfg.first_id).value[14:]), cfg.devices,
+                         cfg.channels if cfg.nvr else 1, groups=cfg.groups and cfg.nvr)
+
+
+def device_catalog(cfg: FleetConfig, device_id: str, blocks: IdBlocks) -> DeviceCatalog:
+    """The catalog of one of ``cfg``'s devices (``blocks`` from :func:`id_blocks`)."""
+    return DeviceCatalog(
+        device_id, cfg.channels if cfg.nvr else 1, is_nvr=cfg.nvr, groups=cfg.groups and cfg.nvr,
+        missing_location_ratio=cfg.missing_location_ratio, malformed=cfg.malformed, blocks=blocks)
+
+
 @dataclass(slots=True)
 class DeviceStats:
     register_attempts: int = 0
@@ -194,30 +214,31 @@ class DeviceStats:
 
 @dataclass(slots=True, eq=False)
 class CatalogSubscription:
-    """A platform's catalog subscription on one device: an RFC 3265 dialog (§9.11, Annex P).
+    """A platform's catalog subscription on one device: an RFC 6665 dialog (§9.11, Annex P).
 
-    Tags and URIs are seen from the device: ``local_tag`` is the To tag of our 200 and the From
-    tag of our NOTIFYs, ``remote_tag`` the platform's From tag, ``target`` its Contact URI (the
-    Request-URI of our NOTIFYs), ``addr`` where NOTIFYs go. ``cseq`` counts our NOTIFYs from 1.
+    ``dialog`` is seen from the device: its local tag is the To tag of our 200 and the From tag
+    of our NOTIFYs, its remote target the platform's Contact (the Request-URI of our NOTIFYs);
+    ``addr`` is where NOTIFYs go.
     """
 
-    call_id: str
-    local_tag: str
-    remote_tag: str
-    local_uri: str
-    remote_uri: str
-    target: str
+    dialog: Dialog
     addr: tuple[str, int]
     event: str
     expires: int
     expires_at: float
     query_id: str
-    remote_cseq: int
-    cseq: int = 0
     notifies_sent: int = 0
     terminated: bool = False
     queue: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+    @property
+    def call_id(self) -> str:
+        return self.dialog.call_id
+
+    @property
+    def local_tag(self) -> str:
+        return self.dialog.local_tag
 
     @property
     def remaining(self) -> int:
@@ -229,20 +250,15 @@ class CatalogSubscription:
 class LiveCall:
     """A live-video INVITE dialog on one device (§9.2): the SIP side of a ``SimStream``.
 
-    Seen from the device: ``local_tag`` is the To tag of our answer, ``local_uri`` the INVITE's
-    To URI (our From in a BYE), ``remote_uri``/``remote_tag`` the platform's From, ``target``
-    its Contact (the Request-URI of our BYE), ``addr`` where our BYE goes. ``state``: "early"
-    (no final answer yet) → "accepted" (200 sent) → "confirmed" (ACKed) → "ended".
+    ``dialog`` is seen from the device (its local tag is the To tag of our answer, its remote
+    target the platform's Contact, the Request-URI of our BYE); ``addr`` is where our BYE goes.
+    ``state``: "early" (no final answer yet) → "accepted" (200 sent) → "confirmed" (ACKed) →
+    "ended".
     """
 
     device: SimDevice
     channel_id: str
-    call_id: str
-    local_tag: str
-    remote_tag: str
-    local_uri: str
-    remote_uri: str
-    target: str
+    dialog: Dialog
     addr: tuple[str, int]
     sip_transport: str
     subject: str
@@ -251,8 +267,19 @@ class LiveCall:
     answer: bytes
     invite: RequestReceived | None = None
     state: str = "early"
-    cseq: int = 0
     ended_by: str = ""
+
+    @property
+    def call_id(self) -> str:
+        return self.dialog.call_id
+
+    @property
+    def local_tag(self) -> str:
+        return self.dialog.local_tag
+
+    @property
+    def remote_tag(self) -> str:
+        return self.dialog.remote_tag
 
 
 class SimDevice:
@@ -265,6 +292,7 @@ class SimDevice:
         self.device_id = device_id
         self.endpoint = endpoint
         self.password = self.cfg.passwords.get(device_id, self.cfg.password)
+        self.auth_username = self.cfg.auth_usernames.get(device_id, device_id)
         self.registered = False
         self.expires = self.cfg.expires
         self.registered_at = 0.0
@@ -275,10 +303,7 @@ class SimDevice:
         self.stats = DeviceStats()
         self.last_error = ""
         self.server_date = ""
-        self.catalog = DeviceCatalog(
-            device_id, self.cfg.channels if self.cfg.nvr else 1, is_nvr=self.cfg.nvr,
-            groups=self.cfg.groups and self.cfg.nvr,
-            missing_location_ratio=self.cfg.missing_location_ratio, malformed=self.cfg.malformed)
+        self.catalog = device_catalog(self.cfg, device_id, fleet.id_blocks)
         for ch in self.catalog.channels:
             ch.extra["manufacturer"] = self.vendor.manufacturer
         #: Live catalog subscriptions by Call-ID.
@@ -330,7 +355,7 @@ class SimDevice:
 
     def _authorization(self, challenge: str) -> str:
         # The digest uri is the Request-URI verbatim, whatever host form the vendor uses.
-        return authorization_header(challenge, username=self.device_id, password=self.password,
+        return authorization_header(challenge, username=self.auth_username, password=self.password,
                                     method="REGISTER", uri=self.vendor.server_uri())
 
     async def _send(self, request: SipRequest):
@@ -532,7 +557,7 @@ class SimDevice:
                            ("LoginName", "admin"), ("Password", "******")]
             response("DeviceInfo", self.device_id, fields)
         elif cmd == "DeviceStatus":
-            alarms = [("Item", [("DeviceID", a), ("DutyStatus", "ONDUTY")]) for a in self._alarm_inputs()]
+            alarms = [("Item", [("DeviceID", a), ("DutyStatus", "ONDUTY")]) for a in self.catalog.alarm_inputs]
             fields = [("Result", "OK"), ("Online", "ONLINE"), ("Status", "OK"),
                       ("DeviceTime", manscdp.format_time(datetime.now(manscdp.BEIJING))),
                       ("Encode", "ON"), ("Record", "OFF"),
@@ -597,11 +622,6 @@ class SimDevice:
             start += n
         return bodies
 
-    def _alarm_inputs(self) -> list[str]:
-        d = self.device_id
-        serial = int(d[14:])
-        return [f"{d[:10]}134{d[13]}{(serial * 10 + k) % 1_000_000:06d}" for k in (1, 2)]
-
     def _item(self, x: Channel | Group, event: str | None = None) -> manscdp.Node:
         if isinstance(x, Group):
             return group_item(x, event=event)
@@ -654,43 +674,40 @@ class SimDevice:
     def _new_subscription(self, ev: RequestReceived, event: str, expires: int,
                           query_id: str) -> CatalogSubscription:
         req = ev.request
-        remote = parse_name_addr(req.headers["from"][0])
-        addressed = parse_name_addr(req.headers["to"][0]).uri
-        target, addr = self._target(req, ev.addr, remote.uri)
+        dialog = Dialog.from_request(req, new_tag())
+        dialog.local_uri = self.vendor.dialog_uri(self.device_id, self.local, dialog.local_uri)
         sub = CatalogSubscription(
-            call_id=req.call_id, local_tag=new_tag(), remote_tag=remote.tag or "",
-            local_uri=self.vendor.dialog_uri(self.device_id, self.local, addressed),
-            remote_uri=remote.uri, target=target, addr=addr, event=event, expires=expires,
-            expires_at=time.monotonic() + expires, query_id=query_id, remote_cseq=req.cseq[0])
+            dialog=dialog, addr=self._addr_of(dialog, ev.addr), event=event, expires=expires,
+            expires_at=time.monotonic() + expires, query_id=query_id)
         self.subscriptions[sub.call_id] = sub
         self._arm_expiry(sub)
         self.fleet.spawn(self._notify_worker(sub))
         return sub
 
     @staticmethod
-    def _target(req: SipRequest, source: tuple[str, int], fallback: str) -> tuple[str, tuple[str, int]]:
-        """The platform's Contact URI and its host:port, or the packet source without a Contact."""
-        contact = req.get("contact")
-        if contact:
-            uri = parse_name_addr(contact).uri
-            parsed = parse_uri(uri)
-            return uri, (parsed.host, parsed.port or 5060)
-        user = parse_uri(fallback).user
-        return f"sip:{user}@{source[0]}:{source[1]}", source
+    def _addr_of(dialog: Dialog, source: tuple[str, int]) -> tuple[str, int]:
+        """Where in-dialog requests go: the next hop's host:port, or the packet source when the
+        platform gave no usable Contact."""
+        hop = dialog.next_hop()
+        try:
+            ipaddress.ip_address(hop.host if hop is not None else "")
+        except ValueError:
+            return source
+        assert hop is not None
+        return (hop.host, hop.port or 5060)
 
     def _refresh_subscription(self, ev: RequestReceived) -> None:
         req = ev.request
         sub = self.subscriptions.get(req.call_id)
-        if sub is None or sub.local_tag != req.to_tag or sub.remote_tag != (req.from_tag or ""):
+        if sub is None or not sub.dialog.matches(req):
             self._reply(ev, 481, "Subscription Does Not Exist")
             return
+        if sub.dialog.receive_request(req) is not None:
+            self._reply(ev, 500, "Server Internal Error: CSeq out of order")
+            return
         expires = _expires_of(req)
-        sub.remote_cseq = max(sub.remote_cseq, req.cseq[0])
         if req.get("contact"):
-            try:
-                sub.target, sub.addr = self._target(req, ev.addr, sub.remote_uri)
-            except SipParseError:
-                pass
+            sub.addr = self._addr_of(sub.dialog, ev.addr)
         self._reply(ev, 200, to_tag=sub.local_tag,
                     headers={"Expires": str(expires), "Contact": f"<{self._contact()}>"})
         if expires == 0:
@@ -775,11 +792,8 @@ class SimDevice:
                 return
 
     def _notify_request(self, sub: CatalogSubscription, state: str, body: bytes) -> SipRequest:
-        sub.cseq += 1
-        request = new_request(
-            "NOTIFY", sub.target, via=self.ep.via(self.cfg.transport), from_uri=sub.local_uri,
-            from_tag=sub.local_tag, to_uri=sub.remote_uri, to_tag=sub.remote_tag or None,
-            call_id=sub.call_id, cseq=sub.cseq, contact=self._contact(),
+        request = sub.dialog.request(
+            "NOTIFY", via=self.ep.via(self.cfg.transport), contact=self._contact(),
             headers={"event": sub.event, "subscription-state": state}, body=body,
             content_type=CONTENT_TYPE if body else None)
         self.vendor.shape(request)
@@ -848,10 +862,8 @@ class SimDevice:
         offered = plan[3]
         y = self.vendor.answer_ssrc(offered) if offered is not None else fleet.new_ssrc()
         try:
-            remote_party = parse_name_addr(req.headers["from"][0])
-            addressed = parse_name_addr(req.headers["to"][0]).uri
-            target, addr = self._target(req, ev.addr, remote_party.uri)
-        except SipParseError as exc:
+            dialog = Dialog.from_request(req, new_tag())
+        except DialogError as exc:
             self._invite_reply(ev, 400, f"Bad Request: {exc}"[:120])
             return
         try:
@@ -874,9 +886,8 @@ class SimDevice:
             format=format_line(cfg.video_codec, parse_video_size(cfg.video_size), cfg.fps,
                                cfg.bitrate_kbps, cfg.audio)))
         call = LiveCall(
-            device=self, channel_id=ch.channel_id, call_id=req.call_id, local_tag=new_tag(),
-            remote_tag=remote_party.tag or "", local_uri=addressed, remote_uri=remote_party.uri,
-            target=target, addr=addr, sip_transport=ev.transport, subject=subject,
+            device=self, channel_id=ch.channel_id, dialog=dialog,
+            addr=self._addr_of(dialog, ev.addr), sip_transport=ev.transport, subject=subject,
             contact=f"sip:{ch.channel_id}@{self.ep.advertised_host}:{self.ep.port}",
             stream=stream, answer=answer, invite=ev)
         assert ev.transaction is not None
@@ -939,9 +950,10 @@ class SimDevice:
     def _on_bye(self, ev: RequestReceived) -> None:
         req = ev.request
         call = self.calls.get(req.call_id)
-        if call is None or call.local_tag != req.to_tag or call.remote_tag != (req.from_tag or ""):
+        if call is None or not call.dialog.matches(req):
             self._reply(ev, 481, "Call/Transaction Does Not Exist")
             return
+        call.dialog.receive_request(req)
         self._reply(ev, 200)
         self.stats.byes_received += 1
         self._end_call(call, "bye")
@@ -977,11 +989,7 @@ class SimDevice:
             self._end_call(call, "hangup")
             return _nothing()
         self._end_call(call, "hangup")
-        call.cseq += 1
-        request = new_request(
-            "BYE", call.target, via=self.ep.via(call.sip_transport), from_uri=call.local_uri,
-            from_tag=call.local_tag, to_uri=call.remote_uri, to_tag=call.remote_tag or None,
-            call_id=call.call_id, cseq=call.cseq)
+        request = call.dialog.request("BYE", via=self.ep.via(call.sip_transport))
         self.vendor.shape(request)
         return self._send_bye(call, request)
 
@@ -1077,6 +1085,7 @@ class Fleet:
         if not 0.0 <= cfg.missing_location_ratio <= 1.0:
             raise ValueError("missing_location_ratio must be between 0 and 1")
         size = _check_media_config(cfg)
+        self.id_blocks = id_blocks(cfg)
         self.cfg = cfg
         self.vendor = personality(cfg)
         self._calls: dict[str, LiveCall] = {}
@@ -1262,7 +1271,9 @@ class Fleet:
         return ch
 
     def add_channel(self, device_id: str) -> Channel:
-        """Add the next camera to ``device_id`` and NOTIFY its subscriptions (Event ADD)."""
+        """Add the next camera to ``device_id`` and NOTIFY its subscriptions (Event ADD).
+
+        ValueError when the device has no camera ID left (``IdBlocks``)."""
         device = self.devices.get(device_id)
         if device is None:
             raise KeyError(f"no device {device_id} in this fleet")

@@ -39,6 +39,9 @@ def server_config(tmp_path, **overrides) -> Config:
         "http": {"host": "127.0.0.1", "port": 0},
         "api": {"token": TOKEN},
         "keepalive": {"interval": 0.5, "count": 3},
+        # Simulated devices report whole seconds (BasicParam HeartBeatInterval) and would
+        # override the fast timer above; tests of that feature turn it back on.
+        "registration": {"query_basic_param": False},
         "database": {"flush_interval": 0.1},
         "media": {"host": "127.0.0.1", "rtp_port": 0},
     }

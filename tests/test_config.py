@@ -295,6 +295,9 @@ def sample(annotation: Any, default: Any = None, constraints: list[Any] | None =
         return next(v for v in args if v != default)
     if origin is list:
         return [sample(args[0])]
+    if origin is tuple:
+        base = default if default is not None else tuple(0 for _ in args)
+        return [sample(a, d) for a, d in zip(args, base, strict=True)]
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return {name: sample(f.annotation, None if f.is_required() else f.default, f.metadata)
                 for name, f in annotation.model_fields.items()}

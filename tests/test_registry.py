@@ -11,6 +11,7 @@ import pytest
 
 from registry import Device, DeviceRegistry, SqliteStore, StatusEvent, Store, StoreError
 from registry.sqlite import SCHEMA_VERSION
+from registry.store import StoreBatch
 
 
 class FakeClock:
@@ -203,12 +204,13 @@ class FlakyStore(SqliteStore):
         self.fail = fail
         self.batches: list[tuple[int, int, int]] = []
 
-    async def write_batch(self, devices: Sequence[Device], deleted_ids: Sequence[str], events: Sequence[StatusEvent]) -> None:
-        self.batches.append((len(devices), len(deleted_ids), len(events)))
+    async def write_all(self, batches: Sequence[StoreBatch]) -> None:
+        self.batches += [(len(b.records), len(b.deleted_ids), len(b.events))
+                         for b in batches if b.kind == "devices"]
         if self.fail:
             self.fail -= 1
             raise StoreError("disk full")
-        await super().write_batch(devices, deleted_ids, events)
+        await super().write_all(batches)
 
 
 async def test_dirty_items_survive_a_failing_store(db_path, clock, caplog):
@@ -268,10 +270,10 @@ class GatedStore(SqliteStore):
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def write_batch(self, devices, deleted_ids, events) -> None:
+    async def write_all(self, batches) -> None:
         self.entered.set()
         await self.release.wait()
-        await super().write_batch(devices, deleted_ids, events)
+        await super().write_all(batches)
 
 
 async def test_flush_writes_a_snapshot_while_the_hot_path_continues(db_path, clock):

@@ -49,9 +49,9 @@ async def test_subscribe_is_answered_with_expires_and_a_result_body(probe, fleet
     assert body.text("Result") == "OK"
     (sub,) = fleet.devices[NVR].subscriptions.values()
     assert sub.call_id == dialog.call_id and sub.local_tag == resp.to_tag
-    assert sub.remote_tag == dialog.local_tag and sub.event == "Catalog;id=7"
-    assert sub.target == f"sip:{probe.server_id}@127.0.0.1:{probe.port}"
-    assert sub.addr == ("127.0.0.1", probe.port) and sub.expires == 600 and sub.cseq == 0
+    assert sub.dialog.remote_tag == dialog.local_tag and sub.event == "Catalog;id=7"
+    assert sub.dialog.remote_target == f"sip:{probe.server_id}@127.0.0.1:{probe.port}"
+    assert sub.addr == ("127.0.0.1", probe.port) and sub.expires == 600 and sub.dialog.local_cseq == 0
 
 
 async def test_status_changes_arrive_as_in_dialog_notifies(probe, fleet):
@@ -128,7 +128,7 @@ async def test_refresh_then_unsubscribe_ends_with_a_terminated_notify(probe, fle
     resp = await probe.resubscribe(dialog, 120)
     assert resp.status == 200 and resp.get("expires") == "120" and resp.to_tag == dialog.remote_tag
     sub = fleet.devices[NVR].subscriptions[dialog.call_id]
-    assert sub.expires == 120 and sub.remote_cseq == 2
+    assert sub.expires == 120 and sub.dialog.remote_cseq == 2
     cid = fleet.devices[NVR].channels[1].channel_id
     fleet.set_channel_status(cid, "OFF")
     await probe.wait_for(lambda: len(dialog.notifies) == 1, 2, "NOTIFY after refresh")

@@ -656,8 +656,10 @@ def test_get_timer_is_always_earliest_pending_deadline(actions: list) -> None:
                    for t in layer.client.values())
         assert all(t.state != "terminated" for t in layer.server.values())
     # Eventually everything ends, except INVITEs the TU never answered: the layer waits for
-    # the TU there (it may take long to set up a stream) and has no timer of its own.
+    # the TU there (it may take long to set up a stream) and has no timer of its own. An INVITE
+    # that hit Timer B waits another 64·T1 for a late answer, so time passes twice.
     layer.handle_timer(now + 1000.0)
+    layer.handle_timer(now + 2000.0)
     assert layer.client == {}
     assert all(t.method == "INVITE" and t.state == "proceeding" for t in layer.server.values())
     assert layer.get_timer() is None

@@ -55,6 +55,10 @@ def device_json(d: Device) -> dict[str, Any]:
         "last_seen": _iso(d.last_seen), "keepalive_at": _iso(d.keepalive_at),
         "status_changed_at": _iso(d.status_changed_at),
         "has_password": d.password is not None,
+        "auth_username": d.extra.get("auth_username"),
+        "fault": _fault_json(d),
+        "heartbeat": {"interval": d.extra["heartbeat_interval"],
+                      "count": d.extra.get("heartbeat_count")} if "heartbeat_interval" in d.extra else None,
     }
 
 
@@ -63,11 +67,18 @@ class PasswordBody(BaseModel):
     password: str = Field(min_length=1, max_length=64)
 
 
+AUTH_USERNAME = Field(None, max_length=64, pattern=r"^[^\s\"\\]*$",
+                      description="digest username the device must use; empty or absent: any "
+                                  "(Hikvision's 'SIP user authentication ID' may differ from the "
+                                  "device ID)")
+
+
 class NewDevice(BaseModel):
     model_config = ConfigDict(extra="forbid")
     device_id: str
     password: str | None = Field(None, min_length=1, max_length=64)
     name: str = Field("", max_length=128)
+    auth_username: str | None = AUTH_USERNAME
 
 
 def _error(status: int, text: str) -> web.Response:
@@ -149,7 +160,8 @@ async def _auth_and_errors(request: web.Request, handler):
 async def healthz(request: web.Request) -> web.Response:
     server = _server(request)
     total, online = server.registry.counts()
-    return web.json_response({"status": "ok", "devices": total, "online": online})
+    return web.json_response({"status": "ok", "devices": total, "online": online,
+                              **server.addresses()})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -184,8 +196,10 @@ async def create_device(request: web.Request) -> web.Response:
     registry = _server(request).registry
     if registry.get(body.device_id) is not None:
         return _error(409, f"device {body.device_id} exists; use PUT .../password to change its password")
-    device = registry.add(Device(device_id=body.device_id, kind=gid.kind, name=body.name,
-                                 password=body.password))
+    device = Device(device_id=body.device_id, kind=gid.kind, name=body.name, password=body.password)
+    if body.auth_username:
+        device.extra["auth_username"] = body.auth_username
+    registry.add(device)
     return web.json_response(device_json(device), status=201)
 
 
@@ -223,6 +237,23 @@ async def device_events(request: web.Request) -> web.Response:
     return web.json_response({"device_id": device.device_id, "events": [
         {"status": "online" if e.online else "offline", "at": _iso(e.at), "reason": e.reason}
         for e in events]})
+
+
+async def device_faults(request: web.Request) -> web.Response:
+    device = _device_or_404(request)
+    limit = _int_param(request, "limit", 100, 1, 10000)
+    events = await _server(request).registry.fault_events(device.device_id, limit=limit)
+    return web.json_response({"device_id": device.device_id, "fault": _fault_json(device),
+                              "events": [{"status": e.status, "devices": list(e.devices),
+                                          "at": _iso(e.at)} for e in events]})
+
+
+def _fault_json(d: Device) -> dict[str, Any] | None:
+    fault = d.extra.get("fault")
+    if not fault:
+        return None
+    return {"status": fault.get("status"), "devices": fault.get("devices", []),
+            "since": _iso(fault.get("since", 0.0))}
 
 
 # -- channels, tree, sync, live queries, reports (the device archive) --------------------------
@@ -334,6 +365,7 @@ class DevicePatch(BaseModel):
                                 description="charset of bodies sent to this device")
     media_transport: str | None = Field(None, pattern="^(udp|tcp-passive|tcp-active)$",
                                         description="default media transport for this device")
+    auth_username: str | None = AUTH_USERNAME
 
 
 async def patch_device(request: web.Request) -> web.Response:
@@ -346,6 +378,11 @@ async def patch_device(request: web.Request) -> web.Response:
         device.extra["charset"] = body.charset
     if body.media_transport is not None:
         device.extra["media_transport"] = body.media_transport
+    if body.auth_username is not None:
+        if body.auth_username:
+            device.extra["auth_username"] = body.auth_username
+        else:
+            device.extra.pop("auth_username", None)
     _server(request).registry.touch(device)
     out = device_json(device)
     out["charset"] = device.extra.get("charset")
@@ -601,6 +638,7 @@ def make_app(server: GbServer) -> web.Application:
     app.router.add_delete("/api/v1/devices/{device_id}", delete_device)
     app.router.add_put("/api/v1/devices/{device_id}/password", set_password)
     app.router.add_get("/api/v1/devices/{device_id}/events", device_events)
+    app.router.add_get("/api/v1/devices/{device_id}/faults", device_faults)
     app.router.add_patch("/api/v1/devices/{device_id}", patch_device)
     app.router.add_get("/api/v1/devices/{device_id}/channels", device_channels)
     app.router.add_post("/api/v1/devices/{device_id}/sync", sync_device)

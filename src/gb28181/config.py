@@ -124,6 +124,9 @@ class RegistrationSection(_Section):
     max_expires: int = Field(86400, ge=1, description="longer Expires are cut to this")
     default_expires: int = Field(3600, ge=1, description="granted when a REGISTER has no Expires")
     query_device_info: bool = Field(True, description="ask DeviceInfo after each new registration")
+    query_basic_param: bool = Field(True, description="ask ConfigDownload/BasicParam after each new "
+                                    "registration: the device's heartbeat interval and count set its "
+                                    "offline deadline")
 
     @model_validator(mode="after")
     def _ordered(self) -> RegistrationSection:
@@ -134,6 +137,9 @@ class RegistrationSection(_Section):
 
 class CatalogSection(_Section):
     query_on_register: bool = Field(True, description="query the Catalog after each new registration")
+    sync_rate: float = Field(50.0, ge=0, description="devices whose post-registration queries start "
+                             "per second (0: no pacing); keeps a registration storm from starving "
+                             "REGISTER and keepalive handling")
     refresh_interval: float = Field(3600.0, ge=0, description="re-query every device's Catalog this often (0: never)")
     silence: float = Field(5.0, gt=0, description="a multi-part Catalog ends after this long without a part")
     first_part: float = Field(60.0, gt=0, description="give up when no part arrives within this long")
@@ -166,6 +172,16 @@ class MediaSection(_Section):
     advertised_host: str | None = Field(None, description="address devices send media to; "
                                         "default: sip.external_host, else the SIP address")
     rtp_port: int = Field(30000, ge=0, le=65535, description="the shared UDP port for RTP (0: any)")
+    tcp_port_range: tuple[int, int] | None = Field(
+        (30002, 30999), description="ports for TCP-passive media [low, high], shared by streams "
+        "(told apart by SSRC); null: an ephemeral port per stream")
+
+    @field_validator("tcp_port_range")
+    @classmethod
+    def _port_range(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not 1 <= v[0] <= v[1] <= 65535:
+            raise ValueError("need 1 <= low <= high <= 65535, e.g. [30002, 30999]")
+        return v
     default_transport: Literal["udp", "tcp-passive", "tcp-active"] = Field(
         "udp", description="media transport unless the request or the device says otherwise")
     invite_timeout: float = Field(10.0, gt=0, description="seconds to wait for the answer to an INVITE")

@@ -10,10 +10,22 @@ answer leniently, ACKs, and waits for the first RTP packet. Three media transpor
 - ``tcp-passive``: we listen (``a=setup:passive``), the device connects after the ACK;
 - ``tcp-active``: we connect (``a=setup:active``) to the port in the device's answer.
 
+The SIP side is a ``sip.dialog.Dialog`` built from the 200 (its Contact is the remote target,
+its Record-Route the route set); ACK and BYE are built by it and sent where ``routing`` says.
+The SSRC of the answer's ``y=``, when it differs from the offer (Annex F note 4 lets the callee
+choose), is routed to its stream the moment the 200 arrives, so two INVITEs to one NVR never
+swap channels whichever stream's RTP comes first. Real devices answer TCP offers loosely: an
+answer that says ``setup:passive`` to our passive offer is met by connecting to it, and a
+``tcp-active`` connection that fails at the answer's ``c=`` is tried at the device's signalling
+address.
+
 No RTP within ``media.stream_timeout`` seconds of the ACK tears the dialog down (BYE) and the
-caller gets an error; so does any failure answer, with the device's status and reason. A BYE
-from the device ends the session at once. Whatever happens, the dialog, the SSRC and the
-receiver are released exactly once (``MediaSession.close``).
+caller gets an error; so does any failure answer, with the device's status and reason. An
+INVITE that gets no answer in ``media.invite_timeout`` is CANCELled; an answer that still comes
+(a 2xx after the CANCEL or the timeout) is ACKed and then BYE'd (RFC 3261 §13.2.2.4), so the
+device does not stream into a session nobody holds. A BYE from the device ends the session at
+once. Whatever happens, the dialog, the SSRC and the receiver are released exactly once
+(``InviteManager.close``).
 """
 
 from __future__ import annotations
@@ -27,22 +39,17 @@ from dataclasses import dataclass, field
 from media.ingest import RtpIngest
 from media.packet import MediaPacket
 from media.receiver import MediaReceiver
+from registry.devices import DeviceRegistry
 from registry.models import Channel, Device
 
 from .config import Config
+from .routing import Target, device_target, dialog_target
 from .sdp import MediaDescription, SdpError, SessionDescription, SsrcAllocator, build_sdp, parse_sdp
+from .sip.dialog import Dialog, DialogError
 from .sip.endpoint import SipEndpoint, SipTimeoutError, SipTransportError
-from .sip.message import (
-    SipParseError,
-    SipRequest,
-    SipResponse,
-    make_response,
-    new_call_id,
-    new_request,
-    new_tag,
-    parse_name_addr,
-)
-from .sip.transaction import RequestReceived
+from .sip.message import SipRequest, SipResponse, make_response, new_call_id, new_request, new_tag
+from .sip.netroute import LocalAddresses
+from .sip.transaction import Addr, RequestReceived
 
 __all__ = ["InviteError", "InviteManager", "MediaSession", "TRANSPORTS"]
 
@@ -68,23 +75,24 @@ class MediaSession:
     transport: str
     ssrc: str
     call_id: str
-    local_tag: str
-    request_uri: str
-    addr: tuple[str, int]
-    sip_transport: str
+    target: Target
     on_packet: Callable[[MediaPacket], None]
-    remote_tag: str = ""
-    remote_target: str = ""
-    cseq: int = 1
+    invite: SipRequest | None = None
+    dialog: Dialog | None = None
     answer: SessionDescription | None = None
     ingest: RtpIngest | None = None
     handle: object | None = None
     ack: bytes = b""
+    ack_target: Target | None = None
     started_at: float = field(default_factory=time.time)
     established_at: float = 0.0
     closed: bool = False
     close_reason: str = ""
     on_close: Callable[[MediaSession], None] | None = None
+
+    @property
+    def sip_transport(self) -> str:
+        return self.target.transport
 
     def as_dict(self) -> dict:
         return {"channel_id": self.channel_id, "device_id": self.device_id,
@@ -96,29 +104,29 @@ class MediaSession:
 class InviteManager:
     """See the module docstring."""
 
-    def __init__(self, *, config: Config, endpoint: SipEndpoint, receiver: MediaReceiver) -> None:
+    def __init__(self, *, config: Config, endpoint: SipEndpoint, receiver: MediaReceiver,
+                 registry: DeviceRegistry | None = None) -> None:
         self.config = config
         self.endpoint = endpoint
         self.receiver = receiver
+        self.registry = registry
+        media = config.media
+        #: The address devices send media to (SDP ``c=``), per device: see ``sip.netroute``.
+        self.media_addresses = LocalAddresses(media.host, media.advertised_host or config.sip.external_host)
         self.ssrcs = SsrcAllocator(config.server.domain)
         self.sessions: dict[str, MediaSession] = {}      # by Call-ID
         self.invites_sent = 0
+        self.late_answers = 0                            # 2xx after CANCEL/timeout: ACKed, BYE'd
         self.failures: dict[int, int] = {}               # SIP status (0: no answer) -> count
-        endpoint.on_invite_2xx_retransmit = self._re_ack
+        self._tasks: set[asyncio.Task] = set()
+        endpoint.on_invite_2xx = self._invite_2xx
 
     # -- helpers -------------------------------------------------------------------------
-    @property
-    def media_host(self) -> str:
-        return self.receiver.advertised_host
-
     def _server_uri(self) -> str:
         s = self.config.server
         return f"sip:{s.id}@{s.domain}"
 
-    def _contact(self) -> str:
-        return f"sip:{self.config.server.id}@{self.endpoint.advertised_host}:{self.endpoint.port}"
-
-    def _offer(self, channel_id: str, transport: str, port: int, ssrc: str) -> bytes:
+    def _offer(self, transport: str, port: int, ssrc: str, media_host: str) -> bytes:
         if transport == "udp":
             media = MediaDescription(port=port, proto="RTP/AVP", formats=[96, 97, 98],
                                      rtpmap={96: "PS/90000", 97: "MPEG4/90000", 98: "H264/90000"},
@@ -129,10 +137,21 @@ class InviteManager:
                                      direction="recvonly",
                                      setup="passive" if transport == "tcp-passive" else "active",
                                      connection="new")
-        sd = SessionDescription(origin_user=self.config.server.id, origin_addr=self.media_host,
-                                session_name="Play", connection_addr=self.media_host,
+        sd = SessionDescription(origin_user=self.config.server.id, origin_addr=media_host,
+                                session_name="Play", connection_addr=media_host,
                                 media=[media], ssrc=ssrc)
         return build_sdp(sd)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _send_ack(self, session: MediaSession) -> None:
+        if session.ack and session.ack_target is not None:
+            t = session.ack_target
+            self.endpoint.layer.send_stateless(session.ack, t.addr, t.transport)
+            self.endpoint.flush()
 
     # -- opening ---------------------------------------------------------------------------
     async def open(self, channel: Channel, device: Device, transport: str,
@@ -144,44 +163,37 @@ class InviteManager:
             raise InviteError(f"device {device.device_id} is offline", 480)
         media_cfg = self.config.media
         ssrc = self.ssrcs.allocate()
+        target = device_target(device)
         session = MediaSession(
             channel_id=channel.channel_id, device_id=device.device_id, transport=transport,
-            ssrc=ssrc, call_id=new_call_id(), local_tag=new_tag(),
-            request_uri=f"sip:{channel.channel_id}@{device.host}:{device.port}",
-            addr=(device.host, device.port), sip_transport=device.transport, on_packet=on_packet)
+            ssrc=ssrc, call_id=new_call_id(), target=target, on_packet=on_packet)
         session.ingest = RtpIngest(on_packet, expected_ssrc=int(ssrc))
         try:
             if transport == "udp":
                 session.handle = self.receiver.expect_udp(int(ssrc), session.ingest, source_host=device.host)
                 port = self.receiver.udp_port
             elif transport == "tcp-passive":
-                session.handle = await self.receiver.listen_tcp(session.ingest, source_host=device.host)
+                session.handle = await self.receiver.listen_tcp(session.ingest, ssrc=int(ssrc))
                 port = session.handle.port  # type: ignore[attr-defined]
             else:
                 port = 9  # we connect; the port in our offer is not used (RFC 4145)
-            invite = new_request(
-                "INVITE", session.request_uri, via=self.endpoint.via(device.transport),
-                from_uri=self._server_uri(), from_tag=session.local_tag,
+            peer = device.host
+            sip_transport = target.transport
+            session.invite = new_request(
+                "INVITE", f"sip:{channel.channel_id}@{device.host}:{device.port}",
+                via=self.endpoint.via(sip_transport, peer=peer),
+                from_uri=self._server_uri(), from_tag=new_tag(),
                 to_uri=f"sip:{channel.channel_id}@{channel.channel_id[:10]}",
-                call_id=session.call_id, cseq=1, contact=self._contact(),
+                call_id=session.call_id, cseq=1,
+                contact=self.endpoint.contact(self.config.server.id, sip_transport, peer=peer),
                 headers={"subject": f"{channel.channel_id}:{ssrc},{self.config.server.id}:0"},
-                body=self._offer(channel.channel_id, transport, port, ssrc),
+                body=self._offer(transport, port, ssrc, self.media_addresses.for_peer(peer)),
                 content_type="APPLICATION/SDP", user_agent="gb28181")
             self.sessions[session.call_id] = session
             self.invites_sent += 1
-            resp = await self._invite(session, invite, media_cfg.invite_timeout)
-            self._established(session, invite, resp)
-            if transport == "tcp-active":
-                video = session.answer.video if session.answer else None
-                if video is None or not video.port:
-                    raise InviteError("the device's answer has no media port to connect to", 488)
-                host = session.answer.connection_addr if session.answer.connection_addr not in (
-                    "", "0.0.0.0") else device.host
-                try:
-                    session.handle = await self.receiver.connect_tcp(host, video.port, session.ingest,
-                                                                     timeout=5.0)
-                except OSError as exc:
-                    raise InviteError(f"cannot connect to the device's media port {host}:{video.port}: {exc}")
+            resp = await self._invite(session, session.invite, media_cfg.invite_timeout)
+            self._established(session, device, resp)
+            await self._media_connection(session, device)
             first = session.handle.first_packet  # type: ignore[attr-defined]
             try:
                 await asyncio.wait_for(first.wait(), media_cfg.stream_timeout)
@@ -199,13 +211,17 @@ class InviteManager:
 
     async def _invite(self, session: MediaSession, invite: SipRequest, timeout: float) -> SipResponse:
         def provisional(resp: SipResponse) -> None:
-            # Dahua's 101 already carries the To tag of the dialog to come.
-            if resp.to_tag and not session.remote_tag:
-                session.remote_tag = resp.to_tag
+            # Dahua's 101 already carries the To tag of the dialog to come (an early dialog).
+            if resp.to_tag and session.dialog is None:
+                try:
+                    session.dialog = Dialog.from_response(resp, fallback_target=invite.uri)
+                except DialogError:
+                    pass
 
+        t = session.target
         try:
-            resp = await self.endpoint.request(invite, session.addr, session.sip_transport,
-                                               timeout=timeout, on_provisional=provisional)
+            resp = await self.endpoint.request(invite, t.addr, t.transport, timeout=timeout,
+                                               on_provisional=provisional, fallback=t.fallback)
         except SipTimeoutError:
             await self._cancel(session, invite)
             raise InviteError(f"no answer to the INVITE from {session.device_id} within {timeout:g} s",
@@ -221,36 +237,36 @@ class InviteManager:
         return resp
 
     async def _cancel(self, session: MediaSession, invite: SipRequest) -> None:
-        """CANCEL a pending INVITE (RFC 3261 §9.1): same branch, Call-ID, From, To, CSeq number."""
+        """CANCEL a pending INVITE (RFC 3261 §9.1): same branch, Call-ID, From, To, CSeq number.
+        The INVITE's transaction lives on: a 487 is ACKed there, a 2xx reaches ``_invite_2xx``."""
         h = invite.headers
         cancel = SipRequest("CANCEL", invite.uri, {
             "via": [h["via"][0]], "from": list(h["from"]), "to": list(h["to"]),
             "call-id": list(h["call-id"]), "cseq": [f"{invite.cseq[0]} CANCEL"],
             "max-forwards": ["70"]})
+        t = session.target
         try:
-            await self.endpoint.request(cancel, session.addr, session.sip_transport, timeout=5.0)
+            await self.endpoint.request(cancel, t.addr, t.transport, timeout=5.0, fallback=t.fallback)
         except (SipTimeoutError, SipTransportError, ValueError):
             pass
 
-    def _established(self, session: MediaSession, invite: SipRequest, resp: SipResponse) -> None:
-        session.remote_tag = resp.to_tag or session.remote_tag
-        contact = resp.get("contact")
-        session.remote_target = session.request_uri
-        if contact:
-            try:
-                session.remote_target = parse_name_addr(contact).uri
-            except SipParseError:
-                pass
+    def _device(self, device_id: str) -> Device | None:
+        return self.registry.get(device_id) if self.registry is not None else None
+
+    def _established(self, session: MediaSession, device: Device, resp: SipResponse) -> None:
+        assert session.invite is not None
+        try:
+            session.dialog = Dialog.from_response(resp, fallback_target=session.invite.uri)
+        except DialogError as exc:
+            raise InviteError(f"{session.device_id} answered with an unusable 200: {exc}", 502) from None
         # The ACK goes out before we look at the answer: the dialog exists either way, and
         # a bad answer is then ended with a BYE.
-        h = invite.headers
-        ack = SipRequest("ACK", session.remote_target, {
-            "via": [self.endpoint.via(session.sip_transport)], "from": list(h["from"]),
-            "to": list(resp.headers["to"]), "call-id": list(h["call-id"]),
-            "cseq": [f"{invite.cseq[0]} ACK"], "max-forwards": ["70"]})
+        target = dialog_target(self.endpoint, device, session.dialog, session.sip_transport)
+        session.ack_target = target
+        ack = session.dialog.ack(session.invite.cseq[0],
+                                 via=self.endpoint.via(target.transport, peer=target.addr[0]))
         session.ack = ack.serialize()
-        self.endpoint.layer.send_stateless(session.ack, session.addr, session.sip_transport)
-        self.endpoint.flush()
+        self._send_ack(session)
         session.established_at = time.time()
         if not resp.body.strip():
             raise InviteError(f"{session.device_id} answered 200 without SDP", 488)
@@ -259,15 +275,76 @@ class InviteManager:
         except SdpError as exc:
             raise InviteError(f"{session.device_id} answered with unusable SDP: {exc}", 488) from None
         answered = session.answer.ssrc_value
-        if answered is not None and session.ingest is not None and answered != int(session.ssrc):
-            # Annex F note 4 allows the callee to choose; keep receiving either way.
-            log.info("%s answered y=%s to our y=%s", session.device_id, session.answer.ssrc, session.ssrc)
+        if answered is not None and answered != int(session.ssrc) and session.handle is not None:
+            # Annex F note 4 lets the callee choose: route its SSRC to this stream now, before
+            # any RTP, so that no other stream of the same device can be given it.
+            if not session.handle.add_ssrc(answered):  # type: ignore[attr-defined]
+                log.warning("%s answered y=%s, which another stream already uses",
+                            session.device_id, session.answer.ssrc)
+            else:
+                log.info("%s answered y=%s to our y=%s", session.device_id, session.answer.ssrc,
+                         session.ssrc)
 
-    def _re_ack(self, call_id: str) -> None:
-        session = self.sessions.get(call_id)
-        if session is not None and session.ack:
-            self.endpoint.layer.send_stateless(session.ack, session.addr, session.sip_transport)
-            self.endpoint.flush()
+    async def _media_connection(self, session: MediaSession, device: Device) -> None:
+        """Connect the media where we are the TCP client: tcp-active, or a passive offer that
+        the device also answered passive (it listens: somebody has to connect)."""
+        answer = session.answer
+        video = answer.video if answer else None
+        if session.transport == "udp" or video is None:
+            return
+        answered_setup = (video.setup or "").lower()
+        if session.transport == "tcp-passive" and answered_setup != "passive":
+            return
+        if session.transport == "tcp-active" and answered_setup == "active":
+            raise InviteError(f"{session.device_id} answered setup:active to our setup:active: "
+                              "neither side would listen", 488)
+        if not video.port:
+            raise InviteError("the device's answer has no media port to connect to", 488)
+        if session.handle is not None:
+            # Our listener (passive offer) holds the SSRC; the connection we make takes it over.
+            session.handle.close()  # type: ignore[attr-defined]
+            session.handle = None
+        hosts = [answer.connection_addr if answer else "", device.host]
+        try:
+            session.handle = await self.receiver.connect_tcp(
+                hosts, video.port, session.ingest, timeout=5.0, ssrc=int(session.ssrc))
+        except OSError as exc:
+            raise InviteError(str(exc), 502) from None
+        answered = answer.ssrc_value if answer else None
+        if answered is not None and answered != int(session.ssrc):
+            session.handle.add_ssrc(answered)
+
+    def _invite_2xx(self, resp: SipResponse, addr: Addr, transport: str) -> None:
+        """A 2xx nobody waits for: our ACK was lost (send it again), or the answer came after
+        a CANCEL or a timeout (accept the dialog, then end it: RFC 3261 §13.2.2.4)."""
+        session = self.sessions.get(resp.call_id)
+        if (session is not None and session.dialog is not None and session.ack
+                and session.dialog.remote_tag == (resp.to_tag or "")):
+            self._send_ack(session)
+            return
+        try:
+            dialog = Dialog.from_response(resp)
+        except DialogError:
+            return
+        self.late_answers += 1
+        log.info("%s answered the INVITE %s after it was given up: ACK and BYE",
+                 addr[0], resp.call_id)
+        device = self._device(session.device_id) if session is not None else None
+        target = dialog_target(self.endpoint, device, dialog, transport) if device else Target(addr, transport)
+        ack = dialog.ack(resp.cseq[0], via=self.endpoint.via(target.transport, peer=target.addr[0]))
+        self.endpoint.layer.send_stateless(ack.serialize(), target.addr, target.transport)
+        self.endpoint.flush()
+        self._spawn(self._bye(dialog, target, 5.0))
+
+    async def _bye(self, dialog: Dialog, target: Target, timeout: float) -> int | None:
+        bye = dialog.request("BYE", via=self.endpoint.via(target.transport, peer=target.addr[0]),
+                             user_agent="gb28181")
+        try:
+            resp = await self.endpoint.request(bye, target.addr, target.transport, timeout=timeout,
+                                               fallback=target.fallback)
+        except (SipTimeoutError, SipTransportError):
+            return None
+        return resp.status
 
     # -- closing ---------------------------------------------------------------------------
     async def close(self, session: MediaSession, reason: str, *, send_bye: bool = True,
@@ -286,19 +363,11 @@ class InviteManager:
                 session.on_close(session)
             except Exception:
                 log.exception("on_close of %s", session.channel_id)
-        if send_bye and session.established_at:
-            session.cseq += 1
-            bye = new_request(
-                "BYE", session.remote_target or session.request_uri,
-                via=self.endpoint.via(session.sip_transport), from_uri=self._server_uri(),
-                from_tag=session.local_tag,
-                to_uri=f"sip:{session.channel_id}@{session.channel_id[:10]}",
-                to_tag=session.remote_tag or None, call_id=session.call_id, cseq=session.cseq,
-                user_agent="gb28181")
-            try:
-                await self.endpoint.request(bye, session.addr, session.sip_transport, timeout=bye_timeout)
-            except (SipTimeoutError, SipTransportError):
-                pass
+        if send_bye and session.established_at and session.dialog is not None:
+            device = self._device(session.device_id)
+            target = dialog_target(self.endpoint, device, session.dialog, session.sip_transport) \
+                if device is not None else (session.ack_target or session.target)
+            await self._bye(session.dialog, target, bye_timeout)
         log.info("closed %s (%s): %s", session.channel_id, session.transport, reason)
 
     def handle_bye(self, ev: RequestReceived) -> None:
@@ -306,14 +375,16 @@ class InviteManager:
         req = ev.request
         assert ev.transaction is not None
         session = self.sessions.get(req.call_id)
-        if session is None:
+        if session is None or session.dialog is None or not session.dialog.matches(req):
             self.endpoint.respond(ev.transaction, make_response(req, 481, "Call Does Not Exist",
                                                                 to_tag=new_tag()))
             return
-        self.endpoint.respond(ev.transaction, make_response(req, 200, to_tag=session.remote_tag))
-        asyncio.get_running_loop().create_task(self.close(session, "the device sent BYE",
-                                                          send_bye=False))
+        session.dialog.receive_request(req)
+        self.endpoint.respond(ev.transaction, make_response(req, 200))
+        self._spawn(self.close(session, "the device sent BYE", send_bye=False))
 
     async def close_all(self, reason: str) -> None:
         await asyncio.gather(*(self.close(s, reason) for s in list(self.sessions.values())),
                              return_exceptions=True)
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

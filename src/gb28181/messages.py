@@ -6,7 +6,9 @@ Every MESSAGE is answered at once with a bodiless 200 (A.1) unless it is refused
 is over, so that it registers again (PROTOCOL.md §3.1, WVP behaviour).
 
 A keepalive refreshes the device's address (it may have moved behind NAT), its ``keepalive_at``
-and, if it had gone offline, brings it back online. After a server restart, devices whose
+and, if it had gone offline, brings it back online. One with ``Status`` ERROR and an ``Info``
+list of faulty sub-devices (A.2.5a) is kept as a fault event, and the device shows the fault
+until a keepalive says OK again. After a server restart, devices whose
 registration is still valid are online again with their next keepalive, without
 re-registering. Catalog Responses go to the ``CatalogCollector`` (they come in parts), other
 Responses to ``DeviceQueries``; ``Notify/Catalog`` MESSAGEs (catalog changes sent without a
@@ -93,6 +95,14 @@ class MessageHandler:
             self.registry.touch(device)
             self.presence.seen(device)
             reply(200)
+            status = msg.text("Status").upper()
+            if status == "ERROR" or (status == "OK" and "fault" in device.extra):
+                # A.2.5a: ERROR comes with <Info><DeviceID> of each faulty sub-device.
+                faulty = tuple(el.text for el in msg.element.iterfind("Info/DeviceID") if el.text)
+                if self.registry.record_fault(device, status, faulty, at=now):
+                    counters.faults_reported += status == "ERROR"
+                    log.warning("device %s reports %s%s", device.device_id, status,
+                                f": faulty {', '.join(faulty)}" if faulty else "")
             return
         device.last_seen = now
         reply(200)

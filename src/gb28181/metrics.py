@@ -83,6 +83,13 @@ class ServerCollector(Collector):
         q.add_metric(["answered"], c.queries_answered)
         q.add_metric(["timed_out"], c.queries_timed_out)
         yield q
+        faults = CounterMetricFamily("gb28181_device_faults", "Keepalives reporting a new fault")
+        faults.add_metric([], c.faults_reported)
+        yield faults
+        shed = CounterMetricFamily("gb28181_sip_overload_rejected",
+                                   "Requests answered 503 because the server was overloaded")
+        shed.add_metric([], c.overload_rejected)
+        yield shed
 
         st = self.endpoint.stats
         sip = CounterMetricFamily("gb28181_sip_messages", "SIP messages on the wire",

@@ -2,7 +2,8 @@
 
 A device is online from its successful REGISTER (or a keepalive within a live registration)
 until the earlier of: its registration running out, or ``interval × count`` seconds without a
-keepalive (60 s × 3 by default). The registrar and the keepalive handler call ``seen``; a
+keepalive (the device's own HeartBeatInterval × HeartBeatCount once its BasicParam is known,
+else the configured 60 s × 3). The registrar and the keepalive handler call ``seen``; a
 periodic ``check(now)`` turns devices whose deadline has passed offline, recording each
 transition (with the time the deadline actually passed) through the registry, which is what
 the online-rate reports are computed from.
@@ -51,9 +52,15 @@ class Presence:
         return self.interval * self.count
 
     def deadline(self, device: Device) -> float:
-        """When ``device`` goes offline unless it is heard from again."""
+        """When ``device`` goes offline unless it is heard from again: after its own heartbeat
+        interval × count when it told us (BasicParam, §9.6.1), else the configured ones."""
         heard = max(device.keepalive_at, device.registered_at)
-        return min(device.expires_at, heard + self.timeout)
+        extra = device.extra
+        if "heartbeat_interval" in extra:
+            timeout = extra["heartbeat_interval"] * extra.get("heartbeat_count", self.count)
+        else:
+            timeout = self.timeout
+        return min(device.expires_at, heard + timeout)
 
     def seen(self, device: Device) -> None:
         """Make sure an online device has a deadline entry (cheap when it already has one)."""

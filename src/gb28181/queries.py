@@ -3,24 +3,30 @@
 A query is a MESSAGE with a ``<Query>`` body; the device answers it with a bodiless 200 and
 later sends the data in a separate MESSAGE whose ``<Response>`` carries the same CmdType and
 SN (A.1). ``DeviceQueries.query`` sends the first and waits for the second; the MESSAGE
-handler hands every incoming Response to ``resolve``. A semaphore bounds the queries in
-flight so that ten thousand devices registering at once do not become ten thousand
-simultaneous MESSAGEs (no storms, DEVELOPERS.md).
+handler hands every incoming Response to ``resolve``.
+
+Two bounds keep a crowd of devices from hurting anyone. A device has one query conversation at
+a time (``exclusive``): a slow or silent device makes only its own queries wait, never
+another's. And a global limit bounds the MESSAGE transactions on the wire (waiting for the
+200, not for the data), so that no burst of queries becomes a storm. How fast queries start
+after registrations is paced one level up (``sync.DeviceSync``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from registry.models import Device
 
 from . import manscdp
 from .config import Config
+from .routing import device_target
 from .sip.endpoint import SipEndpoint, SipTimeoutError, SipTransportError
 from .sip.message import new_request
 from .stats import Counters
@@ -40,12 +46,14 @@ class DeviceQueries:
     """Send MANSCDP requests to devices and await their Responses."""
 
     def __init__(self, *, config: Config, endpoint: SipEndpoint, counters: Counters,
-                 concurrency: int = 64, encoding: str = "GB2312") -> None:
+                 in_flight: int = 256, encoding: str = "GB2312") -> None:
         self.config = config
         self.endpoint = endpoint
         self.counters = counters
         self.encoding = encoding
-        self._limit = asyncio.Semaphore(concurrency)
+        self._in_flight = asyncio.Semaphore(in_flight)
+        # device ID -> [lock, users]; an entry lives while somebody holds or waits for it.
+        self._gates: dict[str, list] = {}
         self._sn = itertools.count(random.randint(1, 100_000))
         self._pending: dict[tuple[str, str, int], asyncio.Future] = {}
 
@@ -59,7 +67,7 @@ class DeviceQueries:
         domain = device.device_id[:10]
         return new_request(
             "MESSAGE", f"sip:{device.device_id}@{device.host}:{device.port}",
-            via=ep.via(device.transport),
+            via=ep.via(device.transport, peer=device.host),
             from_uri=f"sip:{server.id}@{server.domain}",
             to_uri=f"sip:{device.device_id}@{domain}",
             body=body, content_type=MANSCDP_CONTENT_TYPE, user_agent="gb28181")
@@ -79,10 +87,12 @@ class DeviceQueries:
         body = manscdp.build(root, cmd_type, sn, target or device.device_id, fields,
                              encoding=self.charset(device))
         self.counters.queries_sent += 1
+        target = device_target(device)
         try:
-            resp = await self.endpoint.request(self.message_to(device, body),
-                                               (device.host, device.port), device.transport,
-                                               timeout=timeout)
+            async with self._in_flight:
+                resp = await self.endpoint.request(self.message_to(device, body), target.addr,
+                                                   target.transport, timeout=timeout,
+                                                   fallback=target.fallback)
         except (SipTimeoutError, SipTransportError) as exc:
             raise QueryError(f"{cmd_type} to {device.device_id} not delivered: {exc}") from None
         if resp.status >= 300:
@@ -93,7 +103,7 @@ class DeviceQueries:
                     fields: Sequence[tuple[str, Any]] = (), *, timeout: float = 10.0,
                     root: str = "Query", target: str | None = None) -> manscdp.Manscdp:
         """Send ``<Query><CmdType>cmd_type</CmdType>…`` and return the device's Response."""
-        async with self._limit:
+        async with self.exclusive(device.device_id):
             sn = self.next_sn()
             key = (device.device_id, cmd_type, sn)
             future = asyncio.get_running_loop().create_future()
@@ -111,10 +121,20 @@ class DeviceQueries:
             finally:
                 self._pending.pop(key, None)
 
-    @property
-    def limit(self) -> asyncio.Semaphore:
-        """Bounds the queries in flight; long operations (catalog syncs) take it too."""
-        return self._limit
+    @contextlib.asynccontextmanager
+    async def exclusive(self, device_id: str) -> AsyncIterator[None]:
+        """One query conversation with ``device_id`` at a time (a catalog collection is one)."""
+        gate = self._gates.get(device_id)
+        if gate is None:
+            gate = self._gates[device_id] = [asyncio.Lock(), 0]
+        gate[1] += 1
+        try:
+            async with gate[0]:
+                yield
+        finally:
+            gate[1] -= 1
+            if gate[1] == 0:
+                del self._gates[device_id]
 
     def resolve(self, device_id: str, msg: manscdp.Manscdp) -> bool:
         """Hand a Response to whoever waits for it; False if nobody does."""

@@ -16,13 +16,22 @@ while (``auth.max_failures`` in ``auth.failure_window`` → ``auth.lockout_secon
 guesser is slowed down and the log is spared, while the real device at its own address is
 not locked out by someone else's guessing.
 
-Everything here runs synchronously on the event loop: the registry is in memory and writes
-behind, so a REGISTER costs one trip through the loop.
+The digest username may differ from the device ID (Hikvision's "SIP user authentication ID"):
+the hash is checked with the username sent and the password of the device named in From; an
+``auth_username`` set for the device (API) must then match. A Contact ``expires`` parameter
+beats the Expires header, and the 200 echoes the time granted. A registration under a new
+Call-ID while the device is online is a reboot, and syncs the device again.
+
+The checks run synchronously on the event loop against the in-memory registry; the 200 waits
+for the registry's group commit (``DeviceRegistry.durable``), so a registration that was
+answered survives a crash of the server, while the commits of many registrations are shared.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -43,6 +52,12 @@ from .stats import Counters
 __all__ = ["BEIJING", "Lockout", "Registrar", "sip_date"]
 
 log = logging.getLogger("gb28181.registrar")
+
+#: Seconds a device is told to wait (Retry-After) when its registration cannot be stored.
+STORE_RETRY_AFTER = 30
+#: Retry-After range, seconds, when overloaded: random, so that the retries do not come back
+#: as one wave.
+OVERLOAD_RETRY_AFTER = (10, 60)
 
 #: GB/T 28181 clocks run on Beijing time (UTC+8, no daylight saving).
 BEIJING = timezone(timedelta(hours=8), "CST")
@@ -100,6 +115,23 @@ class Lockout:
         self._failures.pop(key, None)
 
 
+def _device_id(req: SipRequest) -> str:
+    """The registering device's ID: the user of From (who sends), which GB/T 28181 devices
+    also put in To; To when From names no user."""
+    user = parse_uri(parse_name_addr(req.headers["from"][0]).uri).user
+    return user or parse_uri(parse_name_addr(req.headers["to"][0]).uri).user
+
+
+def _with_expires(contact: str, expires: int) -> str:
+    """The Contact echoed in the 200 with the time actually granted (RFC 3261 §10.3 step 8)."""
+    try:
+        addr = parse_name_addr(contact)
+    except SipParseError:
+        return contact
+    addr.params["expires"] = str(expires)
+    return str(addr)
+
+
 class Registrar:
     """Answers REGISTER requests; see the module docstring."""
 
@@ -116,6 +148,8 @@ class Registrar:
         self.clock = clock
         auth = config.auth
         self.digest = DigestServer(config.realm, nonce_ttl=auth.nonce_ttl, qop=auth.qop)
+        #: Whether the server is past capacity (see ``sip.overload``); never, unless wired.
+        self.overloaded: Callable[[], bool] = lambda: False
         self.lockout = Lockout(auth.max_failures, auth.failure_window, auth.lockout_seconds)
 
     def handle(self, ev: RequestReceived) -> None:
@@ -134,10 +168,10 @@ class Registrar:
 
         now = self.clock()
         try:
-            device_id = parse_uri(parse_name_addr(req.headers["to"][0]).uri).user
+            device_id = _device_id(req)
         except SipParseError as exc:
             counters.register_rejected("bad-request")
-            reply(400, f"Bad Request: unreadable To header ({exc})")
+            reply(400, f"Bad Request: unreadable From/To header ({exc})")
             return
         try:
             gid = parse_id(device_id)
@@ -177,14 +211,26 @@ class Registrar:
             return
 
         authorization = req.get("authorization")
+        if authorization is None and self.overloaded() and (device is None or not device.online):
+            # Past capacity a fast 503 beats a timeout (RFC 3261 §21.5.4): the first leg of a
+            # new registration is shed, spreading the retries; the ones under way finish.
+            counters.overload_rejected += 1
+            counters.register_rejected("overloaded")
+            reply(503, "Service Unavailable: overloaded, retry later",
+                  retry_after=str(random.randint(*OVERLOAD_RETRY_AFTER)))
+            return
         if authorization is None:
             counters.register_challenged += 1
             reply(401, "Unauthorized", www_authenticate=self.digest.challenge(now))
             return
         password = (device.password if device is not None and device.password
                     else self.config.auth.default_password)
+        # The digest is computed over the username the device sent, which Hikvision lets
+        # differ from the device ID (its "SIP user authentication ID"); the password is the
+        # device's. A username configured for the device must match, if there is one.
+        username = device.extra.get("auth_username") if device is not None else None
         result = self.digest.verify(authorization, method="REGISTER", password=password,
-                                    now=now, username=device_id)
+                                    now=now, username=username or None)
         if not result.ok:
             # Label by category only: reasons can quote attacker-chosen text.
             counters.auth_failed("stale-nonce" if result.stale else
@@ -214,13 +260,21 @@ class Registrar:
                 self.registry.set_online(device, False, "unregister", at=now)
                 self.registry.touch(device)
                 self.presence.forget(device_id)
-            counters.unregistered += 1
-            reply(200, "OK", expires="0", date=sip_date(now))
+
+            def unregistered() -> None:
+                counters.unregistered += 1
+                reply(200, "OK", expires="0", date=sip_date(now))
+            self._when_durable(unregistered, reply)
             return
 
         if device is None:
             device = self.registry.add(Device(device_id=device_id, kind=gid.kind))
-        was_online = device.online
+        # A registration under a new Call-ID while online is a rebooted device (RFC 3261
+        # §10.2.4: a UA keeps its Call-ID across refreshes): it has lost its subscriptions
+        # and maybe its catalog, so it is synced again as if it had been offline.
+        rebooted = device.online and device.extra.get("register_call_id") not in (None, req.call_id)
+        device.extra["register_call_id"] = req.call_id
+        was_online = device.online and not rebooted
         device.transport = ev.transport
         device.host, device.port = ev.addr
         device.contact = contact
@@ -233,26 +287,46 @@ class Registrar:
         self.registry.set_online(device, True, "register", at=now)
         self.registry.touch(device)
         self.presence.seen(device)
-        counters.register_ok += 1
         headers = {"expires": str(expires), "date": sip_date(now)}
         if contact:
-            headers["contact"] = f"{contact};expires={expires}" if ";expires=" not in contact else contact
-        reply(200, "OK", **headers)
-        if not was_online and self.on_registered is not None:
-            self.on_registered(device)
+            headers["contact"] = _with_expires(contact, expires)
+        registered = device
+
+        def registered_ok() -> None:
+            counters.register_ok += 1
+            reply(200, "OK", **headers)
+            if not was_online and self.on_registered is not None:
+                self.on_registered(registered)
+        self._when_durable(registered_ok, reply)
+
+    def _when_durable(self, answer: Callable[[], None], reply: Callable[..., None]) -> None:
+        """Run ``answer`` once the registry has committed this registration (group commit:
+        the answers of a few milliseconds share one transaction), so that a 200 is never
+        forgotten by a crash. A store that cannot commit gets the device a 503 to retry."""
+        def committed(future: asyncio.Future[bool]) -> None:
+            if not future.cancelled() and future.result():
+                answer()
+                return
+            self.counters.register_rejected("store-unavailable")
+            reply(503, "Service Unavailable: the registry database cannot be written",
+                  retry_after=str(STORE_RETRY_AFTER))
+        self.registry.durable().add_done_callback(committed)
 
     def _requested_expires(self, req: SipRequest) -> int | None:
-        value = req.get("expires")
+        """The registration time asked for: a Contact ``expires`` parameter beats the Expires
+        header (RFC 3261 §10.2.1.1); neither gives the default; garbage gives None."""
+        value = None
+        contact = req.get("contact")
+        if contact:
+            try:
+                value = parse_name_addr(contact).params.get("expires")
+            except SipParseError:
+                return None
         if value is None:
-            contact = req.get("contact")
-            if contact:
-                try:
-                    value = parse_name_addr(contact).params.get("expires")
-                except SipParseError:
-                    return None
+            value = req.get("expires")
         if value is None:
             return self.config.registration.default_expires
         value = value.strip()
-        if not value.isdigit():
+        if not value.isascii() or not value.isdigit() or len(value) > 10:
             return None
         return int(value)

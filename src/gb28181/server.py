@@ -19,6 +19,7 @@ from registry.channels import ChannelRegistry
 from registry.devices import DeviceRegistry
 from registry.models import Device, StatusEvent
 from registry.sqlite import SqliteStore
+from registry.writebehind import Persistence
 
 from media.receiver import MediaReceiver
 
@@ -32,6 +33,7 @@ from .presence import Presence
 from .queries import DeviceQueries
 from .registrar import Registrar
 from .sip.endpoint import SipEndpoint
+from .sip.overload import OverloadMonitor
 from .sip.message import make_response
 from .sip.transaction import RequestReceived
 from .invite import InviteManager
@@ -52,8 +54,10 @@ class GbServer:
         self.config = config
         self.counters = Counters()
         store = SqliteStore(config.database_path)
-        self.registry = DeviceRegistry(store, flush_interval=config.database.flush_interval)
-        self.channels = ChannelRegistry(store, flush_interval=config.database.flush_interval)
+        # One persistence for both registries: a device and its channels commit together.
+        persistence = Persistence(store, flush_interval=config.database.flush_interval)
+        self.registry = DeviceRegistry(store, persistence=persistence)
+        self.channels = ChannelRegistry(store, persistence=persistence)
         # A device's channels are online only while the device is.
         self.registry.add_listener(self._device_status)
         self.presence = Presence(self.registry, interval=config.keepalive.interval,
@@ -74,10 +78,10 @@ class GbServer:
                                                  sync=self.sync)
         self.sync.subscriptions = self.subscriptions
         media = config.media
-        self.receiver = MediaReceiver(media.host, advertised_host=media.advertised_host
-                                      or config.sip.external_host or self.endpoint.advertised_host,
-                                      udp_port=media.rtp_port)
-        self.invites = InviteManager(config=config, endpoint=self.endpoint, receiver=self.receiver)
+        self.receiver = MediaReceiver(media.host, udp_port=media.rtp_port,
+                                      tcp_port_range=media.tcp_port_range)
+        self.invites = InviteManager(config=config, endpoint=self.endpoint, receiver=self.receiver,
+                                     registry=self.registry)
         self.streams = StreamManager(config=config, registry=self.registry, channels=self.channels,
                                      invites=self.invites)
         self.forwards: dict[str, list] = {}
@@ -92,6 +96,7 @@ class GbServer:
         self.metrics_registry = make_registry(ServerCollector(
             counters=self.counters, endpoint=self.endpoint, registry=self.registry,
             extra=self._channel_metrics))
+        self.overload: OverloadMonitor | None = None
         self.api_token = ""
         self.api_token_file: Path | None = None
         self._runner: web.AppRunner | None = None
@@ -116,6 +121,12 @@ class GbServer:
         self.audit.open()
         await self.endpoint.start()
         await self.receiver.start()
+        self.overload = OverloadMonitor(self.endpoint.udp_socket)
+        self.overload.start()
+        self.registrar.overloaded = lambda: self.overload.overloaded
+        self.endpoint.addresses.warn_if_unreachable("SIP", "sip.external_host (GB28181_SIP__EXTERNAL_HOST)")
+        self.invites.media_addresses.warn_if_unreachable(
+            "media", "media.advertised_host (GB28181_MEDIA__ADVERTISED_HOST)")
         self.streams.start()
         self.presence.start()
         self.sync.start()
@@ -137,7 +148,12 @@ class GbServer:
         """Where the server listens, with the ports actually bound (port 0 in the config)."""
         return {"pid": os.getpid(), "sip_host": self.config.sip.host, "sip_port": self.sip_port,
                 "http_host": self.config.http.host, "http_port": self.http_port,
-                "rtp_port": self.receiver.udp_port}
+                "rtp_port": self.receiver.udp_port, **self.addresses()}
+
+    def addresses(self) -> dict[str, str]:
+        """The addresses a device on the default route is told to use (Via/Contact, SDP c=)."""
+        return {"sip_address": self.endpoint.addresses.default,
+                "media_address": self.invites.media_addresses.default}
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -147,6 +163,8 @@ class GbServer:
             for fwd in forwards:
                 await fwd.stop()
         await self.streams.stop()
+        if self.overload is not None:
+            await self.overload.stop()
         await self.sync.stop()
         await self.subscriptions.stop()
         await self.endpoint.close()
@@ -170,7 +188,7 @@ class GbServer:
         elif ev.transaction is None:
             return  # an ACK that belongs to no dialog of ours
         elif method == "OPTIONS":
-            resp = make_response(ev.request, 200, to_tag="opt")
+            resp = make_response(ev.request, 200)
             resp.set("Allow", "REGISTER, MESSAGE, NOTIFY, BYE, OPTIONS")
             self.endpoint.respond(ev.transaction, resp)
         else:

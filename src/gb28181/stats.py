@@ -18,7 +18,7 @@ class Counters:
     __slots__ = ("register_requests", "register_ok", "register_challenged", "unregistered",
                  "register_failures", "auth_failures", "lockouts", "keepalives",
                  "keepalives_rejected", "messages", "messages_rejected", "queries_sent",
-                 "queries_answered", "queries_timed_out")
+                 "queries_answered", "queries_timed_out", "faults_reported", "overload_rejected")
 
     def __init__(self) -> None:
         self.register_requests = 0
@@ -35,6 +35,8 @@ class Counters:
         self.queries_sent = 0
         self.queries_answered = 0
         self.queries_timed_out = 0
+        self.faults_reported = 0
+        self.overload_rejected = 0
 
     def register_rejected(self, reason: str) -> None:
         self.register_failures[reason] += 1

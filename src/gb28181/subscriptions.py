@@ -1,11 +1,13 @@
 """Catalog subscriptions to devices (RFC 3265 as GB/T 28181 §9.11 and Annex P use it).
 
 ``subscribe`` sends ``SUBSCRIBE`` with ``Event: Catalog;id=<n>``, ``Expires`` (600 s by
-default) and a ``Query/Catalog`` body; the 200 opens the dialog (its To tag, its Contact as the
-target). A refresh is an in-dialog SUBSCRIBE at 80 % of the granted time; ``Expires: 0`` ends
-it. NOTIFYs are matched to their subscription by Call-ID (a NOTIFY can overtake the 200),
-answered 200, and their catalog changes handed to ``DeviceSync.apply_notify`` at once. A
-NOTIFY for no subscription of ours gets 481 so the device stops sending it.
+default) and a ``Query/Catalog`` body; the 200 opens the dialog (a ``sip.dialog.Dialog``: its To
+tag, its Contact as the remote target, its Record-Route as the route set). A refresh is an
+in-dialog SUBSCRIBE at 80 % of the granted time; ``Expires: 0`` ends it. NOTIFYs are matched to
+their subscription by Call-ID (a NOTIFY can overtake the 200 and then completes the dialog
+itself, RFC 6665 §4.1.2.4), checked against the dialog (CSeq order; a new Contact moves the
+target), answered 200, and their catalog changes handed to ``DeviceSync.apply_notify`` at
+once. A NOTIFY for no subscription of ours gets 481 so the device stops sending it.
 
 Subscriptions die with the device's registration: when it goes offline they are forgotten
 (the next registration's sync subscribes again). Some NVRs drop subscriptions silently
@@ -26,8 +28,10 @@ from registry.models import Device, StatusEvent
 from . import manscdp
 from .config import Config
 from .queries import MANSCDP_CONTENT_TYPE, DeviceQueries, QueryError
+from .routing import Target, device_target, dialog_target
+from .sip.dialog import Dialog, DialogError
 from .sip.endpoint import SipEndpoint, SipTimeoutError, SipTransportError
-from .sip.message import SipParseError, make_response, new_request, new_tag, parse_name_addr
+from .sip.message import SipResponse, make_response, new_request, new_tag
 from .sip.transaction import RequestReceived
 from .sync import DeviceSync
 
@@ -41,16 +45,18 @@ class Subscription:
     device_id: str
     call_id: str
     local_tag: str
-    remote_tag: str
     event: str
-    target_uri: str
-    addr: tuple[str, int]
-    transport: str
-    cseq: int
+    target: Target
     expires: int
     expires_at: float
     refresh_at: float
+    #: The dialog, once the 200 (or a NOTIFY overtaking it) has arrived.
+    dialog: Dialog | None = None
     notifies: int = 0
+
+    @property
+    def transport(self) -> str:
+        return self.target.transport
 
 
 class SubscriptionManager:
@@ -97,9 +103,6 @@ class SubscriptionManager:
         s = self.config.server
         return f"sip:{s.id}@{s.domain}"
 
-    def _contact(self) -> str:
-        return f"sip:{self.config.server.id}@{self.endpoint.advertised_host}:{self.endpoint.port}"
-
     async def subscribe(self, device: Device) -> Subscription:
         """Open (or replace) the catalog subscription of ``device``."""
         # A previous dialog simply lapses at the device; we stop listening to it.
@@ -109,21 +112,24 @@ class SubscriptionManager:
         body = manscdp.build("Query", "Catalog", self.queries.next_sn(), device.device_id,
                              encoding=self.queries.charset(device))
         local_tag = new_tag()
+        target = device_target(device)
+        peer = device.host
         request = new_request(
             "SUBSCRIBE", f"sip:{device.device_id}@{device.host}:{device.port}",
-            via=self.endpoint.via(device.transport), from_uri=self._server_uri(), from_tag=local_tag,
-            to_uri=f"sip:{device.device_id}@{device.device_id[:10]}", cseq=1,
-            contact=self._contact(), headers={"event": event, "expires": str(expires)},
+            via=self.endpoint.via(target.transport, peer=peer), from_uri=self._server_uri(),
+            from_tag=local_tag, to_uri=f"sip:{device.device_id}@{device.device_id[:10]}", cseq=1,
+            contact=self.endpoint.contact(self.config.server.id, target.transport, peer=peer),
+            headers={"event": event, "expires": str(expires)},
             body=body, content_type=MANSCDP_CONTENT_TYPE, user_agent="gb28181")
         now = time.monotonic()
-        sub = Subscription(device.device_id, request.call_id, local_tag, "", event,
-                           request.uri, (device.host, device.port), device.transport, 1,
+        sub = Subscription(device.device_id, request.call_id, local_tag, event, target,
                            expires, now + expires, now + expires * 0.8)
         # Known before the request leaves: the first NOTIFY may overtake the 200.
         self._by_call[sub.call_id] = sub
         self.by_device[device.device_id] = sub
         try:
-            resp = await self.endpoint.request(request, sub.addr, sub.transport, timeout=10.0)
+            resp = await self.endpoint.request(request, target.addr, target.transport,
+                                               timeout=10.0, fallback=target.fallback)
         except (SipTimeoutError, SipTransportError) as exc:
             self._forget(device.device_id)
             raise QueryError(f"SUBSCRIBE to {device.device_id} not delivered: {exc}") from None
@@ -131,17 +137,19 @@ class SubscriptionManager:
             self._forget(device.device_id)
             raise QueryError(f"{device.device_id} refused the catalog subscription: "
                              f"{resp.status} {resp.reason}")
-        self._accepted(sub, resp)
+        if sub.dialog is None:
+            try:
+                sub.dialog = Dialog.from_response(resp, fallback_target=request.uri)
+            except DialogError as exc:
+                self._forget(device.device_id)
+                raise QueryError(f"{device.device_id} accepted the subscription with an unusable "
+                                 f"200: {exc}") from None
+        else:
+            sub.dialog.receive_response(resp)
+        self._granted(sub, resp)
         return sub
 
-    def _accepted(self, sub: Subscription, resp) -> None:
-        sub.remote_tag = resp.to_tag or sub.remote_tag
-        contact = resp.get("contact")
-        if contact:
-            try:
-                sub.target_uri = parse_name_addr(contact).uri
-            except SipParseError:
-                pass
+    def _granted(self, sub: Subscription, resp: SipResponse) -> None:
         granted = (resp.get("expires") or "").strip()
         if granted.isdigit():
             sub.expires = int(granted)
@@ -150,18 +158,22 @@ class SubscriptionManager:
         sub.refresh_at = now + sub.expires * 0.8
 
     async def _in_dialog(self, sub: Subscription, expires: int) -> None:
-        sub.cseq += 1
-        request = new_request(
-            "SUBSCRIBE", sub.target_uri, via=self.endpoint.via(sub.transport),
-            from_uri=self._server_uri(), from_tag=sub.local_tag,
-            to_uri=f"sip:{sub.device_id}@{sub.device_id[:10]}", to_tag=sub.remote_tag or None,
-            call_id=sub.call_id, cseq=sub.cseq, contact=self._contact(),
+        dialog = sub.dialog
+        if dialog is None:
+            raise QueryError(f"the subscription to {sub.device_id} has no dialog yet")
+        target = dialog_target(self.endpoint, self.registry.get(sub.device_id), dialog, sub.transport)
+        peer = target.addr[0]
+        request = dialog.request(
+            "SUBSCRIBE", via=self.endpoint.via(target.transport, peer=peer),
+            contact=self.endpoint.contact(self.config.server.id, target.transport, peer=peer),
             headers={"event": sub.event, "expires": str(expires)}, user_agent="gb28181")
-        resp = await self.endpoint.request(request, sub.addr, sub.transport, timeout=10.0)
+        resp = await self.endpoint.request(request, target.addr, target.transport, timeout=10.0,
+                                           fallback=target.fallback)
         if resp.status >= 300:
             raise QueryError(f"{sub.device_id} refused the subscription refresh: {resp.status} {resp.reason}")
+        dialog.receive_response(resp)
         if expires:
-            self._accepted(sub, resp)
+            self._granted(sub, resp)
 
     async def unsubscribe(self, device_id: str) -> bool:
         sub = self._forget(device_id)
@@ -203,13 +215,27 @@ class SubscriptionManager:
         sub = self._by_call.get(req.call_id)
 
         def reply(status: int, reason: str = "") -> None:
-            self.endpoint.respond(txn, make_response(req, status, reason, to_tag=sub.local_tag if sub else new_tag()))
+            self.endpoint.respond(txn, make_response(req, status, reason, to_tag=sub.local_tag if sub else None))
 
-        if sub is None:
+        if sub is None or req.to_tag != sub.local_tag:
             reply(481, "Subscription Does Not Exist")
             return
-        if not sub.remote_tag and req.from_tag:
-            sub.remote_tag = req.from_tag
+        if sub.dialog is None:
+            # The NOTIFY overtook the 200 of our SUBSCRIBE: it creates the dialog (RFC 6665).
+            try:
+                sub.dialog = Dialog.from_request(req, sub.local_tag)
+            except DialogError as exc:
+                reply(400, f"Bad Request: {exc}"[:120])
+                return
+            sub.dialog.local_cseq = 1
+        elif sub.dialog.remote_tag and req.from_tag != sub.dialog.remote_tag:
+            reply(481, "Subscription Does Not Exist")
+            return
+        else:
+            refused = sub.dialog.receive_request(req)
+            if refused is not None:
+                reply(refused, "Server Internal Error: CSeq out of order")
+                return
         state = (req.get("subscription-state") or "").strip().lower()
         device = self.registry.get(sub.device_id)
         msg = None

@@ -7,8 +7,14 @@ known ones updated, tiers applied by rule, channels a *complete* catalog no long
 removed) and subscribes to catalog changes. Catalog changes that arrive later, as NOTIFYs of
 the subscription or as ``Notify/Catalog`` MESSAGEs, go through ``apply_notify``.
 
-Syncs are bounded by the query semaphore and the periodic refresh is spread over the
-interval, so ten thousand devices never query at once.
+After a power cut thousands of devices register within seconds, and many answer queries
+slowly or not at all. So syncs are not started per registration but queued (one entry per
+device, however often it registers) and started at ``catalog.sync_rate`` devices per second:
+the query load stays bounded, REGISTER and keepalive handling never starve behind it, and a
+silent device costs one waiting task, never a slot another device needs (``DeviceQueries``
+serialises queries per device only). A sync asked for through the API starts at once.
+The DeviceInfo query is followed by ConfigDownload/BasicParam, whose HeartBeatInterval and
+HeartBeatCount give the device its own offline deadline (§9.6.1, A.2.4 ``BasicParam``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -67,21 +74,36 @@ class DeviceSync:
         self.subscriptions: SubscriptionManager | None = None
         self._tasks: set[asyncio.Task] = set()
         self._running: dict[str, asyncio.Task] = {}
+        #: Devices waiting for their sync, oldest first (each at most once).
+        self._queue: OrderedDict[str, None] = OrderedDict()
+        self._wake: asyncio.Event | None = None
+        self._dispatcher: asyncio.Task | None = None
         self._loop_task: asyncio.Task | None = None
         self.last: dict[str, SyncResult] = {}
 
     # -- scheduling --------------------------------------------------------------------------
     def on_registered(self, device: Device) -> None:
-        """A device (re)registered: sync it in the background."""
+        """A device (re)registered: sync it in the background, at the paced rate."""
         cfg = self.config
         if cfg.registration.query_device_info or cfg.catalog.query_on_register:
-            self.schedule(device)
+            self.enqueue(device)
+
+    def enqueue(self, device: Device) -> None:
+        """Queue a background sync of ``device`` (a no-op if it is queued already)."""
+        self._queue[device.device_id] = None
+        if self._wake is not None:
+            self._wake.set()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
 
     def schedule(self, device: Device) -> asyncio.Task:
-        """Start a sync of ``device`` unless one is already running; returns its task."""
+        """Start a sync of ``device`` now unless one is already running; returns its task."""
         running = self._running.get(device.device_id)
         if running is not None and not running.done():
             return running
+        self._queue.pop(device.device_id, None)
         task = asyncio.get_running_loop().create_task(self._guarded(device))
         self._running[device.device_id] = task
         self._tasks.add(task)
@@ -97,12 +119,37 @@ class DeviceSync:
         finally:
             self._running.pop(device.device_id, None)
 
+    async def _dispatch(self) -> None:
+        """Start queued syncs at ``catalog.sync_rate`` per second (0: as fast as they come)."""
+        assert self._wake is not None
+        rate = self.config.catalog.sync_rate
+        next_at = time.monotonic()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                device_id, _ = self._queue.popitem(last=False)
+                device = self.registry.get(device_id)
+                if device is None or not device.online or device_id in self._running:
+                    continue
+                self.schedule(device)
+                if rate > 0:
+                    next_at = max(next_at + 1.0 / rate, time.monotonic() - 1.0)
+                    delay = next_at - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+
     def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        if self._queue:
+            self._wake.set()
+        self._dispatcher = loop.create_task(self._dispatch(), name="sync-dispatch")
         if self.config.catalog.refresh_interval > 0:
-            self._loop_task = asyncio.get_running_loop().create_task(self._refresh_loop())
+            self._loop_task = loop.create_task(self._refresh_loop())
 
     async def stop(self) -> None:
-        tasks = list(self._tasks) + ([self._loop_task] if self._loop_task else [])
+        tasks = list(self._tasks) + [t for t in (self._loop_task, self._dispatcher) if t]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -118,7 +165,7 @@ class DeviceSync:
                     continue
                 done = device.extra.get("catalog_at", 0.0)
                 if now - done >= interval:
-                    self.schedule(device)
+                    self.enqueue(device)
 
     # -- the sync itself ------------------------------------------------------------------------
     async def sync(self, device: Device) -> SyncResult:
@@ -130,6 +177,11 @@ class DeviceSync:
                 await self.device_info(device)
             except QueryError as exc:
                 log.info("DeviceInfo of %s: %s", device.device_id, exc)
+        if cfg.registration.query_basic_param:
+            try:
+                await self.basic_param(device)
+            except QueryError as exc:
+                log.info("BasicParam of %s: %s", device.device_id, exc)
         if cfg.catalog.query_on_register:
             try:
                 catalog = await self.catalog(device)
@@ -159,9 +211,22 @@ class DeviceSync:
         self.registry.touch(device)
         return info
 
+    async def basic_param(self, device: Device) -> manscdp.Manscdp:
+        """ConfigDownload/BasicParam: the device's own heartbeat interval and count set its
+        offline deadline (``Presence.deadline``)."""
+        msg = await self.queries.query(device, "ConfigDownload", (("ConfigType", "BasicParam"),),
+                                       timeout=10.0)
+        for tag, key in (("HeartBeatInterval", "heartbeat_interval"),
+                         ("HeartBeatCount", "heartbeat_count")):
+            text = msg.text(f"BasicParam/{tag}")
+            if text.isascii() and text.isdigit() and 0 < int(text) <= 3600:
+                device.extra[key] = int(text)
+        self.registry.touch(device)
+        return msg
+
     async def catalog(self, device: Device) -> CatalogResult:
         """Query the Catalog and collect every part (see ``CatalogCollector``)."""
-        async with self.queries.limit:
+        async with self.queries.exclusive(device.device_id):
             sn = self.queries.next_sn()
             future = self.collector.begin(device.device_id, sn)
             try:

@@ -8,7 +8,7 @@ hot path and write changes behind it, in batches, to one shared `Store`
 
 from .channels import ChannelRegistry
 from .devices import DeviceRegistry
-from .models import CHANNEL_STATES, Channel, ChannelEvent, Device, StatusEvent
+from .models import CHANNEL_STATES, Channel, ChannelEvent, Device, FaultEvent, StatusEvent
 from .sqlite import SqliteStore
 from .store import Store, StoreError
 
@@ -19,6 +19,7 @@ __all__ = [
     "ChannelRegistry",
     "Device",
     "DeviceRegistry",
+    "FaultEvent",
     "SqliteStore",
     "StatusEvent",
     "Store",

@@ -7,9 +7,10 @@ each device's online/offline transition from `DeviceRegistry` (devices.py)
 through `set_device_online`. A channel's *effective* state is OFF while its
 device is offline and its own reported status (ON, OFF, VLOST, DEFECT)
 otherwise; every change of it is a `ChannelEvent`. Like the device registry,
-these calls are synchronous dict operations, and a `WriteBehind`
-(writebehind.py) writes changed channels, removals and events to the shared
-`Store` in one transaction per flush, keeping them through store failures.
+these calls are synchronous dict operations, and the `Persistence` loop
+(writebehind.py) shared with the device registry writes changed channels,
+removals and events to the shared `Store` in the same transaction as the
+devices' changes, keeping them through store failures.
 
 Availability (`availability`) is computed from that history: a channel's
 time counts from its first event (it is created with one) until its "removed"
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from .models import CHANNEL_FIELDS, CHANNEL_STATES, Channel, ChannelEvent
 from .store import Store
-from .writebehind import SortedIds, WriteBehind
+from .writebehind import Persistence, SortedIds, WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class ChannelRegistry:
         clock: Callable[[], float] = time.time,
         max_pending_events: int = 1_000_000,
         max_removed: int = 100_000,
+        persistence: Persistence | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -91,15 +93,16 @@ class ChannelRegistry:
         self._removed: OrderedDict[str, tuple[int, str, str]] = OrderedDict()
         self._max_removed = max_removed
         self._pending: WriteBehind[Channel, ChannelEvent] = WriteBehind(
-            write=store.write_channel_batch,
+            kind="channels",
             lookup=self._channels.get,
             copy=Channel.copy,
             what="channel",
             events_what="channel events",
-            store=store,
-            flush_interval=flush_interval,
             max_pending_events=max_pending_events,
         )
+        self.persistence = persistence or Persistence(store, flush_interval=flush_interval)
+        self.persistence.add(self._pending)
+        self._started = False
 
     @property
     def store(self) -> Store:
@@ -109,7 +112,7 @@ class ChannelRegistry:
 
     async def start(self) -> None:
         """Load every channel and start the flush loop; the store must be open."""
-        if self._pending.running:
+        if self._started:
             raise RuntimeError("ChannelRegistry already started")
         if self._channels:
             raise RuntimeError("ChannelRegistry.start() must come before any upsert()")
@@ -124,7 +127,8 @@ class ChannelRegistry:
             if channel.state != "OFF":
                 self._device_online[channel.device_id] = True
         self._order = SortedIds(self._channels)
-        self._pending.start("channel-registry-flush")
+        self._started = True
+        self.persistence.start("channel-registry-flush")
         log.info(
             "channel registry loaded %d channels (%s) from %r",
             len(channels),
@@ -138,7 +142,9 @@ class ChannelRegistry:
         A failed final write is logged, not raised, so the `DeviceRegistry.stop()`
         that follows still runs and closes the store.
         """
-        if not await self._pending.stop():
+        ok = await self.persistence.stop() if self._started else await self.persistence.flush()
+        self._started = False
+        if not ok:
             changes, events = self.pending()
             log.error(
                 "channel registry stopped with %d channel changes and %d channel events not "
@@ -588,7 +594,7 @@ class ChannelRegistry:
         A store failure is logged and everything stays pending for the next
         flush; nothing is raised, since the loop will retry anyway.
         """
-        await self._pending.flush()
+        await self.persistence.flush()
 
 
 def _exposure(events: list[ChannelEvent], since: float, until: float) -> tuple[float, float, float]:

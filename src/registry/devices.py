@@ -2,24 +2,26 @@
 
 The SIP registrar and keepalive handling call `get`, `add`, `touch` and
 `set_online` thousands of times a second; those are plain dict operations
-with no awaits. Each write marks the device dirty, and a background task
-writes the dirty devices, removals and pending `StatusEvent`s to a `Store`
-(store.py, sqlite.py) as one batch every `flush_interval` seconds, through
-the `WriteBehind` in writebehind.py that `ChannelRegistry` shares. A flush
-that fails keeps everything for the next one, so a store outage costs memory,
-not data. Listeners (metrics, alerting) hear each online/offline transition
-synchronously.
+with no awaits. Each write marks the device dirty, and the `Persistence` loop
+(writebehind.py), shared with `ChannelRegistry`, writes dirty devices,
+removals and pending `StatusEvent`s to a `Store` (store.py, sqlite.py) in one
+transaction with the channels' changes, every `flush_interval` seconds or at
+once for a `durable()` waiter (group commit: the registrar answers a REGISTER
+only once the registration is on disk). A flush that fails keeps everything
+for the next one, so a store outage costs memory, not data. Listeners
+(metrics, alerting) hear each online/offline transition synchronously.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator
 
-from .models import Device, StatusEvent
+from .models import Device, FaultEvent, StatusEvent
 from .store import Store, StoreError
-from .writebehind import SortedIds, WriteBehind
+from .writebehind import Persistence, SortedIds, WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +43,28 @@ class DeviceRegistry:
         flush_interval: float = 0.5,
         clock: Callable[[], float] = time.time,
         max_pending_events: int = 1_000_000,
+        persistence: Persistence | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
         self._devices: dict[str, Device] = {}
         self._online = 0
+        self._started = False
         self._listeners: list[Listener] = []
         # Device IDs for paging, sorted lazily by `query` so `add` stays O(1).
         self._order = SortedIds(self._devices)
-        self._pending: WriteBehind[Device, StatusEvent] = WriteBehind(
-            write=store.write_batch,
+        self._pending: WriteBehind[Device, StatusEvent | FaultEvent] = WriteBehind(
+            kind="devices",
             lookup=self._devices.get,
             copy=Device.copy,
             what="device",
             events_what="status events",
-            store=store,
-            flush_interval=flush_interval,
             max_pending_events=max_pending_events,
         )
+        #: Shared with the channel registry of the same store, so that both land in one
+        #: transaction; a registry on its own gets its own.
+        self.persistence = persistence or Persistence(store, flush_interval=flush_interval)
+        self.persistence.add(self._pending)
 
     @property
     def store(self) -> Store:
@@ -68,7 +74,7 @@ class DeviceRegistry:
 
     async def start(self) -> None:
         """Open the store, load every device and start the flush loop."""
-        if self._pending.running:
+        if self._started:
             raise RuntimeError("DeviceRegistry already started")
         if self._devices:
             raise RuntimeError("DeviceRegistry.start() must come before any add()")
@@ -82,7 +88,8 @@ class DeviceRegistry:
         self._devices.update((d.device_id, d) for d in devices)
         self._online = sum(1 for d in devices if d.online)
         self._order = SortedIds(self._devices)
-        self._pending.start("registry-flush")
+        self._started = True
+        self.persistence.start("registry-flush")
         log.info("device registry loaded %d devices (%d online) from %r", len(devices), self._online, self._store)
 
     async def stop(self) -> None:
@@ -91,7 +98,8 @@ class DeviceRegistry:
         Raises StoreError after closing if the final flush failed, because
         whatever was pending is then lost.
         """
-        ok = await self._pending.stop()
+        ok = await self.persistence.stop() if self._started else await self.persistence.flush()
+        self._started = False
         lost = self.pending()
         await self._store.close()
         if not ok:
@@ -160,6 +168,29 @@ class DeviceRegistry:
                 # A broken metrics hook must not fail a REGISTER.
                 log.exception("device status listener %r failed", listener)
         return True
+
+    def record_fault(self, device: Device, status: str, devices: tuple[str, ...], at: float | None = None) -> bool:
+        """Note the fault state a keepalive reports ("ERROR" with the faulty sub-devices, or
+        "OK"); only a change is written to the history. True if it changed."""
+        self._check_current(device)
+        current = device.extra.get("fault")
+        if status == "OK" and current is None:
+            return False
+        if current is not None and current.get("status") == status and tuple(current.get("devices", ())) == devices:
+            return False
+        at = self._clock() if at is None else at
+        if status == "OK":
+            device.extra.pop("fault", None)
+        else:
+            device.extra["fault"] = {"status": status, "devices": list(devices), "since": at}
+        self._pending.changed(device.device_id, device)
+        self._pending.event(FaultEvent(device.device_id, at, status, devices))
+        return True
+
+    async def fault_events(self, device_id: str | None = None, limit: int = 1000) -> list[FaultEvent]:
+        """Fault history from the store, newest first, including reports just made."""
+        await self.flush()
+        return await self._store.fault_events(device_id, limit=limit, newest_first=True)
 
     def _check_current(self, device: Device) -> None:
         # A device never added, or removed meanwhile, would otherwise be
@@ -237,9 +268,15 @@ class DeviceRegistry:
     # -- persistence -------------------------------------------------------
 
     async def flush(self) -> None:
-        """Write dirty devices, removals and pending events as one batch.
+        """Write dirty devices, removals and pending events (and the channel registry's, if it
+        shares the persistence) as one batch.
 
         A store failure is logged and everything stays pending for the next
         flush; nothing is raised, since the loop will retry anyway.
         """
-        await self._pending.flush()
+        await self.persistence.flush()
+
+    def durable(self) -> "asyncio.Future[bool]":
+        """Resolved (True) once every change made so far is committed; False if the commit
+        failed (the changes stay pending). See `Persistence.durable`."""
+        return self.persistence.durable()

@@ -1,5 +1,6 @@
-"""Records the registry keeps: one `Device` per GB/T 28181 device and one
-`StatusEvent` per online/offline transition; one `Channel` per catalog item
+"""Records the registry keeps: one `Device` per GB/T 28181 device, one
+`StatusEvent` per online/offline transition and one `FaultEvent` per change of
+the fault state its keepalives report; one `Channel` per catalog item
 and one `ChannelEvent` per change of a channel's effective state.
 
 They are plain slotted dataclasses because the SIP registrar and the catalog
@@ -67,6 +68,17 @@ class StatusEvent:
     online: bool
     at: float          # unix time
     reason: str        # "register" | "keepalive" | "unregister" | "keepalive-timeout" | "expired" | "admin" ...
+
+
+@dataclass(slots=True, frozen=True)
+class FaultEvent:
+    """A device reported faults in its keepalive (``Status`` ERROR with an ``Info`` list of the
+    faulty sub-devices, A.2.5a), or reported OK again after that."""
+
+    device_id: str
+    at: float          # unix time
+    status: str        # "ERROR" | "OK"
+    devices: tuple[str, ...] = ()   # the faulty sub-devices (channels, alarm inputs) named
 
 
 CHANNEL_STATES: tuple[str, ...] = ("ON", "OFF", "VLOST", "DEFECT")

@@ -26,11 +26,12 @@ from .models import (
     Channel,
     ChannelEvent,
     Device,
+    FaultEvent,
     StatusEvent,
     channel_values,
     device_values,
 )
-from .store import Store, StoreError
+from .store import Store, StoreBatch, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,17 @@ _MIGRATIONS: list[str] = [
     CREATE INDEX channel_events_channel_at ON channel_events (channel_id, at);
     CREATE INDEX channel_events_at ON channel_events (at);
     """,
+    # 3: faults reported in keepalives (Status ERROR and the Info list)
+    """
+    CREATE TABLE device_faults (
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id TEXT    NOT NULL,
+        at        REAL    NOT NULL,
+        status    TEXT    NOT NULL,
+        devices   TEXT    NOT NULL DEFAULT '[]'
+    );
+    CREATE INDEX device_faults_device_at ON device_faults (device_id, at);
+    """,
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -135,6 +147,7 @@ _UPSERT_DEVICE = (
 )
 _DELETE_DEVICE = "DELETE FROM devices WHERE device_id = ?"
 _INSERT_EVENT = "INSERT INTO status_events (device_id, online, at, reason) VALUES (?, ?, ?, ?)"
+_INSERT_FAULT = "INSERT INTO device_faults (device_id, at, status, devices) VALUES (?, ?, ?, ?)"
 
 _ONLINE = DEVICE_FIELDS.index("online")
 _EXTRA = DEVICE_FIELDS.index("extra")
@@ -221,6 +234,18 @@ def _row_device(row: sqlite3.Row | tuple) -> Device:
 
 def _event_row(event: StatusEvent) -> tuple:
     return (event.device_id, int(event.online), event.at, event.reason)
+
+
+def _split_events(events: Sequence) -> tuple[list[StatusEvent], list[FaultEvent]]:
+    """A device batch carries both kinds of device history; each has its table."""
+    status = [e for e in events if type(e) is StatusEvent]
+    if len(status) == len(events):
+        return status, []
+    return status, [e for e in events if type(e) is FaultEvent]
+
+
+def _fault_row(event: FaultEvent) -> tuple:
+    return (event.device_id, event.at, event.status, _json(list(event.devices)))
 
 
 def _json(value: dict) -> str:
@@ -390,13 +415,9 @@ class SqliteStore(Store):
         self,
         devices: Sequence[Device],
         deleted_ids: Sequence[str],
-        events: Sequence[StatusEvent],
+        events: Sequence[StatusEvent | FaultEvent],
     ) -> None:
-        await self._transaction(
-            (_DELETE_DEVICE, deleted_ids, _id_row),
-            (_UPSERT_DEVICE, devices, _device_row),
-            (_INSERT_EVENT, events, _event_row),
-        )
+        await self.write_all([StoreBatch("devices", devices, deleted_ids, events)])
 
     async def write_channel_batch(
         self,
@@ -409,6 +430,23 @@ class SqliteStore(Store):
             (_UPSERT_CHANNEL, channels, _channel_row),
             (_INSERT_CHANNEL_EVENT, events, _channel_event_row),
         )
+
+    async def write_all(self, batches: Sequence[StoreBatch]) -> None:
+        steps: list[tuple[str, Sequence, Callable[[object], tuple]]] = []
+        for batch in batches:
+            if batch.kind == "devices":
+                status, faults = _split_events(batch.events)
+                steps += [(_DELETE_DEVICE, batch.deleted_ids, _id_row),
+                          (_UPSERT_DEVICE, batch.records, _device_row),
+                          (_INSERT_EVENT, status, _event_row),
+                          (_INSERT_FAULT, faults, _fault_row)]
+            elif batch.kind == "channels":
+                steps += [(_DELETE_CHANNEL, batch.deleted_ids, _id_row),
+                          (_UPSERT_CHANNEL, batch.records, _channel_row),
+                          (_INSERT_CHANNEL_EVENT, batch.events, _channel_event_row)]
+            else:
+                raise StoreError(f"SqliteStore cannot store {batch.kind!r}")
+        await self._transaction(*steps)
 
     async def _transaction(self, *steps: tuple[str, Sequence, Callable[[object], tuple]]) -> None:
         """Run each (sql, items, to_row) as one executemany, all in one transaction."""
@@ -452,6 +490,21 @@ class SqliteStore(Store):
             "device_id", device_id, since, until, limit, newest_first, "status events",
         )
         return [StatusEvent(d, bool(o), at, reason) for d, o, at, reason in rows]
+
+    async def fault_events(
+        self,
+        device_id: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 1000,
+        newest_first: bool = False,
+    ) -> list[FaultEvent]:
+        rows = await self._events(
+            "SELECT device_id, at, status, devices FROM device_faults",
+            "device_id", device_id, since, until, limit, newest_first, "device faults",
+        )
+        return [FaultEvent(d, at, status, tuple(json.loads(devices) if devices else ()))
+                for d, at, status, devices in rows]
 
     async def channel_events(
         self,

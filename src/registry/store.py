@@ -12,8 +12,20 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from .models import Channel, ChannelEvent, Device, StatusEvent
+from .models import Channel, ChannelEvent, Device, FaultEvent, StatusEvent
+
+
+@dataclass(slots=True)
+class StoreBatch:
+    """One registry's part of a flush: records to insert or replace, IDs to delete, history
+    events to append. ``kind`` is "devices" or "channels"."""
+
+    kind: str
+    records: Sequence
+    deleted_ids: Sequence[str]
+    events: Sequence
 
 
 class StoreError(RuntimeError):
@@ -90,6 +102,32 @@ class Store(abc.ABC):
             await self.save_devices(devices)
         if events:
             await self.add_status_events(events)
+
+    async def fault_events(
+        self,
+        device_id: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 1000,
+        newest_first: bool = False,
+    ) -> list[FaultEvent]:
+        """Keepalive fault reports, ordered as `status_events` orders them."""
+        raise NotImplementedError(f"{type(self).__name__} does not store device faults")
+
+    async def write_all(self, batches: Sequence[StoreBatch]) -> None:
+        """Apply one flush of every registry sharing this store.
+
+        This default writes the batches one after the other; a store with transactions
+        overrides it so that the flush lands whole or not at all (a device never on disk
+        without the channels written with it, or the other way round).
+        """
+        for batch in batches:
+            if batch.kind == "devices":
+                await self.write_batch(batch.records, batch.deleted_ids, batch.events)
+            elif batch.kind == "channels":
+                await self.write_channel_batch(batch.records, batch.deleted_ids, batch.events)
+            else:
+                raise StoreError(f"{type(self).__name__} cannot store {batch.kind!r}")
 
     # -- channels ------------------------------------------------------------
 

@@ -1,14 +1,25 @@
-"""Write-behind persistence and paging order shared by the registries.
+"""Write-behind persistence shared by the registries, with group commit.
 
 `DeviceRegistry` (devices.py) and `ChannelRegistry` (channels.py) keep their
-records in memory and mark what changed; a `WriteBehind` collects those marks
-(changed records keyed by ID, removed IDs, history events) and hands them to
-one store call per flush, every `flush_interval` seconds from a background
-task. A flush that fails puts everything back for the next one, merged with
-what changed meanwhile, so a store outage costs memory, not data; history is
-bounded by `max_pending_events`, oldest dropped first and counted.
-`SortedIds` keeps the ID order that paged queries need without making adds
-pay for sorting.
+records in memory and mark what changed in a `WriteBehind` each (changed
+records keyed by ID, removed IDs, history events). One `Persistence` per store
+owns the loop that writes them: every `flush_interval` seconds, and at once when
+somebody waits for durability, it takes everything marked in every registry and
+hands it to the store as one `write_all` call, which a transactional store
+lands whole or not at all. So a device and its channels reach the disk in the
+same transaction, never one without the other.
+
+`durable()` is group commit: the caller (the registrar, before it answers a
+REGISTER with 200) gets a future that resolves once the changes marked before
+the call are committed. The registrations that arrive while one transaction
+commits all go into the next one, so the cost of a commit is shared by however
+many answers wait for it, and the throughput holds.
+
+A flush that fails puts everything back for the next one, merged with what
+changed meanwhile, so a store outage costs memory, not data (and durability
+waiters hear False); history is bounded by `max_pending_events`, oldest dropped
+first and counted. `SortedIds` keeps the ID order that paged queries need
+without making adds pay for sorting.
 """
 
 from __future__ import annotations
@@ -18,8 +29,10 @@ import bisect
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Generic, TypeVar
+
+from .store import Store, StoreBatch
 
 log = logging.getLogger(__name__)
 
@@ -33,36 +46,45 @@ _COPY_CHUNK = 2_000
 _ERROR_LOG_INTERVAL = 60.0
 
 
-class WriteBehind(Generic[T, E]):
-    """Pending changes of one registry and the loop that writes them.
+class _Taken(Generic[T, E]):
+    """What one flush took out of a WriteBehind, to write or to put back."""
 
-    `write(records, deleted_ids, events)` is the store's batch call; it must
-    land whole or not at all, because a failed batch is retried as is.
-    `lookup(id)` returns the registry's live record, so a record removed or
-    replaced while its flush was failing is not resurrected; `copy(record)`
-    detaches a snapshot the store may read from another thread.
-    `what` and `events_what` name the records and events in log lines.
+    __slots__ = ("dirty", "deleted", "events")
+
+    def __init__(self, dirty: dict[str, T], deleted: set[str], events: deque[E]) -> None:
+        self.dirty = dirty
+        self.deleted = deleted
+        self.events = events
+
+    def __len__(self) -> int:
+        return len(self.dirty) + len(self.deleted) + len(self.events)
+
+
+class WriteBehind(Generic[T, E]):
+    """Pending changes of one registry.
+
+    `kind` names the records for the store ("devices", "channels"); `lookup(id)`
+    returns the registry's live record, so a record removed or replaced while
+    its flush was failing is not resurrected; `copy(record)` detaches a
+    snapshot the store may read from another thread. `what` and `events_what`
+    name the records and events in log lines.
     """
 
     def __init__(
         self,
         *,
-        write: Callable[[list[T], list[str], list[E]], Awaitable[None]],
+        kind: str,
         lookup: Callable[[str], T | None],
         copy: Callable[[T], T],
         what: str,
         events_what: str,
-        store: object,
-        flush_interval: float,
         max_pending_events: int,
     ) -> None:
-        self._write = write
+        self.kind = kind
         self._lookup = lookup
         self._copy = copy
-        self._what = what
-        self._events_what = events_what
-        self._store = store
-        self._flush_interval = flush_interval
+        self.what = what
+        self.events_what = events_what
         # Dirty records keyed by ID, holding the live object: marking is O(1)
         # and a record changed many times between flushes is written once.
         self._dirty: dict[str, T] = {}
@@ -70,12 +92,7 @@ class WriteBehind(Generic[T, E]):
         # Bounded so a long store outage under flapping cannot exhaust memory.
         self._max_pending_events = max_pending_events
         self._events: deque[E] = deque(maxlen=max_pending_events)
-        self._dropped_events = 0
-        self._lock = asyncio.Lock()
-        self._stopping: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-        self._failures = 0
-        self._last_error_log = 0.0
+        self.dropped_events = 0
 
     # -- marking (hot path) ------------------------------------------------
 
@@ -94,130 +111,182 @@ class WriteBehind(Generic[T, E]):
 
     def event(self, event: E) -> None:
         if len(self._events) == self._max_pending_events:
-            self._dropped_events += 1
+            self.dropped_events += 1
         self._events.append(event)
 
     def pending(self) -> tuple[int, int]:
         """(record changes, events) not yet written."""
         return len(self._dirty) + len(self._deleted), len(self._events)
 
-    # -- loop ----------------------------------------------------------------
+    # -- flushing (called by Persistence) -----------------------------------
 
-    @property
-    def running(self) -> bool:
-        return self._task is not None
+    def take(self) -> _Taken[T, E]:
+        """Swap the pending sets out: the hot path keeps marking into fresh ones."""
+        taken = _Taken(self._dirty, self._deleted, self._events)
+        self._dirty, self._deleted = {}, set()
+        self._events = deque(maxlen=self._max_pending_events)
+        return taken
 
-    def start(self, name: str) -> None:
-        if self._task is not None:
-            raise RuntimeError(f"{name} already running")
-        self._stopping = asyncio.Event()
-        self._task = asyncio.create_task(self._loop(), name=name)
-
-    async def stop(self) -> bool:
-        """Stop the loop and write what is pending; False if that last write failed."""
-        if self._task is not None:
-            assert self._stopping is not None
-            # Signalled rather than cancelled, so a flush in progress finishes.
-            self._stopping.set()
-            await self._task
-            self._task = None
-        return await self.flush()
-
-    async def flush(self) -> bool:
-        """Write pending changes as one batch; False (logged, all kept) if the store failed."""
-        async with self._lock:
-            return await self._flush_locked()
-
-    async def _flush_locked(self) -> bool:
-        if not (self._dirty or self._deleted or self._events):
-            return True
-        # Swap the pending sets out first: the hot path keeps marking into
-        # fresh ones while the store awaits.
-        dirty, self._dirty = self._dirty, {}
-        deleted, self._deleted = self._deleted, set()
-        events, self._events = self._events, deque(maxlen=self._max_pending_events)
-        try:
-            snapshot = await self._snapshot(dirty)
-            await self._write(snapshot, list(deleted), list(events))
-        except BaseException as e:
-            self._restore(dirty, deleted, events)
-            if not isinstance(e, Exception):
-                raise
-            self._log_failure(e, len(dirty) + len(deleted), len(events))
-            return False
-        if self._failures:
-            log.warning("%s registry store %r is writable again after %d failed flushes", self._what, self._store, self._failures)
-            self._failures = 0
-        if self._dropped_events:
-            log.warning("%s registry dropped %d %s while the store was failing", self._what, self._dropped_events, self._events_what)
-            self._dropped_events = 0
-        return True
-
-    async def _snapshot(self, dirty: dict[str, T]) -> list[T]:
+    async def batch(self, taken: _Taken[T, E]) -> StoreBatch:
         # Copies, because the store may read them on another thread while the
         # hot path keeps mutating the live objects. Copying yields between
         # chunks so a 100k-record flush does not stall the loop for its whole
         # length; a record changed meanwhile is dirty again and simply written
         # once more next time.
-        records = list(dirty.values())
+        records = list(taken.dirty.values())
         copy = self._copy
         snapshot: list[T] = []
         for start in range(0, len(records), _COPY_CHUNK):
             if start:
                 await asyncio.sleep(0)
             snapshot.extend(map(copy, records[start : start + _COPY_CHUNK]))
-        return snapshot
+        return StoreBatch(self.kind, snapshot, list(taken.deleted), list(taken.events))
 
-    def _restore(self, dirty: dict[str, T], deleted: set[str], events: deque[E]) -> None:
+    def restore(self, taken: _Taken[T, E]) -> None:
+        """Put back what a failed flush took, under what changed since."""
         lookup = self._lookup
-        for key, record in dirty.items():
+        for key, record in taken.dirty.items():
             # Skip records removed or replaced since the snapshot: their newer
             # state is already pending.
             if lookup(key) is record:
                 self._dirty.setdefault(key, record)
-        for key in deleted:
+        for key in taken.deleted:
             if lookup(key) is None:
                 self._deleted.add(key)
         # Older events go back in front so history stays in order.
-        merged = deque(events, maxlen=self._max_pending_events)
-        overflow = len(events) + len(self._events) - self._max_pending_events
+        merged = deque(taken.events, maxlen=self._max_pending_events)
+        overflow = len(taken.events) + len(self._events) - self._max_pending_events
         merged.extend(self._events)
         if overflow > 0:
-            self._dropped_events += overflow
+            self.dropped_events += overflow
         self._events = merged
 
-    def _log_failure(self, error: Exception, records: int, events: int) -> None:
+
+class Persistence:
+    """The flush loop of one store, shared by its registries; see the module docstring."""
+
+    def __init__(self, store: Store, *, flush_interval: float) -> None:
+        self._store = store
+        self._flush_interval = flush_interval
+        self._parts: list[WriteBehind] = []
+        self._lock = asyncio.Lock()
+        self._users = 0
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+        self._kick: asyncio.Event | None = None
+        # Resolved when the next flush to *start* has committed (True) or failed (False).
+        self._next: asyncio.Future[bool] | None = None
+        self._failures = 0
+        self._last_error_log = 0.0
+        #: Flushes that wrote something, for benchmarks and metrics.
+        self.commits = 0
+
+    def add(self, part: WriteBehind) -> None:
+        self._parts.append(part)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
+    # -- life cycle ----------------------------------------------------------
+
+    def start(self, name: str = "registry-flush") -> None:
+        """Start the loop for one more user (each registry is one); idempotent across users."""
+        self._users += 1
+        if self._task is None:
+            self._stopping = False
+            self._kick = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name=name)
+
+    async def stop(self) -> bool:
+        """One user is done: write what is pending; the last one also stops the loop.
+        False if that write failed."""
+        self._users = max(0, self._users - 1)
+        if self._users == 0 and self._task is not None:
+            self._stopping = True
+            assert self._kick is not None
+            self._kick.set()  # the loop finishes its flush in progress, then ends
+            await self._task
+            self._task = None
+        return await self.flush()
+
+    # -- writing ----------------------------------------------------------------
+
+    def durable(self) -> asyncio.Future[bool]:
+        """A future resolved once everything marked so far is committed (True), or the
+        commit failed (False: everything stays pending for the next try)."""
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._kick is None:
+            # No loop (a registry used without start(), in tests): flush now.
+            return asyncio.ensure_future(self.flush())
+        if self._next is None:
+            self._next = loop.create_future()
+        self._kick.set()
+        return self._next
+
+    async def flush(self) -> bool:
+        """Write everything pending in one store call; False (logged, all kept) on failure."""
+        async with self._lock:
+            return await self._flush_locked()
+
+    async def _flush_locked(self) -> bool:
+        if not any(p.pending() != (0, 0) for p in self._parts):
+            return True
+        taken = [(part, part.take()) for part in self._parts]
+        try:
+            batches = [await part.batch(t) for part, t in taken if len(t)]
+            await self._store.write_all(batches)
+        except BaseException as e:
+            for part, t in taken:
+                part.restore(t)
+            if not isinstance(e, Exception):
+                raise
+            self._log_failure(e, taken)
+            return False
+        self.commits += 1
+        if self._failures:
+            log.warning("registry store %r is writable again after %d failed flushes", self._store, self._failures)
+            self._failures = 0
+        for part in self._parts:
+            if part.dropped_events:
+                log.warning("%s registry dropped %d %s while the store was failing", part.what,
+                            part.dropped_events, part.events_what)
+                part.dropped_events = 0
+        return True
+
+    def _log_failure(self, error: Exception, taken: list) -> None:
         self._failures += 1
         now = time.monotonic()
         if self._failures == 1 or now - self._last_error_log >= _ERROR_LOG_INTERVAL:
             self._last_error_log = now
-            log.error(
-                "%s registry flush to %r failed (%d in a row); keeping %d %s changes "
-                "and %d %s for the next try",
-                self._what,
-                self._store,
-                self._failures,
-                records,
-                self._what,
-                events,
-                self._events_what,
-                exc_info=error,
-            )
+            kept = ", ".join(f"{len(t.dirty) + len(t.deleted)} {p.what} changes and "
+                             f"{len(t.events)} {p.events_what}" for p, t in taken if len(t))
+            log.error("registry flush to %r failed (%d in a row); keeping %s for the next try",
+                      self._store, self._failures, kept, exc_info=error)
 
     async def _loop(self) -> None:
-        assert self._stopping is not None
-        while True:
+        assert self._kick is not None
+        kick = self._kick
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            timer = loop.call_later(self._flush_interval, kick.set)
+            await kick.wait()
+            timer.cancel()
+            kick.clear()
+            # Whoever asked for durability from here on waits for the next flush.
+            waiters, self._next = self._next, None
             try:
-                await asyncio.wait_for(self._stopping.wait(), self._flush_interval)
-                return
-            except TimeoutError:
-                pass
-            try:
-                await self.flush()
+                ok = await self.flush()
             except Exception:
                 # flush() already handles store errors; this is a bug, and the
                 # loop must survive it or nothing is ever persisted again.
-                log.exception("%s registry flush loop error", self._what)
+                log.exception("registry flush loop error")
+                ok = False
+            if waiters is not None and not waiters.done():
+                waiters.set_result(ok)
+        if self._next is not None and not self._next.done():
+            self._next.set_result(await self.flush())
+            self._next = None
 
 
 class SortedIds:

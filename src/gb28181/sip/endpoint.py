@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .dialog import Dialog, DialogError
 from .framing import FramingError, SipStreamFramer
 from .message import (
     MAX_MESSAGE_SIZE,
@@ -45,6 +46,7 @@ from .transaction import (
     TransactionLayer,
     TransactionTimedOut,
 )
+from .netroute import LocalAddresses
 
 __all__ = ["EndpointStats", "SipEndpoint", "SipTimeoutError", "SipTransportError"]
 
@@ -100,12 +102,18 @@ class SipEndpoint:
     ) -> None:
         self.host = host
         self.port = port
-        self.advertised_host = advertised_host or _advertise(host)
+        #: Our address per peer (Via, Contact): see ``netroute``.
+        self.addresses = LocalAddresses(host, advertised_host)
         self.on_request = on_request
         self.on_cancel = on_cancel
         self.on_server_timeout = on_server_timeout
-        #: Called with the Call-ID when a 2xx to one of our INVITEs arrives again.
-        self.on_invite_2xx_retransmit: Callable[[str], Any] | None = None
+        #: Called with (response, address, transport) for a 2xx to one of our INVITEs that no
+        #: caller waits for: a retransmission (our ACK was lost), or an answer that came after
+        #: we gave up or CANCELled. The dialog's owner ACKs it, and BYEs a session it does
+        #: not want (RFC 3261 §13.2.2.4). Without a handler, a 2xx that no caller received is
+        #: ACKed and BYE'd here, and the retransmissions of one a caller did receive are left
+        #: to that caller.
+        self.on_invite_2xx: Callable[[SipResponse, Addr, str], Any] | None = None
         self.enable_udp = udp
         self.enable_tcp = tcp
         self.max_message_size = max_message_size
@@ -123,6 +131,7 @@ class SipEndpoint:
         self._timer_when: float | None = None
         self._closing = False
         self._error_log_at = 0.0
+        self._tasks: set[asyncio.Task] = set()
 
     # -- life cycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -179,9 +188,30 @@ class SipEndpoint:
             await self._tcp_server.wait_closed()
 
     # -- helpers for building requests --------------------------------------------------------
-    def via(self, transport: str = "udp", branch: str | None = None) -> str:
-        return (f"SIP/2.0/{transport.upper()} {self.advertised_host}:{self.port}"
+    @property
+    def udp_socket(self) -> socket.socket | None:
+        """The UDP socket (for the overload monitor), once started."""
+        return self._udp.get_extra_info("socket") if self._udp is not None else None
+
+    @property
+    def advertised_host(self) -> str:
+        """Our address for a peer on the default route (see ``addresses.for_peer``)."""
+        return self.addresses.default
+
+    def via(self, transport: str = "udp", branch: str | None = None, *, peer: str | None = None) -> str:
+        """A Via for a request to ``peer`` (a host), with our address as that peer reaches it."""
+        return (f"SIP/2.0/{transport.upper()} {self.addresses.for_peer(peer)}:{self.port}"
                 f";rport;branch={branch or new_branch()}")
+
+    def contact(self, user: str, transport: str = "udp", *, peer: str | None = None) -> str:
+        """Our Contact URI for ``peer``; over TCP it says so (RFC 3261 §19.1.1), so that
+        requests to it come over TCP too."""
+        param = ";transport=tcp" if transport == "tcp" else ""
+        return f"sip:{user}@{self.addresses.for_peer(peer)}:{self.port}{param}"
+
+    def has_connection(self, addr: Addr) -> bool:
+        """Whether a TCP connection with ``addr`` is open (to reuse for requests to it)."""
+        return addr in self._tcp_conns
 
     @property
     def now(self) -> float:
@@ -191,16 +221,25 @@ class SipEndpoint:
     async def request(self, request: SipRequest, addr: Addr, transport: str = "udp", *,
                       timeout: float | None = None,
                       on_provisional: Callable[[SipResponse], Any] | None = None,
-                      ) -> SipResponse:
+                      fallback: Addr | None = None) -> SipResponse:
         """Send ``request`` in a client transaction and wait for its final response.
 
+        Over TCP an open connection with ``addr`` is reused (a device registered over TCP keeps
+        one); without one a connection is made to ``fallback`` if given (the device's Contact:
+        ``addr`` is then its old connection's ephemeral port), else to ``addr``.
+
         Raises ``SipTimeoutError`` when the transaction times out (or ``timeout`` passes) and
-        ``SipTransportError`` when a TCP connection cannot be made.
+        ``SipTransportError`` when a TCP connection cannot be made. An INVITE given up on this
+        way stays in its transaction until Timer B, so that a late answer is still ACKed
+        (and a late 2xx handed to ``on_invite_2xx``); the caller CANCELs it.
         """
         if self._loop is None:
             raise RuntimeError("SipEndpoint.start() has not been called")
         if transport == "tcp" and addr not in self._tcp_conns:
-            await self._connect(addr)
+            if fallback is not None and fallback != addr:
+                addr = fallback
+            if addr not in self._tcp_conns:
+                await self._connect(addr)
         future = self._loop.create_future()
         txn = self.layer.send_request(request, addr, transport, self.now)
         txn.context = _Pending(future, on_provisional)
@@ -212,7 +251,8 @@ class SipEndpoint:
         except SipTimeoutError:
             raise  # Timer B/F already said so (SipTimeoutError is itself a TimeoutError)
         except TimeoutError:
-            self.layer.fail(txn)
+            if request.method != "INVITE":
+                self.layer.fail(txn)
             raise SipTimeoutError(f"no final response to {request.method} from "
                                   f"{addr[0]}:{addr[1]} within {timeout} s") from None
 
@@ -291,7 +331,9 @@ class SipEndpoint:
                     else:
                         self.respond(ev.transaction, make_response(ev.transaction.request, 487))
                 elif isinstance(ev, StrayResponse):
-                    pass
+                    resp = ev.response
+                    if resp.cseq[1] == "INVITE" and 200 <= resp.status < 300:
+                        self._late_invite_2xx(resp, ev.addr, ev.transport)
             except Exception:  # an application bug must not take the transport down
                 log.exception("error handling %r", ev)
 
@@ -309,17 +351,50 @@ class SipEndpoint:
         ctx = txn.context
         if isinstance(ctx, _Pending):
             if ctx.future.done():
-                # A retransmitted 2xx to an INVITE means our ACK was lost: the dialog's owner
-                # sends it again (RFC 3261 §13.2.2.4).
-                if (resp is not None and txn.method == "INVITE" and 200 <= resp.status < 300
-                        and self.on_invite_2xx_retransmit is not None):
-                    self.on_invite_2xx_retransmit(resp.call_id)
+                # A retransmitted 2xx (our ACK was lost), or one after we gave up.
+                if resp is not None and txn.method == "INVITE" and 200 <= resp.status < 300:
+                    future = ctx.future
+                    delivered = not future.cancelled() and future.exception() is None
+                    self._late_invite_2xx(resp, txn.addr, txn.transport, owned=delivered)
             else:
                 if resp is None:
                     ctx.future.set_exception(SipTimeoutError(
                         f"no final response to {txn.method} from {txn.addr[0]}:{txn.addr[1]}"))
                 else:
                     ctx.future.set_result(resp)
+
+    def _late_invite_2xx(self, resp: SipResponse, addr: Addr, transport: str, *,
+                         owned: bool = False) -> None:
+        """``owned``: the caller got a 2xx of this INVITE, and ACKing is its business."""
+        if self.on_invite_2xx is not None:
+            self.on_invite_2xx(resp, addr, transport)
+            return
+        if owned:
+            return
+        # Nobody owns the dialog: accept it and end it at once (RFC 3261 §13.2.2.4, §15).
+        try:
+            dialog = Dialog.from_response(resp)
+        except DialogError:
+            return
+        via = self.via(transport, peer=addr[0])
+        self.layer.send_stateless(dialog.ack(resp.cseq[0], via=via).serialize(), addr, transport)
+        self._flush()
+        bye = dialog.request("BYE", via=self.via(transport, peer=addr[0]))
+        self._loop_spawn(self._quiet_request(bye, addr, transport))
+
+    async def _quiet_request(self, request: SipRequest, addr: Addr, transport: str) -> None:
+        try:
+            await self.request(request, addr, transport, timeout=10.0)
+        except (SipTimeoutError, SipTransportError):
+            pass
+
+    def _loop_spawn(self, coro: Any) -> None:
+        if self._loop is None or self._closing:
+            coro.close()
+            return
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _receive(self, data: bytes, addr: Addr, transport: str) -> None:
         self.stats.received += 1
@@ -363,15 +438,6 @@ def _mark_received(request: SipRequest, addr: Addr) -> None:
             vias[0] = f"{top[:end]}={addr[1]};received={addr[0]}{top[end:]}"
     elif ";received=" not in top:
         vias[0] = f"{top};received={addr[0]}"
-
-
-def _advertise(host: str) -> str:
-    if host not in ("0.0.0.0", "::", ""):
-        return host
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
 
 
 class _SipUdpProtocol(asyncio.DatagramProtocol):

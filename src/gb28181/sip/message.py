@@ -31,6 +31,7 @@ __all__ = [
     "new_call_id",
     "new_request",
     "new_tag",
+    "parse_delta_seconds",
     "parse_message",
     "parse_name_addr",
     "parse_uri",
@@ -218,6 +219,16 @@ class SipResponse(SipMessage):
 
 _REQUIRED = ("via", "from", "to", "call-id", "cseq")
 _METHOD_RE = re.compile(r"[A-Za-z][A-Za-z0-9._!%*+`'~-]*\Z")
+#: CSeq = 1*DIGIT LWS Method, the method a token (RFC 3261 §20.16, §25.1). Once folded lines
+#: are joined, linear whitespace is spaces and tabs only; ``str.split``/``strip`` would also
+#: take \x1c–\x1f, \x85 or U+3000 for whitespace, and ``int`` then fails on what was let in.
+_CSEQ_RE = re.compile(r"([0-9]+)[ \t]+([A-Za-z0-9.!%*_+`'~-]+)")
+#: Header values are trimmed of linear whitespace only (RFC 3261 §7.3.1, §25.1).
+_LWS = " \t"
+#: Largest CSeq number (RFC 3261 §8.1.1.5: "MUST be less than 2**31").
+_MAX_CSEQ = 2**31 - 1
+#: Largest Expires (RFC 3261 §20.19: "between 0 and (2**32)-1").
+_MAX_EXPIRES = 2**32 - 1
 
 
 def find_head_end(data: bytes, start: int = 0) -> tuple[int, int]:
@@ -242,6 +253,17 @@ def parse_content_length(values: list[str] | None) -> int | None:
     if value is None:
         raise SipParseError(f"invalid Content-Length {values[0][:40]!r}: expected a decimal byte count")
     return value
+
+
+def parse_delta_seconds(text: str) -> int | None:
+    """An Expires value as an int: 1*DIGIT from 0 to 2**32−1 (RFC 3261 §20.19), else None.
+
+    Spaces and tabs around the digits are allowed. Unlike ``text.isdigit()`` followed by
+    ``int()``, this cannot raise (``"²"`` is a digit to ``isdigit``, 5000 digits too many for
+    ``int``).
+    """
+    value = _ascii_uint(text.strip(_LWS))
+    return value if value is not None and value <= _MAX_EXPIRES else None
 
 
 def _ascii_uint(text: str) -> int | None:
@@ -288,7 +310,7 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE,
         if version != "SIP/2.0":
             raise SipParseError(f"unsupported SIP version {version!r}")
         code, _, reason = rest.partition(" ")
-        if len(code) != 3 or not code.isdigit() or code[0] == "0":
+        if len(code) != 3 or not code.isascii() or not code.isdigit() or code[0] == "0":
             raise SipParseError(f"invalid status line {first!r}")
         msg = SipResponse(int(code), reason.strip())
     else:
@@ -313,7 +335,7 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE,
             if last is None:
                 raise SipParseError("header block starts with a continuation line", msg)
             # strip(): an empty value or a blank continuation must not leave stray spaces.
-            last[-1] = f"{last[-1]} {line.strip()}".strip()
+            last[-1] = f"{last[-1]} {line.strip(_LWS)}".strip(_LWS)
             continue
         name, sep, value = line.partition(":")
         if not sep:
@@ -322,7 +344,7 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE,
         if not lower or " " in lower:
             raise SipParseError(f"invalid header name {name[:40]!r}", msg)
         lower = _COMPACT.get(lower, lower)
-        value = value.strip()
+        value = value.strip(_LWS)
         values = headers.get(lower)
         if values is None:
             values = headers[lower] = []
@@ -335,13 +357,7 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE,
     for required in _REQUIRED:
         if not headers.get(required):
             raise SipParseError(f"missing mandatory header {canonical_name(required)}", msg)
-    cseq = headers["cseq"][0]
-    num, _, method = cseq.partition(" ")
-    number = _ascii_uint(num.strip())
-    if number is None or not method.strip() or number > 2**31 - 1:
-        raise SipParseError(f"invalid CSeq {cseq[:40]!r}", msg)
-    if isinstance(msg, SipRequest) and method.strip().upper() != msg.method:
-        raise SipParseError(f"CSeq method {method.strip()!r} does not match {msg.method}", msg)
+    _normalise_numbers(msg)
 
     length = parse_content_length_safe(headers, msg)
     rest = data[body_start:]
@@ -353,6 +369,38 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE,
     else:
         msg.body = rest[:length]
     return msg
+
+
+def _normalise_numbers(msg: SipRequest | SipResponse) -> None:
+    """Check the header values later read with ``int()`` and store them in canonical form.
+
+    CSeq becomes ``"<number> <method>"`` (one space, no leading zeros) and Expires plain
+    decimal, so ``SipMessage.cseq`` and every ``int(msg.get("expires"))`` cannot raise.
+    Content-Length is checked by ``parse_content_length``; Max-Forwards is never read.
+    """
+    headers = msg.headers
+    cseq = headers["cseq"][0]
+    m = _CSEQ_RE.fullmatch(cseq)
+    number = _ascii_uint(m.group(1)) if m else None
+    if m is None or number is None:
+        raise SipParseError(
+            f"invalid CSeq {cseq[:40]!r}: expected a decimal number, spaces, and a method "
+            "(RFC 3261 §20.16)", msg)
+    if number > _MAX_CSEQ:
+        raise SipParseError(f"invalid CSeq {cseq[:40]!r}: the number must be below 2**31", msg)
+    method = m.group(2)
+    if isinstance(msg, SipRequest) and method.upper() != msg.method:
+        raise SipParseError(f"CSeq method {method!r} does not match {msg.method}", msg)
+    headers["cseq"][0] = f"{number} {method}"
+    expires = headers.get("expires")
+    if expires:
+        for i, value in enumerate(expires):
+            seconds = parse_delta_seconds(value)
+            if seconds is None:
+                raise SipParseError(
+                    f"invalid Expires {value[:40]!r}: expected 0 to 4294967295 seconds "
+                    "(RFC 3261 §20.19)", msg)
+            expires[i] = str(seconds)
 
 
 def parse_content_length_safe(headers: dict[str, list[str]], msg: SipMessage) -> int | None:
@@ -563,13 +611,14 @@ def make_response(request: SipRequest, status: int, reason: str = "", *,
                   content_type: str | None = None) -> SipResponse:
     """A response to ``request`` per RFC 3261 §8.2.6: Via, From, Call-ID, CSeq copied, To tagged.
 
-    ``to_tag`` is added to To when the request had none and the status is above 100.
+    Every response above 100 to a request without a To tag gets one (§8.2.6.2): ``to_tag``
+    when given (the tag of the dialog being set up), else a fresh one.
     """
     rh = request.headers
     headers: dict[str, list[str]] = {"via": list(rh["via"]), "from": list(rh["from"])}
     to = rh["to"][0]
-    if to_tag and status > 100 and _tag_of(to) is None:
-        to = f"{to};tag={to_tag}"
+    if status > 100 and _tag_of(to) is None:
+        to = f"{to};tag={to_tag or new_tag()}"
     headers["to"] = [to]
     headers["call-id"] = list(rh["call-id"])
     headers["cseq"] = list(rh["cseq"])

@@ -13,10 +13,10 @@ States and timers (T1 = 500 ms, T2 = 4 s, T4 = 5 s by default):
 ==================  =========================================================================
 client non-INVITE   trying -E(retransmit, T1 doubling to T2)-> trying ... -F(64·T1)-> timed out
                     1xx -> proceeding; final -> completed -K(T4; 0 on TCP)-> terminated
-client INVITE       calling -A(retransmit, doubling)-> ... -B(64·T1)-> timed out
-                    1xx -> proceeding; 2xx -> accepted -M(64·T1)-> terminated (2xx retransmits go
-                    to the TU, which re-ACKs); 3xx-6xx -> ACK sent here, completed -D(32 s; 0 on
-                    TCP)-> terminated
+client INVITE       calling -A(retransmit, doubling)-> ... -B(64·T1)-> timed-out -D(64·T1)->
+                    terminated; 1xx -> proceeding; 2xx -> accepted -M(64·T1)-> terminated (2xx
+                    retransmits and a 2xx after Timer B go to the TU, which ACKs); 3xx-6xx ->
+                    ACK sent here (also after Timer B), completed -D(32 s; 0 on TCP)-> terminated
 server non-INVITE   trying; TU 1xx -> proceeding; TU final -> completed -J(64·T1; 0 on TCP)->
                     terminated. A retransmitted request is answered with the last response.
 server INVITE       proceeding; TU 2xx -> accepted: 2xx retransmitted (G) until the ACK (new
@@ -103,6 +103,7 @@ class StrayResponse:
 
     response: SipResponse
     addr: Addr
+    transport: str = "udp"
 
 
 Event = RequestReceived | ResponseReceived | TransactionTimedOut | CancelReceived | StrayResponse
@@ -249,7 +250,7 @@ class TransactionLayer:
             if txn.timers.get(name) == when:
                 del txn.timers[name]
                 self._fire(txn, name, now, events)
-        for fifo in self._fifos.values():
+        for fifo in list(self._fifos.values()):  # firing may arm a timer of a new kind
             while fifo and fifo[0][0] <= now:
                 when, txn, name = fifo.popleft()
                 if txn.timers.get(name) == when:
@@ -271,9 +272,17 @@ class TransactionLayer:
                     self._arm(txn, name, txn.interval, now)
             elif name in ("B", "F"):
                 if txn.state in ("calling", "trying", "proceeding"):
-                    self._terminate_client(txn)
                     self.stats["timeouts"] += 1
                     events.append(TransactionTimedOut(txn))
+                    if name == "B":
+                        # Kept a while longer: a device that answers after Timer B still gets
+                        # its non-2xx ACKed here, and its 2xx reaches the TU, which must ACK and
+                        # then BYE a session nobody waits for (RFC 3261 §13.2.2.4).
+                        txn.state = "timed-out"
+                        txn.timers.clear()
+                        self._arm(txn, "D", 64 * self.t1, now)
+                    else:
+                        self._terminate_client(txn)
             else:  # D, K, M
                 self._terminate_client(txn)
             return
@@ -346,7 +355,8 @@ class TransactionLayer:
         else:
             self._terminate_server(txn)
 
-    def _receive_response(self, resp: SipResponse, addr: Addr, now: float) -> list[Event]:
+    def _receive_response(self, resp: SipResponse, addr: Addr, transport: str,
+                          now: float) -> list[Event]:
         via = resp.headers["via"][0]
         idx = via.find("branch=")
         branch = ""
@@ -357,7 +367,7 @@ class TransactionLayer:
         txn = self.client.get((branch, method))
         if txn is None:
             self.stats["stray"] += 1
-            return [StrayResponse(resp, addr)]
+            return [StrayResponse(resp, addr, transport)]
         status = resp.status
         state = txn.state
         if txn.method == "INVITE":
@@ -368,7 +378,7 @@ class TransactionLayer:
                     return [ResponseReceived(resp, txn)]
                 return []
             if status < 300:
-                if state in ("calling", "proceeding"):
+                if state in ("calling", "proceeding", "timed-out"):
                     txn.state = "accepted"
                     txn.timers.clear()
                     txn.last_response = resp
@@ -376,6 +386,12 @@ class TransactionLayer:
                     return [ResponseReceived(resp, txn)]
                 if state == "accepted":
                     return [ResponseReceived(resp, txn)]  # the TU re-sends its ACK
+                return []
+            if state == "timed-out":
+                # Too late to matter, but the device retransmits it until ACKed.
+                txn.ack = _ack_for(txn.request, resp).serialize()
+                self._out.append((txn.ack, txn.transport, txn.addr))
+                txn.state = "completed"
                 return []
             if state in ("calling", "proceeding"):
                 txn.state = "completed"
@@ -415,7 +431,7 @@ class TransactionLayer:
                 now: float) -> list[Event]:
         """Feed one parsed message that arrived from ``addr`` over ``transport``."""
         if isinstance(msg, SipResponse):
-            return self._receive_response(msg, addr, now)
+            return self._receive_response(msg, addr, transport, now)
         key = server_key(msg)
         method = msg.method
         if method == "ACK":
