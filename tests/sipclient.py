@@ -10,7 +10,7 @@ import asyncio
 import os
 
 from gb28181.sip.auth import authorization_header
-from gb28181.sip.message import SipResponse, parse_message
+from gb28181.sip.message import SipRequest, SipResponse, make_response, parse_message
 
 
 class _Proto(asyncio.DatagramProtocol):
@@ -62,6 +62,32 @@ class RawSip:
                 return msg
             self.requests.append(msg)
 
+    async def request(self, method: str | None = None, timeout: float = 3.0) -> SipRequest:
+        """The next request from the server (of ``method``, if given); responses are dropped."""
+        for i, req in enumerate(self.requests):
+            if method is None or req.method == method:
+                return self.requests.pop(i)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            data = await asyncio.wait_for(self.proto.queue.get(), max(left, 0.001))
+            msg = parse_message(data)
+            if isinstance(msg, SipResponse):
+                continue
+            if method is None or msg.method == method:
+                return msg
+            self.requests.append(msg)
+
+    def reply(self, req: SipRequest, status: int, reason: str = "", *, to_tag: str | None = None,
+              body: bytes = b"", content_type: str | None = None,
+              headers: dict[str, str] | None = None) -> SipResponse:
+        """Answer ``req`` (to the server's SIP port)."""
+        resp = make_response(req, status, reason, to_tag=to_tag, body=body, content_type=content_type)
+        for name, value in (headers or {}).items():
+            resp.set(name, value)
+        self.send(resp.serialize())
+        return resp
+
     async def no_more(self, wait: float = 0.3) -> list[SipResponse]:
         """Responses that arrive within ``wait`` seconds (requests are set aside)."""
         await asyncio.sleep(wait)
@@ -75,7 +101,8 @@ class RawSip:
         return out
 
     def register_bytes(self, *, expires: int | str | None = 3600, authorization: str | None = None,
-                       branch: str | None = None, device_id: str | None = None) -> bytes:
+                       branch: str | None = None, device_id: str | None = None,
+                       contact_params: str = "", contact_host: str | None = None) -> bytes:
         self.cseq += 1
         dev = device_id or self.device_id
         lines = [
@@ -85,7 +112,7 @@ class RawSip:
             f"To: <sip:{dev}@3402000000>",
             f"Call-ID: {self.call_id}",
             f"CSeq: {self.cseq} REGISTER",
-            f"Contact: <sip:{dev}@{self.local_host}:{self.port}>",
+            f"Contact: <sip:{dev}@{contact_host or self.local_host}:{self.port}>{contact_params}",
             "Max-Forwards: 70",
         ]
         if expires is not None:
@@ -96,18 +123,22 @@ class RawSip:
         return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
     def answer(self, challenge: SipResponse, password: str = "12345678",
-               device_id: str | None = None) -> str:
+               device_id: str | None = None, username: str | None = None) -> str:
         return authorization_header(challenge.get("www-authenticate") or "",
-                                    username=device_id or self.device_id, password=password,
+                                    username=username or device_id or self.device_id, password=password,
                                     method="REGISTER", uri=f"sip:{self.server_id}@3402000000")
 
-    async def register(self, password: str = "12345678", expires: int = 3600) -> SipResponse:
-        """The whole challenge flow; returns the final response."""
-        self.send(self.register_bytes(expires=expires))
+    async def register(self, password: str = "12345678", expires: int = 3600,
+                       username: str | None = None, contact_host: str | None = None) -> SipResponse:
+        """The whole challenge flow; returns the final response. ``username``: a digest
+        username other than the device ID; ``contact_host``: a Contact address other than the
+        socket's (a device behind NAT)."""
+        self.send(self.register_bytes(expires=expires, contact_host=contact_host))
         challenge = await self.recv()
         if challenge.status != 401:
             return challenge
-        self.send(self.register_bytes(expires=expires, authorization=self.answer(challenge, password)))
+        self.send(self.register_bytes(expires=expires, contact_host=contact_host,
+                                      authorization=self.answer(challenge, password, username=username)))
         return await self.recv()
 
     def message_bytes(self, body: str, *, device_id: str | None = None,

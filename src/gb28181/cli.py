@@ -65,6 +65,15 @@ def _report(args: argparse.Namespace) -> int:
     return archive_report(config, limit=args.limit, as_json=args.json)
 
 
+def _say(line: str) -> None:
+    """A line for the operator on stdout. A closed stdout (the reader of a pipe went away)
+    must not keep the server from stopping cleanly and flushing its registry."""
+    try:
+        print(line, flush=True)
+    except (BrokenPipeError, OSError):
+        pass
+
+
 def _write_ready_file(path: str, info: dict) -> None:
     # Written to a temporary name and renamed, so a reader never sees half a file.
     tmp = f"{path}.tmp"
@@ -99,10 +108,10 @@ def _serve(path: str | None, ready_file: str | None = None) -> int:
         gc.collect()
         gc.freeze()
         if server.api_token_file is not None:
-            print(f"API token (from {server.api_token_file}): {server.api_token}", flush=True)
-        print(f"gb28181 serving: SIP {config.sip.host}:{server.sip_port} udp/tcp, "
+            _say(f"API token (from {server.api_token_file}): {server.api_token}")
+        _say(f"gb28181 serving: SIP {config.sip.host}:{server.sip_port} udp/tcp, "
               f"HTTP http://{config.http.host}:{server.http_port}/api/v1/devices, "
-              f"server ID {config.server.id}, domain {config.server.domain}", flush=True)
+              f"server ID {config.server.id}, domain {config.server.domain}")
         if ready_file:
             _write_ready_file(ready_file, server.listening())
         stop = asyncio.Event()
@@ -110,7 +119,7 @@ def _serve(path: str | None, ready_file: str | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        print("gb28181: stopping (flushing the registry)", flush=True)
+        _say("gb28181: stopping (flushing the registry)")
         await server.stop()
 
     asyncio.run(run())

@@ -84,6 +84,9 @@ class SipSection(_Section):
     max_message_size: int = Field(65535, ge=1024, le=4 * 1024 * 1024)
     max_tcp_connections: int = Field(20000, ge=1)
     t1: float = Field(0.5, gt=0, le=10, description="RFC 3261 T1 in seconds")
+    overload_queue_delay: float = Field(
+        4.0, ge=0, le=30, description="requests waiting this long (seconds) in the UDP receive "
+        "queue mean overload: new registrations get 503 with Retry-After until it drains (0: never)")
 
 
 class HttpSection(_Section):

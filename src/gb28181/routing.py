@@ -92,7 +92,8 @@ def dialog_target(endpoint: SipEndpoint, device: Device | None, dialog: Dialog,
     source = (device.host, device.port)
     registered = contact_addr(device)
     behind_nat = registered is not None and registered[0] != source[0]
-    to_device = hop_addr is None or hop_addr == registered or hop_addr[0] == source[0]
+    # The hop is the device itself when it names the device's host, public or private.
+    to_device = hop_addr is None or hop_addr[0] in (source[0], registered[0] if registered else None)
     if transport == "tcp":
         if to_device and endpoint.has_connection(source):
             return Target(source, "tcp", hop_addr or registered)

@@ -33,7 +33,6 @@ from .presence import Presence
 from .queries import DeviceQueries
 from .registrar import Registrar
 from .sip.endpoint import SipEndpoint
-from .sip.overload import OverloadMonitor
 from .sip.message import make_response
 from .sip.transaction import RequestReceived
 from .invite import InviteManager
@@ -66,7 +65,8 @@ class GbServer:
         self.endpoint = SipEndpoint(
             sip.host, sip.port, advertised_host=sip.external_host, on_request=self._on_request,
             udp=sip.udp, tcp=sip.tcp, max_message_size=sip.max_message_size,
-            max_tcp_connections=sip.max_tcp_connections, t1=sip.t1)
+            max_tcp_connections=sip.max_tcp_connections, t1=sip.t1,
+            overload_delay=sip.overload_queue_delay)
         self.queries = DeviceQueries(config=config, endpoint=self.endpoint, counters=self.counters,
                                      encoding=config.catalog.charset)
         self.collector = CatalogCollector(silence=config.catalog.silence,
@@ -89,6 +89,7 @@ class GbServer:
         self.registrar = Registrar(config=config, registry=self.registry, presence=self.presence,
                                    endpoint=self.endpoint, counters=self.counters,
                                    on_registered=self.sync.on_registered)
+        self.registrar.overloaded = lambda: self.endpoint.overloaded
         self.messages = MessageHandler(registry=self.registry, presence=self.presence,
                                        endpoint=self.endpoint, queries=self.queries,
                                        counters=self.counters, collector=self.collector,
@@ -96,7 +97,6 @@ class GbServer:
         self.metrics_registry = make_registry(ServerCollector(
             counters=self.counters, endpoint=self.endpoint, registry=self.registry,
             extra=self._channel_metrics))
-        self.overload: OverloadMonitor | None = None
         self.api_token = ""
         self.api_token_file: Path | None = None
         self._runner: web.AppRunner | None = None
@@ -121,9 +121,6 @@ class GbServer:
         self.audit.open()
         await self.endpoint.start()
         await self.receiver.start()
-        self.overload = OverloadMonitor(self.endpoint.udp_socket)
-        self.overload.start()
-        self.registrar.overloaded = lambda: self.overload.overloaded
         self.endpoint.addresses.warn_if_unreachable("SIP", "sip.external_host (GB28181_SIP__EXTERNAL_HOST)")
         self.invites.media_addresses.warn_if_unreachable(
             "media", "media.advertised_host (GB28181_MEDIA__ADVERTISED_HOST)")
@@ -163,8 +160,6 @@ class GbServer:
             for fwd in forwards:
                 await fwd.stop()
         await self.streams.stop()
-        if self.overload is not None:
-            await self.overload.stop()
         await self.sync.stop()
         await self.subscriptions.stop()
         await self.endpoint.close()

@@ -76,6 +76,8 @@ class DeviceSync:
         self._running: dict[str, asyncio.Task] = {}
         #: Devices waiting for their sync, oldest first (each at most once).
         self._queue: OrderedDict[str, None] = OrderedDict()
+        #: Devices queued again while their sync ran (a reboot mid-sync): synced once more after.
+        self._again: set[str] = set()
         self._wake: asyncio.Event | None = None
         self._dispatcher: asyncio.Task | None = None
         self._loop_task: asyncio.Task | None = None
@@ -118,6 +120,9 @@ class DeviceSync:
             return SyncResult(device.device_id, error=str(exc))
         finally:
             self._running.pop(device.device_id, None)
+            if device.device_id in self._again:
+                self._again.discard(device.device_id)
+                self.enqueue(device)
 
     async def _dispatch(self) -> None:
         """Start queued syncs at ``catalog.sync_rate`` per second (0: as fast as they come)."""
@@ -130,7 +135,10 @@ class DeviceSync:
             while self._queue:
                 device_id, _ = self._queue.popitem(last=False)
                 device = self.registry.get(device_id)
-                if device is None or not device.online or device_id in self._running:
+                if device is None or not device.online:
+                    continue
+                if device_id in self._running:
+                    self._again.add(device_id)
                     continue
                 self.schedule(device)
                 if rate > 0:

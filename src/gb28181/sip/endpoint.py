@@ -47,6 +47,7 @@ from .transaction import (
     TransactionTimedOut,
 )
 from .netroute import LocalAddresses
+from .overload import Overload, QueueProbe
 
 __all__ = ["EndpointStats", "SipEndpoint", "SipTimeoutError", "SipTransportError"]
 
@@ -99,6 +100,7 @@ class SipEndpoint:
         max_tcp_connections: int = 20_000,
         t1: float = 0.5,
         outgoing: Callable[[bytes], bytes] | None = None,
+        overload_delay: float = 0.0,
     ) -> None:
         self.host = host
         self.port = port
@@ -132,6 +134,10 @@ class SipEndpoint:
         self._closing = False
         self._error_log_at = 0.0
         self._tasks: set[asyncio.Task] = set()
+        #: How long requests wait in the UDP receive queue (see ``overload``), and the verdict.
+        self.queue_probe = QueueProbe()
+        self.overload = Overload(enter=overload_delay)
+        self.loop_lag = 0.0
 
     # -- life cycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -139,6 +145,8 @@ class SipEndpoint:
         for attempt in range(20):
             try:
                 await self._bind()
+                if self._udp is not None and self.overload.enter > 0:
+                    self._loop_spawn(self._probe_queue())
                 return
             except OSError as exc:
                 # Port 0: the kernel picked a UDP port whose TCP twin is taken; pick again.
@@ -170,8 +178,31 @@ class SipEndpoint:
             if not self.port:
                 self.port = self._tcp_server.sockets[0].getsockname()[1]
 
+    @property
+    def overloaded(self) -> bool:
+        """Whether requests wait too long in the receive queue (or the loop runs late)."""
+        return self.overload.active
+
+    async def _probe_queue(self, interval: float = 0.1) -> None:
+        """Send a probe through our own UDP receive queue every ``interval`` and judge the
+        load from its delay and from this loop's own lag."""
+        assert self._loop is not None and self._udp is not None
+        host = self.host if self.host not in ("0.0.0.0", "::", "") else (
+            "::1" if ":" in self.host else "127.0.0.1")
+        own = (host, self.port)
+        while not self._closing:
+            started = self._loop.time()
+            await asyncio.sleep(interval)
+            now = self._loop.time()
+            self.loop_lag = max(0.0, now - started - interval)
+            self.overload.update(self.queue_probe.delay(now), self.loop_lag)
+            if self._udp is not None and not self._udp.is_closing():
+                self._udp.sendto(self.queue_probe.make(now), own)
+
     async def close(self) -> None:
         self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
         if self._timer is not None:
             self._timer.cancel()
         for txn in list(self.layer.client.values()):
@@ -188,11 +219,6 @@ class SipEndpoint:
             await self._tcp_server.wait_closed()
 
     # -- helpers for building requests --------------------------------------------------------
-    @property
-    def udp_socket(self) -> socket.socket | None:
-        """The UDP socket (for the overload monitor), once started."""
-        return self._udp.get_extra_info("socket") if self._udp is not None else None
-
     @property
     def advertised_host(self) -> str:
         """Our address for a peer on the default route (see ``addresses.for_peer``)."""
@@ -447,6 +473,10 @@ class _SipUdpProtocol(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         if len(data) <= 4 and not data.strip():
             return  # CRLF keep-alive
+        if not data[0]:  # no SIP message starts with a zero byte: our queue probe, or junk
+            ep = self.endpoint
+            if ep.queue_probe.receive(data, ep.now):
+                return
         self.endpoint._receive(data, (addr[0], addr[1]), "udp")
 
     def error_received(self, exc: Exception) -> None:
