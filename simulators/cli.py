@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gb28181.ids import IdError, parse_id
 
-from .fleet import MEDIA_MODES, Fleet, FleetConfig, device_ids, id_blocks
+from .fleet import MEDIA_MODES, QUERY_MODES, Fleet, FleetConfig, device_ids, id_blocks
 from .media import VIDEO_CODECS, parse_video_size
 from .vendors import VENDORS
 
@@ -157,6 +157,12 @@ def parser() -> argparse.ArgumentParser:
                             "(default 0)")
     media.add_argument("--answer-delay", type=float, default=0.0, metavar="SECONDS",
                        help="seconds before a device answers an INVITE (default 0)")
+    media.add_argument("--own-ssrc", action="store_true",
+                       help="answer INVITEs with an SSRC of the device's choosing, not the offered "
+                            "y= (Annex F note 4; NVRs and lower platforms do)")
+    p.add_argument("--query-mode", choices=QUERY_MODES, default="answer",
+                   help="answer: answer the platform's queries; silent: accept them with 200 and "
+                        "never send the data (a device overwhelmed after a power cut) (default answer)")
     p.add_argument("--duration", type=float, default=0.0, metavar="SECONDS",
                    help="stop after this long (default: run until Ctrl-C)")
     p.add_argument("--unregister", action="store_true", help="unregister every device on exit")
@@ -188,7 +194,7 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
         bitrate_kbps=args.bitrate, audio=args.audio, max_streams=args.max_streams,
         start_variants=args.start_variants,
         media_mode=args.media_mode, loss=args.loss, reorder=args.reorder,
-        answer_delay=args.answer_delay)
+        answer_delay=args.answer_delay, own_ssrc=args.own_ssrc, query_mode=args.query_mode)
     try:
         id_blocks(cfg)  # the channel, group and alarm-input IDs must fit too
     except ValueError as exc:

@@ -96,6 +96,7 @@ SDP_CONTENT_TYPE = "APPLICATION/SDP"
 #: ``FleetConfig.media_mode``: "normal" streams; "silent" answers 200 and never sends RTP;
 #: "refuse" answers every INVITE 488.
 MEDIA_MODES = ("normal", "silent", "refuse")
+QUERY_MODES = ("answer", "silent")
 #: How long a device waits after its TCP media connection dropped before it sends BYE itself
 #: (the platform's own BYE usually comes first).
 MEDIA_LOST_GRACE = 1.0
@@ -164,6 +165,12 @@ class FleetConfig:
     start_variants: int = 5
     #: Seconds a device takes to answer an INVITE (after Dahua's 101), so tests can CANCEL.
     answer_delay: float = 0.0
+    #: Answer INVITEs with an SSRC of the device's own choosing instead of echoing the offered
+    #: ``y=`` (Annex F note 4 allows it; NVRs and lower platforms do it).
+    own_ssrc: bool = False
+    #: "answer" the platform's queries, or accept them with 200 and stay "silent" (a device
+    #: overwhelmed after a power cut, or firmware that ignores what it does not know).
+    query_mode: str = "answer"
 
     @property
     def domain(self) -> str:
@@ -531,7 +538,7 @@ class SimDevice:
             self._reply(ev, 400, f"Bad Request: {exc}"[:120])
             return
         self._reply(ev, 200)
-        if (msg.root, msg.cmd_type) in _ANSWERED:
+        if (msg.root, msg.cmd_type) in _ANSWERED and self.cfg.query_mode == "answer":
             self.fleet.spawn(self._answer(msg))
 
     def _bodies(self, query: manscdp.Manscdp) -> list[tuple[bytes, str | None]]:
@@ -860,7 +867,11 @@ class SimDevice:
             return
         fleet = self.fleet
         offered = plan[3]
-        y = self.vendor.answer_ssrc(offered) if offered is not None else fleet.new_ssrc()
+        if offered is not None and not cfg.own_ssrc:
+            y = self.vendor.answer_ssrc(offered)
+        else:
+            # Our own sequence starts half-way round, away from what a platform offers first.
+            y = fleet.new_ssrc(5000 if cfg.own_ssrc else 0)
         try:
             dialog = Dialog.from_request(req, new_tag())
         except DialogError as exc:
@@ -1055,6 +1066,8 @@ def _check_media_config(cfg: FleetConfig) -> tuple[int, int]:
     """ValueError naming the first bad live-video field; returns the video size."""
     if cfg.media_mode not in MEDIA_MODES:
         raise ValueError(f"media_mode {cfg.media_mode!r} is not one of {', '.join(MEDIA_MODES)}")
+    if cfg.query_mode not in QUERY_MODES:
+        raise ValueError(f"query_mode {cfg.query_mode!r} is not one of {', '.join(QUERY_MODES)}")
     for name in ("loss", "reorder"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ValueError(f"{name} must be a probability between 0 and 1")
@@ -1178,9 +1191,9 @@ class Fleet:
         """Where device-side media sockets are bound: the SIP bind address."""
         return self.cfg.bind_host
 
-    def new_ssrc(self) -> str:
-        """A ``y=`` for an offer without one (Annex F: 0 live, domain digits 4-8, a sequence)."""
-        return f"0{self.cfg.domain[3:8]}{next(self._ssrc_serial) % 10000:04d}"
+    def new_ssrc(self, base: int = 0) -> str:
+        """A ``y=`` of the device's choosing (Annex F: 0 live, domain digits 4-8, a sequence)."""
+        return f"0{self.cfg.domain[3:8]}{(base + next(self._ssrc_serial)) % 10000:04d}"
 
     def _outgoing(self, data: bytes) -> bytes:
         data = self.vendor.outgoing(data)
