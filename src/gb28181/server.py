@@ -31,7 +31,7 @@ from .messages import MessageHandler
 from .metrics import ServerCollector, make_registry
 from .presence import Presence
 from .queries import DeviceQueries
-from .registrar import Registrar
+from .registrar import Registrar, stateless_request
 from .sip.endpoint import SipEndpoint
 from .sip.message import make_response
 from .sip.transaction import RequestReceived
@@ -54,7 +54,8 @@ class GbServer:
         self.counters = Counters()
         store = SqliteStore(config.database_path)
         # One persistence for both registries: a device and its channels commit together.
-        persistence = Persistence(store, flush_interval=config.database.flush_interval)
+        persistence = Persistence(store, flush_interval=config.database.flush_interval,
+                                  commit_delay=config.database.commit_delay)
         self.registry = DeviceRegistry(store, persistence=persistence)
         self.channels = ChannelRegistry(store, persistence=persistence)
         # A device's channels are online only while the device is.
@@ -66,7 +67,7 @@ class GbServer:
             sip.host, sip.port, advertised_host=sip.external_host, on_request=self._on_request,
             udp=sip.udp, tcp=sip.tcp, max_message_size=sip.max_message_size,
             max_tcp_connections=sip.max_tcp_connections, t1=sip.t1,
-            overload_delay=sip.overload_queue_delay)
+            overload_delay=sip.overload_queue_delay, stateless=stateless_request)
         self.queries = DeviceQueries(config=config, endpoint=self.endpoint, counters=self.counters,
                                      encoding=config.catalog.charset)
         self.collector = CatalogCollector(silence=config.catalog.silence,

@@ -165,13 +165,17 @@ class WriteBehind(Generic[T, E]):
 class Persistence:
     """The flush loop of one store, shared by its registries; see the module docstring."""
 
-    def __init__(self, store: Store, *, flush_interval: float) -> None:
+    def __init__(self, store: Store, *, flush_interval: float, commit_delay: float = 0.0) -> None:
         self._store = store
         self._flush_interval = flush_interval
+        # A durability waiter's commit starts this long after it asked, so that the waiters
+        # of a few milliseconds share one transaction (PostgreSQL's commit_delay, in effect).
+        self._commit_delay = commit_delay
         self._parts: list[WriteBehind] = []
         self._lock = asyncio.Lock()
         self._users = 0
         self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._kick: asyncio.Event | None = None
         # Resolved when the next flush to *start* has committed (True) or failed (False).
@@ -196,7 +200,8 @@ class Persistence:
         if self._task is None:
             self._stopping = False
             self._kick = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name=name)
+            self._loop = asyncio.get_running_loop()
+            self._task = self._loop.create_task(self._run(), name=name)
 
     async def stop(self) -> bool:
         """One user is done: write what is pending; the last one also stops the loop.
@@ -215,12 +220,13 @@ class Persistence:
     def durable(self) -> asyncio.Future[bool]:
         """A future resolved once everything marked so far is committed (True), or the
         commit failed (False: everything stays pending for the next try)."""
-        loop = asyncio.get_running_loop()
-        if self._task is None or self._kick is None:
+        if self._task is None or self._kick is None or self._loop is None:
             # No loop (a registry used without start(), in tests): flush now.
             return asyncio.ensure_future(self.flush())
         if self._next is None:
-            self._next = loop.create_future()
+            # The loop is kept from start(): get_running_loop() makes a getpid() system call,
+            # slow under sandboxing kernels, and this runs once per REGISTER.
+            self._next = self._loop.create_future()
         self._kick.set()
         return self._next
 
@@ -264,7 +270,7 @@ class Persistence:
             log.error("registry flush to %r failed (%d in a row); keeping %s for the next try",
                       self._store, self._failures, kept, exc_info=error)
 
-    async def _loop(self) -> None:
+    async def _run(self) -> None:
         assert self._kick is not None
         kick = self._kick
         loop = asyncio.get_running_loop()
@@ -272,6 +278,8 @@ class Persistence:
             timer = loop.call_later(self._flush_interval, kick.set)
             await kick.wait()
             timer.cancel()
+            if self._next is not None and self._commit_delay > 0 and not self._stopping:
+                await asyncio.sleep(self._commit_delay)
             kick.clear()
             # Whoever asked for durability from here on waits for the next flush.
             waiters, self._next = self._next, None

@@ -101,12 +101,17 @@ class SipEndpoint:
         t1: float = 0.5,
         outgoing: Callable[[bytes], bytes] | None = None,
         overload_delay: float = 0.0,
+        stateless: Callable[[SipRequest], bool] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         #: Our address per peer (Via, Contact): see ``netroute``.
         self.addresses = LocalAddresses(host, advertised_host)
         self.on_request = on_request
+        #: Requests this says yes to skip the transaction layer and reach ``on_request`` with
+        #: ``transaction=None``, to be answered with ``send_stateless`` (RFC 3261 §8.2.7): the
+        #: first REGISTER of a registration, whose 401 is as good answered twice as once.
+        self.stateless = stateless
         self.on_cancel = on_cancel
         self.on_server_timeout = on_server_timeout
         #: Called with (response, address, transport) for a 2xx to one of our INVITEs that no
@@ -319,6 +324,8 @@ class SipEndpoint:
         self._schedule()
 
     def _schedule(self) -> None:
+        if self._timer_when is not None and self._timer_when <= self.layer.armed_min:
+            return  # nothing armed since that needs an earlier wake-up
         when = self.layer.get_timer()
         if when is None or self._closing or self._loop is None:
             return
@@ -431,6 +438,10 @@ class SipEndpoint:
             return
         if isinstance(msg, SipRequest):
             _mark_received(msg, addr)
+            if self.stateless is not None and self.stateless(msg):
+                self._dispatch([RequestReceived(msg, None, addr, transport)])
+                self._flush()
+                return
         self._dispatch(self.layer.receive(msg, addr, transport, self.now))
         self._flush()
 

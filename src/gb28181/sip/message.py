@@ -13,6 +13,8 @@ written back with their canonical spelling. Header bytes are decoded as UTF-8 wi
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import os
 import re
 from dataclasses import dataclass, field
@@ -219,6 +221,12 @@ class SipResponse(SipMessage):
 
 _REQUIRED = ("via", "from", "to", "call-id", "cseq")
 _METHOD_RE = re.compile(r"[A-Za-z][A-Za-z0-9._!%*+`'~-]*\Z")
+_KNOWN_METHODS = frozenset(("REGISTER", "MESSAGE", "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS",
+                            "SUBSCRIBE", "NOTIFY", "INFO", "UPDATE", "PRACK", "REFER", "PUBLISH"))
+#: Header names as written on the wire -> their lower-case long form. Devices use a handful of
+#: spellings, so a REGISTER's dozen header names are looked up here rather than worked out.
+_NAMES: dict[str, str] = {}
+_NAMES_MAX = 512
 #: CSeq = 1*DIGIT LWS Method, the method a token (RFC 3261 §20.16, §25.1). Once folded lines
 #: are joined, linear whitespace is spaces and tabs only; ``str.split``/``strip`` would also
 #: take \x1c–\x1f, \x85 or U+3000 for whitespace, and ``int`` then fails on what was let in.
@@ -237,6 +245,9 @@ def find_head_end(data: bytes, start: int = 0) -> tuple[int, int]:
     Accepts CRLF CRLF and, for devices that write bare LFs, LF LF, and the mixtures
     (LF CRLF, CRLF LF) that hand-assembled messages end up with.
     """
+    crlf = data.find(b"\r\n\r\n", start)
+    if crlf != -1 and data.find(b"\n\n", start, crlf) == -1 and data.find(b"\n\r\n", start, crlf) == -1:
+        return crlf, crlf + 4  # the usual case: one search, two short checks before it
     best = (-1, -1)
     for sep in (b"\r\n\r\n", b"\n\n", b"\n\r\n"):
         idx = data.find(sep, start)
@@ -249,7 +260,10 @@ def parse_content_length(values: list[str] | None) -> int | None:
     """Content-Length as an int (space padding allowed), None if absent; raises if invalid."""
     if not values:
         return None
-    value = _ascii_uint(values[0].strip())
+    text = values[0]
+    if text == "0":
+        return 0
+    value = _ascii_uint(text.strip())
     if value is None:
         raise SipParseError(f"invalid Content-Length {values[0][:40]!r}: expected a decimal byte count")
     return value
@@ -302,8 +316,11 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE,
             raise SipParseError("empty message")
         head_end = body_start = len(data)
     head = data[start:head_end].decode("utf-8", "surrogateescape")
-    lines = head.split("\n")
-    first = lines[0].rstrip("\r")
+    if head.count("\n") == head.count("\r\n"):
+        lines = head.split("\r\n")  # CRLF throughout: no per-line stripping needed
+    else:
+        lines = [line.rstrip("\r") for line in head.split("\n")]
+    first = lines[0]
     msg: SipRequest | SipResponse
     if first.startswith("SIP/"):
         version, _, rest = first.partition(" ")
@@ -320,14 +337,14 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE,
         method, uri, version = parts
         if version != "SIP/2.0":
             raise SipParseError(f"unsupported SIP version {version[:16]!r} in request line")
-        if not _METHOD_RE.match(method):
+        if method not in _KNOWN_METHODS and not _METHOD_RE.match(method):
             raise SipParseError(f"invalid method {method[:32]!r}")
         msg = SipRequest(method.upper(), uri)
 
     headers = msg.headers
     last: list[str] | None = None
-    for raw in lines[1:]:
-        line = raw.rstrip("\r")
+    names = _NAMES
+    for line in lines[1:]:
         if not line:
             continue
         if line[0] in " \t":
@@ -340,10 +357,14 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE,
         name, sep, value = line.partition(":")
         if not sep:
             raise SipParseError(f"header line without a colon: {line[:80]!r}", msg)
-        lower = name.strip().lower()
-        if not lower or " " in lower:
-            raise SipParseError(f"invalid header name {name[:40]!r}", msg)
-        lower = _COMPACT.get(lower, lower)
+        lower = names.get(name)
+        if lower is None:
+            lower = name.strip().lower()
+            if not lower or " " in lower:
+                raise SipParseError(f"invalid header name {name[:40]!r}", msg)
+            lower = _COMPACT.get(lower, lower)
+            if len(names) < _NAMES_MAX:  # bounded: header names are the sender's choice
+                names[name] = lower
         value = value.strip(_LWS)
         values = headers.get(lower)
         if values is None:
@@ -380,6 +401,32 @@ def _normalise_numbers(msg: SipRequest | SipResponse) -> None:
     """
     headers = msg.headers
     cseq = headers["cseq"][0]
+    num, _, method = cseq.partition(" ")
+    if (_canonical_uint(num) and len(num) < 10 and method.isalpha() and method.isascii()
+            and (method == msg.method if isinstance(msg, SipRequest) else method.isupper())):
+        pass  # already "<number> <METHOD>": nothing to check further or rewrite
+    else:
+        _normalise_cseq(msg, cseq)
+    expires = headers.get("expires")
+    if expires:
+        for i, value in enumerate(expires):
+            if _canonical_uint(value) and len(value) < 10:
+                continue
+            seconds = parse_delta_seconds(value)
+            if seconds is None:
+                raise SipParseError(
+                    f"invalid Expires {value[:40]!r}: expected 0 to 4294967295 seconds "
+                    "(RFC 3261 §20.19)", msg)
+            expires[i] = str(seconds)
+
+
+def _canonical_uint(text: str) -> bool:
+    """ASCII digits without a leading zero (or "0" itself): already in canonical form."""
+    return text.isdigit() and text.isascii() and (text[0] != "0" or text == "0")
+
+
+def _normalise_cseq(msg: SipRequest | SipResponse, cseq: str) -> None:
+    headers = msg.headers
     m = _CSEQ_RE.fullmatch(cseq)
     number = _ascii_uint(m.group(1)) if m else None
     if m is None or number is None:
@@ -392,15 +439,6 @@ def _normalise_numbers(msg: SipRequest | SipResponse) -> None:
     if isinstance(msg, SipRequest) and method.upper() != msg.method:
         raise SipParseError(f"CSeq method {method!r} does not match {msg.method}", msg)
     headers["cseq"][0] = f"{number} {method}"
-    expires = headers.get("expires")
-    if expires:
-        for i, value in enumerate(expires):
-            seconds = parse_delta_seconds(value)
-            if seconds is None:
-                raise SipParseError(
-                    f"invalid Expires {value[:40]!r}: expected 0 to 4294967295 seconds "
-                    "(RFC 3261 §20.19)", msg)
-            expires[i] = str(seconds)
 
 
 def parse_content_length_safe(headers: dict[str, list[str]], msg: SipMessage) -> int | None:
@@ -593,17 +631,30 @@ def user_of(value: str) -> str:
 
 # -- building ------------------------------------------------------------------------------
 
+# Tags, branches and Call-IDs must be unique and unguessable (an off-path peer that could
+# predict them could forge a BYE into someone else's dialog), and a registrar makes several per
+# REGISTER. A keyed BLAKE2b of a counter is both, without a getrandom() system call each
+# (costly under sandboxing kernels such as gVisor): the key is drawn once per process.
+_ID_KEY = os.urandom(32)
+_id_counter = itertools.count(int.from_bytes(os.urandom(6), "big"))
+
+
+def _unique_hex(nbytes: int) -> str:
+    return hashlib.blake2b(next(_id_counter).to_bytes(16, "little"), key=_ID_KEY,
+                           digest_size=nbytes).hexdigest()
+
+
 def new_branch() -> str:
-    """A fresh RFC 3261 branch (magic cookie + 64 random bits)."""
-    return "z9hG4bK" + os.urandom(8).hex()
+    """A fresh RFC 3261 branch (magic cookie + 64 unguessable bits)."""
+    return "z9hG4bK" + _unique_hex(8)
 
 
 def new_tag() -> str:
-    return os.urandom(6).hex()
+    return _unique_hex(6)
 
 
 def new_call_id(host: str = "") -> str:
-    return f"{os.urandom(10).hex()}@{host}" if host else os.urandom(12).hex()
+    return f"{_unique_hex(10)}@{host}" if host else _unique_hex(12)
 
 
 def make_response(request: SipRequest, status: int, reason: str = "", *,

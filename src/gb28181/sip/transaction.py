@@ -37,6 +37,7 @@ an append each; only the short retransmission timers (A, E, G) use a heap.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -200,6 +201,7 @@ class TransactionLayer:
         self._heap: list[tuple[float, int, Any, str]] = []
         self._fifos: dict[str, deque[tuple[float, Any, str]]] = {}
         self._seq = 0
+        self.armed_min = math.inf
         self.stats = {"client_started": 0, "server_started": 0, "retransmissions": 0,
                       "absorbed": 0, "timeouts": 0, "stray": 0}
 
@@ -217,6 +219,8 @@ class TransactionLayer:
     def _arm(self, txn: Any, name: str, delay: float, now: float) -> None:
         when = now + delay
         txn.timers[name] = when
+        if when < self.armed_min:
+            self.armed_min = when
         if name in ("A", "E", "G"):
             self._seq += 1
             heapq.heappush(self._heap, (when, self._seq, txn, name))
@@ -228,7 +232,13 @@ class TransactionLayer:
             fifo.append((when, txn, name))
 
     def get_timer(self) -> float | None:
-        """The earliest time ``handle_timer`` has work to do, or None."""
+        """The earliest time ``handle_timer`` has work to do, or None.
+
+        ``armed_min`` is the earliest timer armed since the last call: a caller that already
+        has a wake-up at or before it need not call this (a registrar arms two timers per
+        request, and this walks every timer queue).
+        """
+        self.armed_min = math.inf
         # Drop cancelled timers at the heads first (handle_timer would skip them anyway), so
         # the caller is not woken for a timer that no longer exists.
         heap = self._heap
