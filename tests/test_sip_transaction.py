@@ -290,6 +290,9 @@ def test_server_non_invite_over_tcp_frees_at_once() -> None:
 def test_unanswered_server_transaction_is_forgotten() -> None:
     layer = TransactionLayer()
     layer.receive(_wire(_request()), DEV_ADDR, "udp", 0.0)
+    # The TU did not answer before the caller collected what to send: now Timer Z is armed.
+    assert layer.get_timer() is None
+    layer.datagrams_to_send()
     log = _drive(layer, 100.0)
     assert [w for w, _, _ in log] == [32.0] and _events(log) == [] and layer.server == {}
 

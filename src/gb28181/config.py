@@ -202,7 +202,7 @@ class ReportsSection(_Section):
 class DatabaseSection(_Section):
     path: str | None = Field(None, description="SQLite file; defaults to DATA_DIR/gb28181.db")
     flush_interval: float = Field(0.5, gt=0, le=60)
-    commit_delay: float = Field(0.01, ge=0, le=1, description="a registration's commit waits this "
+    commit_delay: float = Field(0.02, ge=0, le=1, description="a registration's commit waits this "
                                 "long for others to share its transaction (group commit), seconds")
 
 

@@ -29,7 +29,6 @@ answered survives a crash of the server, while the commits of many registrations
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import time
@@ -330,14 +329,14 @@ class Registrar:
         """Run ``answer`` once the registry has committed this registration (group commit:
         the answers of a few milliseconds share one transaction), so that a 200 is never
         forgotten by a crash. A store that cannot commit gets the device a 503 to retry."""
-        def committed(future: asyncio.Future[bool]) -> None:
-            if not future.cancelled() and future.result():
+        def committed(ok: bool) -> None:
+            if ok:
                 answer()
                 return
             self.counters.register_rejected("store-unavailable")
             reply(503, "Service Unavailable: the registry database cannot be written",
                   retry_after=str(STORE_RETRY_AFTER))
-        self.registry.durable().add_done_callback(committed)
+        self.registry.after_commit(committed)
 
     def _requested_expires(self, req: SipRequest) -> int | None:
         """The registration time asked for: a Contact ``expires`` parameter beats the Expires

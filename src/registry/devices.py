@@ -280,3 +280,8 @@ class DeviceRegistry:
         """Resolved (True) once every change made so far is committed; False if the commit
         failed (the changes stay pending). See `Persistence.durable`."""
         return self.persistence.durable()
+
+    def after_commit(self, callback: Callable[[bool], None]) -> None:
+        """``callback(ok)`` once every change made so far is committed (or failed to be);
+        see `Persistence.after_commit`."""
+        self.persistence.after_commit(callback)

@@ -178,8 +178,8 @@ class Persistence:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._kick: asyncio.Event | None = None
-        # Resolved when the next flush to *start* has committed (True) or failed (False).
-        self._next: asyncio.Future[bool] | None = None
+        # Called (with True/False) when the next flush to *start* has committed or failed.
+        self._waiters: list[Callable[[bool], None]] = []
         self._failures = 0
         self._last_error_log = 0.0
         #: Flushes that wrote something, for benchmarks and metrics.
@@ -220,15 +220,23 @@ class Persistence:
     def durable(self) -> asyncio.Future[bool]:
         """A future resolved once everything marked so far is committed (True), or the
         commit failed (False: everything stays pending for the next try)."""
+        future: asyncio.Future[bool] = (self._loop or asyncio.get_running_loop()).create_future()
+        self.after_commit(lambda ok: future.done() or future.set_result(ok))
+        return future
+
+    def after_commit(self, callback: Callable[[bool], None]) -> None:
+        """Call ``callback(ok)`` once everything marked so far is committed (``ok`` True), or
+        the commit failed (False: everything stays pending for the next try). The registrar
+        answers a REGISTER this way: the callbacks of one commit run in one go, cheaper than
+        a future each at thousands of registrations a second."""
         if self._task is None or self._kick is None or self._loop is None:
             # No loop (a registry used without start(), in tests): flush now.
-            return asyncio.ensure_future(self.flush())
-        if self._next is None:
-            # The loop is kept from start(): get_running_loop() makes a getpid() system call,
-            # slow under sandboxing kernels, and this runs once per REGISTER.
-            self._next = self._loop.create_future()
+            task = asyncio.ensure_future(self.flush())
+            task.add_done_callback(lambda t: callback(not t.cancelled() and t.exception() is None
+                                                      and t.result()))
+            return
+        self._waiters.append(callback)
         self._kick.set()
-        return self._next
 
     async def flush(self) -> bool:
         """Write everything pending in one store call; False (logged, all kept) on failure."""
@@ -278,11 +286,11 @@ class Persistence:
             timer = loop.call_later(self._flush_interval, kick.set)
             await kick.wait()
             timer.cancel()
-            if self._next is not None and self._commit_delay > 0 and not self._stopping:
+            if self._waiters and self._commit_delay > 0 and not self._stopping:
                 await asyncio.sleep(self._commit_delay)
             kick.clear()
-            # Whoever asked for durability from here on waits for the next flush.
-            waiters, self._next = self._next, None
+            # Whoever asks for durability from here on waits for the next flush.
+            waiters, self._waiters = self._waiters, []
             try:
                 ok = await self.flush()
             except Exception:
@@ -290,11 +298,18 @@ class Persistence:
                 # loop must survive it or nothing is ever persisted again.
                 log.exception("registry flush loop error")
                 ok = False
-            if waiters is not None and not waiters.done():
-                waiters.set_result(ok)
-        if self._next is not None and not self._next.done():
-            self._next.set_result(await self.flush())
-            self._next = None
+            self._run_waiters(waiters, ok)
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            self._run_waiters(waiters, await self.flush())
+
+    @staticmethod
+    def _run_waiters(waiters: list[Callable[[bool], None]], ok: bool) -> None:
+        for callback in waiters:
+            try:
+                callback(ok)
+            except Exception:  # one bad callback must not keep the others from running
+                log.exception("after-commit callback %r failed", callback)
 
 
 class SortedIds:

@@ -159,14 +159,18 @@ class SipMessage:
         return values[0].partition(";")[0].strip().lower()
 
     def _head_lines(self) -> list[str]:
-        lines = []
+        lines = [self.start_line()]
+        append = lines.append
+        names = _CANONICAL
         for lower, values in self.headers.items():
             if lower == "content-length":
                 continue
-            name = canonical_name(lower)
-            for value in values:
-                lines.append(f"{name}: {value}")
-        lines.append(f"Content-Length: {len(self.body)}")
+            name = names.get(lower) or canonical_name(lower)
+            if len(values) == 1:
+                append(f"{name}: {values[0]}")
+            else:
+                lines.extend(f"{name}: {value}" for value in values)
+        append(f"Content-Length: {len(self.body)}\r\n\r\n")
         return lines
 
     def start_line(self) -> str:  # pragma: no cover - overridden
@@ -174,8 +178,8 @@ class SipMessage:
 
     def serialize(self) -> bytes:
         """Wire form; Content-Length is always recomputed from the body."""
-        head = "\r\n".join([self.start_line(), *self._head_lines()])
-        return head.encode("utf-8", "surrogateescape") + b"\r\n\r\n" + self.body
+        head = "\r\n".join(self._head_lines()).encode("utf-8", "surrogateescape")
+        return head + self.body if self.body else head
 
     def __bytes__(self) -> bytes:
         return self.serialize()

@@ -202,12 +202,25 @@ class TransactionLayer:
         self._fifos: dict[str, deque[tuple[float, Any, str]]] = {}
         self._seq = 0
         self.armed_min = math.inf
+        #: New non-INVITE server transactions, checked for an answer in datagrams_to_send().
+        self._fresh: list[tuple[ServerTransaction, float]] = []
         self.stats = {"client_started": 0, "server_started": 0, "retransmissions": 0,
                       "absorbed": 0, "timeouts": 0, "stray": 0}
 
     # -- output -----------------------------------------------------------------------------
     def datagrams_to_send(self) -> list[tuple[bytes, str, Addr]]:
-        """Bytes to send, in order, as (data, transport, addr); the list is handed over."""
+        """Bytes to send, in order, as (data, transport, addr); the list is handed over.
+
+        Call it after every ``receive`` (and the TU's reaction to it): it is also when a new
+        non-INVITE request the TU has not answered yet gets its clean-up timer.
+        """
+        if self._fresh:
+            # Most requests are answered before the caller gets here (a registrar answers at
+            # once); only the others need Timer Z, so only they pay for arming it.
+            for txn, arrived in self._fresh:
+                if txn.state == "trying":
+                    self._arm(txn, "Z", 64 * self.t1, arrived)
+            self._fresh.clear()
         out, self._out = self._out, []
         return out
 
@@ -476,7 +489,7 @@ class TransactionLayer:
         if method == "CANCEL":
             return self._receive_cancel(txn, msg, now)
         if method != "INVITE":
-            self._arm(txn, "Z", 64 * self.t1, now)
+            self._fresh.append((txn, now))
         return [RequestReceived(msg, txn, addr, transport)]
 
     def _receive_cancel(self, txn: ServerTransaction, cancel: SipRequest,
