@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ TOKEN = "bench-token-123456"
 
 
 from gb28181.netutil import free_port  # noqa: E402
+
 
 def http(port: int, method: str, path: str, timeout: float = 600) -> tuple[int, dict]:
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
@@ -71,7 +71,7 @@ async def one_run(channels: int, per_message: int, transport: str) -> dict:
                     break
                 except OSError:
                     if time.monotonic() > deadline:
-                        raise SystemExit("bench: server did not start")
+                        raise SystemExit("bench: server did not start") from None
                     await asyncio.sleep(0.1)
             proc = psutil.Process(server.pid)
             fleet = Fleet(FleetConfig(server_port=sip_port, devices=1, nvr=True, channels=channels,

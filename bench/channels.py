@@ -196,11 +196,12 @@ async def load_and_report(path: Path, since: float, until: float, gc_freeze: boo
         rows.extend(await store.channel_history(since, until))
 
     t_hist, stall = await max_stall_during(history())
-    print(f"channel_history():     {t_hist:8.3f} s  ({len(rows)} rows; event loop stalled {stall * 1e3:.0f} ms at worst)")
+    print(f"channel_history():     {t_hist:8.3f} s  ({len(rows)} rows; "
+          f"event loop stalled {stall * 1e3:.0f} ms at worst)")
     for group_by in ("tier", "civil_code", "all"):
         result: list[dict] = []
 
-        async def report() -> None:
+        async def report(result: list[dict] = result, group_by: str = group_by) -> None:
             result.extend(await channels.availability(since, until, group_by=group_by))
 
         t_av, stall = await max_stall_during(report())
@@ -229,8 +230,10 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--channels", type=int, default=100_000, metavar="N",
                         help="channels to create (default 100000)")
-    parser.add_argument("--db", type=Path, help="database file to use (default: a temporary one, deleted afterwards); must not exist")
-    parser.add_argument("--gc-freeze", action="store_true", help="call gc.freeze() after loading, as an application may")
+    parser.add_argument("--db", type=Path,
+                        help="database file to use (default: a temporary one, deleted afterwards); must not exist")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="call gc.freeze() after loading, as an application may")
     # The second half, run in a fresh interpreter by the first.
     parser.add_argument("--load", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--since", type=float, help=argparse.SUPPRESS)

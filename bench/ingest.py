@@ -27,6 +27,7 @@ import random
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from media.ingest import RtpIngest
@@ -92,10 +93,11 @@ def bench_sans_io(args: argparse.Namespace) -> None:
     for name, packets in (("in order", wire), ("1 % loss, 2 % reordered", lossy)):
         delivered = [0]
 
-        def on_packet(p: MediaPacket) -> None:
+        def on_packet(p: MediaPacket, delivered: list[int] = delivered) -> None:
             delivered[0] += 1
 
-        def run() -> None:
+        def run(delivered: list[int] = delivered, packets: list[bytes] = packets,
+                on_packet: Callable[[MediaPacket], None] = on_packet) -> None:
             delivered[0] = 0
             ingest = RtpIngest(on_packet)
             feed = ingest.feed

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from media.ps import PsDemuxer, PsMuxer
 from media.rtp import FrameAssembler, RtpReorderer, packetize, parse_rtp

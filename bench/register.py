@@ -28,7 +28,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -64,6 +63,7 @@ asyncio.run(main())
 
 
 from gb28181.netutil import free_port  # noqa: E402
+
 
 def cpu_seconds(proc: psutil.Process) -> float:
     t = proc.cpu_times()

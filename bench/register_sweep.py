@@ -292,7 +292,7 @@ class Kamailio(Target):
         if not re.search(r"^listen=udp:127\.0\.0\.1:\d+", template, re.MULTILINE):
             raise BenchError(f"{KAMAILIO_CFG}: no 'listen=udp:127.0.0.1:PORT' line to change")
         last = ""
-        for attempt in range(5):
+        for _attempt in range(5):
             port = pick_udp_port()
             cfg = self.work / "kamailio.cfg"
             cfg.write_text(re.sub(r"^listen=udp:127\.0\.0\.1:\d+", f"listen=udp:{HOST}:{port}",
@@ -519,7 +519,7 @@ def run_sipp(procs: Processes, sipp: str, work: Path, tag: str, port: int, devic
     err_file = work / f"{tag}.errors.log"
     out_file = work / f"{tag}.sipp.out"
     last = ""
-    for attempt in range(5):
+    for _attempt in range(5):
         local = pick_udp_port()
         for f in (stat_file, err_file):
             f.unlink(missing_ok=True)

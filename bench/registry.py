@@ -152,12 +152,16 @@ async def run(n: int, batch: int, batches: int, path: Path, gc_freeze: bool) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=100_000, metavar="N", help="devices to create (default 100000)")
-    parser.add_argument("--batch", type=int, default=5_000, help="dirty devices per flush in the flush-rate test (default 5000)")
+    parser.add_argument("--batch", type=int, default=5_000,
+                        help="dirty devices per flush in the flush-rate test (default 5000)")
     parser.add_argument("--batches", type=int, default=20, help="flushes in the flush-rate test (default 20)")
-    parser.add_argument("--db", type=Path, help="database file to use (default: a temporary one, deleted afterwards); must not exist")
-    parser.add_argument("--gc-freeze", action="store_true", help="call gc.freeze() after loading, as an application may")
+    parser.add_argument("--db", type=Path,
+                        help="database file to use (default: a temporary one, deleted afterwards); must not exist")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="call gc.freeze() after loading, as an application may")
     args = parser.parse_args()
     if args.devices < 1 or args.batch < 1 or args.batches < 1:
         parser.error("--devices, --batch and --batches must be positive")

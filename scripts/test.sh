@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs (Python deps into .venv; sipp and ffmpeg from Debian
-# for the interop tests) and run the whole suite. Extra arguments go to pytest.
+# for the interop tests), run ruff and mypy, then the whole suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -23,4 +23,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# Lint and types first: a finding fails the run (set -e) before the long suite starts.
+echo "test.sh: ruff"
+.venv/bin/ruff check src simulators tests bench
+echo "test.sh: mypy"
+.venv/bin/mypy
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import signal
 import sys
@@ -12,8 +13,17 @@ from pathlib import Path
 
 from gb28181.ids import IdError, parse_id
 
-from .fleet import MEDIA_MODES, QUERY_MODES, Fleet, FleetConfig, device_ids, id_blocks
-from .media import VIDEO_CODECS, parse_video_size
+try:
+    # PyAV is imported only when video is encoded; its absence is caught here, at once.
+    if importlib.util.find_spec("av") is None:
+        raise ModuleNotFoundError("No module named 'av'", name="av")
+    from .fleet import MEDIA_MODES, QUERY_MODES, Fleet, FleetConfig, device_ids, id_blocks
+    from .media import VIDEO_CODECS, parse_video_size
+except ModuleNotFoundError as _missing:  # the simulator's own dependencies are an extra
+    if _missing.name not in ("numpy", "av"):
+        raise
+    sys.exit(f"gb28181-sim: {_missing.name} is not installed; the simulator needs the 'sim' "
+             "extra: pip install 'gb28181[sim]' (scripts/run.sh installs it)")
 from .vendors import VENDORS
 
 __all__ = ["main"]

@@ -47,8 +47,8 @@ import socket
 import statistics
 import time
 from collections.abc import Callable, Coroutine
-from datetime import datetime
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from gb28181 import manscdp

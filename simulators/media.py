@@ -286,6 +286,7 @@ def encode_clip(codec: str, width: int, height: int, fps: int, gop: int,
     gops = max(1, round(4 * fps / gop))
     count = gops * gop
     cc = av.CodecContext.create(VIDEO_CODECS[codec], "w")
+    assert isinstance(cc, av.VideoCodecContext)  # an encoder named in VIDEO_CODECS is a video one
     cc.width, cc.height, cc.pix_fmt = width, height, "yuv420p"
     cc.time_base = Fraction(1, fps)
     cc.framerate = Fraction(fps, 1)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -164,6 +165,7 @@ class Probe:
             call = self.calls.get(req.call_id)
             known = call is not None and req.to_tag == call.local_tag
             if known:
+                assert call is not None
                 call.byes.append(rec)
             self.byes.append(rec)
             self.endpoint.respond(txn, make_response(req, 200 if known else 481))
@@ -233,9 +235,12 @@ class Probe:
             parts = self.responses("Catalog", sn)
             if not parts:
                 return None
-            total = int(parts[0].body.text("SumNum", "0"))
-            got = sum(int((p.body.element.find("DeviceList").get("Num") or 0)
-                          if p.body.element.find("DeviceList") is not None else 0) for p in parts)
+            bodies = [p.body for p in parts if p.body is not None]  # responses() has only parsed ones
+            total = int(bodies[0].text("SumNum", "0"))
+            got = 0
+            for b in bodies:
+                device_list = b.element.find("DeviceList")
+                got += int(device_list.get("Num") or 0) if device_list is not None else 0
             return parts if got >= total else None
 
         return await self.wait_for(done, timeout, f"catalog of {device_id}")
@@ -250,7 +255,7 @@ class Probe:
     def _contact(self) -> str:
         return f"sip:{self.server_id}@{self.endpoint.advertised_host}:{self.port}"
 
-    async def query(self, device_id: str, cmd_type: str, fields: list[tuple[str, Any]] = (), *,
+    async def query(self, device_id: str, cmd_type: str, fields: Sequence[tuple[str, Any]] = (), *,
                     root: str = "Query", target_id: str | None = None, sn: int | None = None) -> int:
         """Send ``<root><CmdType>…`` to a device (DeviceID = ``target_id`` or the device); return SN."""
         sn = next(self._sn) if sn is None else sn

@@ -268,7 +268,8 @@ async def test_query_filters_and_paging(regs):
     specs = [
         # n, device, civil_code, tier, status, kind, name, address, parent_id, lon, lat
         (5, NVR, "340201", 1, "ON", "channel", "North Gate", "No. 1 Road", NVR, 117.2, 31.8),
-        (3, NVR, "340202", 2, "VLOST", "channel", "Lobby", "Hall B, Gate side", f"{NVR}/21500000002160000001", 0.0, 31.8),
+        (3, NVR, "340202", 2, "VLOST", "channel", "Lobby", "Hall B, Gate side", f"{NVR}/21500000002160000001",
+         0.0, 31.8),
         (9, NVR, "350100", 1, "ON", "channel", "Yard", "", "34020000002160000001/34020000002160000002", None, None),
         (1, NVR2, "", 3, "ON", "channel", "gatehouse", "", "", 200.0, 10.0),
         (7, NVR2, "340201", 3, "ON", "alarm", "Door", "", NVR2, 117.0, 31.0),
@@ -433,7 +434,8 @@ async def test_device_status_events_newest_first(regs, clock):
     latest = await devices.status_events(device_id=NVR, limit=2, newest_first=True)
     assert latest == [StatusEvent(NVR, True, T0 + 4, "r4"), StatusEvent(NVR, False, T0 + 3, "r3")]
     assert [e.reason for e in await devices.status_events(limit=2)] == ["r0", "r1"]
-    assert [e.reason for e in await regs.store.status_events(newest_first=True, since=T0 + 1, until=T0 + 3)] == ["r2", "r1"]
+    events = await regs.store.status_events(newest_first=True, since=T0 + 1, until=T0 + 3)
+    assert [e.reason for e in events] == ["r2", "r1"]
 
 
 # Schema 1 exactly as the first release wrote it (copied from such a file, not
@@ -504,7 +506,8 @@ async def test_a_schema_1_database_migrates_to_the_latest_and_keeps_its_devices(
         indexes = {row[1] for row in con.execute("PRAGMA index_list(channel_events)")}
         assert {"channel_events_channel_at", "channel_events_at"} <= indexes
         assert con.execute("SELECT channel_id, state, raw FROM channels").fetchall() == [(ch_id(1), "ON", '{"a":"b"}')]
-        assert con.execute("SELECT channel_id, state, reason FROM channel_events").fetchall() == [(ch_id(1), "ON", "catalog")]
+        assert con.execute("SELECT channel_id, state, reason FROM channel_events").fetchall() == [
+            (ch_id(1), "ON", "catalog")]
     finally:
         con.close()
 
@@ -680,7 +683,8 @@ async def test_live_ratios_and_archive_report(regs):
     capped = reg.archive_report(limit=1, mandatory=("name", "owner"), require_location=False)
     assert capped["complete"] == 2 and [x["channel_id"] for x in capped["incomplete"]] == [ch_id(3)]
     assert reg.archive_report(kinds=("civil-code",), mandatory=("name",))["missing_location"] == 1
-    assert reg.archive_report(kinds=("civil-code",), mandatory=("name",), require_location=False)["complete_ratio"] == 1.0
+    report = reg.archive_report(kinds=("civil-code",), mandatory=("name",), require_location=False)
+    assert report["complete_ratio"] == 1.0
     assert reg.archive_report(kinds=("nothing",))["complete_ratio"] == 1.0
     with pytest.raises(ValueError):
         reg.archive_report(mandatory=("colour",))

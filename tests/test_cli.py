@@ -8,6 +8,7 @@ import json
 import socket
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,19 @@ def test_help(name, args, mentions):
     out = " ".join(result.stdout.split())       # argparse wraps lines
     for word in mentions:
         assert word in out, f"{word!r} not in `{name} {' '.join(args)}` output:\n{result.stdout}"
+
+
+@pytest.mark.parametrize("module", ["numpy", "av"])
+def test_simulator_without_its_extra_names_the_extra(module):
+    # As after a plain `pip install gb28181`: the simulator's dependencies are the 'sim' extra.
+    code = (f"import sys, importlib.util; sys.modules[{module!r}] = None; "
+            "importlib.util.find_spec = (lambda f: lambda name, *a: None if name == 'av' and "
+            f"{module!r} == 'av' else f(name, *a))(importlib.util.find_spec); "
+            "from simulators.cli import main; main(['--help'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"{module} is not installed" in result.stderr and "gb28181[sim]" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_version():

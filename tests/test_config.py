@@ -305,7 +305,8 @@ def sample(annotation: Any, default: Any = None, constraints: list[Any] | None =
         return not default
     if annotation in (int, float):
         base = default if default is not None else 0
-        return next(annotation(x) for x in (base + 1, base - 1, base + 10, base * 2, base / 2) if _within(x, constraints))
+        return next(annotation(x) for x in (base + 1, base - 1, base + 10, base * 2, base / 2)
+                    if _within(x, constraints))
     if annotation is str:
         if default is None:
             return "set-from-env"

@@ -31,8 +31,7 @@ from media.ps import PsFrame
 from .test_hub import HEIGHT, N_FRAMES, TICKS, WIDTH, encode, looped_packets, make_packets
 
 av = pytest.importorskip("av", exc_type=ImportError)
-import av.logging  # noqa: E402
-
+import av.logging  # noqa: E402, F811  (after the skip; rebinds av to the same module, adds .logging)
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -139,7 +138,7 @@ def test_h264_tag_structure() -> None:
     pps = nal.find_nal(aus[0], "h264", nal.H264_NAL_PPS)
     assert seq[5:] == avc_decoder_config([sps], [pps])
     assert seq[5] == 1 and seq[6:9] == sps[1:4] and seq[9] == 0xFF and seq[10] == 0xE1
-    for i, (ts, body) in enumerate(video[1:]):
+    for i, (_ts, body) in enumerate(video[1:]):
         key = i % 25 == 0
         assert body[0] == (0x17 if key else 0x27) and body[1] == 1
         assert body[2:5] == b"\x00\x00\x00"  # no B-frames: composition time 0

@@ -31,7 +31,7 @@ N_FRAMES = 75
 # -- shared fixtures: real encoder output as MediaPackets ---------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def encode(codec: str = "libx264", n: int = N_FRAMES, width: int = WIDTH, height: int = HEIGHT,
            gop: int = GOP) -> tuple[tuple[bytes, int, int, bool], ...]:
     """(Annex-B AU, pts, dts, keyframe) per frame, pts/dts in frames; encoded once per run."""
@@ -45,7 +45,8 @@ def encode(codec: str = "libx264", n: int = N_FRAMES, width: int = WIDTH, height
     if codec == "libx264":
         cc.options = {"preset": "ultrafast", "tune": "zerolatency", "g": str(gop), "keyint_min": str(gop)}
     else:
-        cc.options = {"preset": "ultrafast", "x265-params": f"log-level=none:keyint={gop}:min-keyint={gop}:pools=none:frame-threads=1"}
+        cc.options = {"preset": "ultrafast",
+                      "x265-params": f"log-level=none:keyint={gop}:min-keyint={gop}:pools=none:frame-threads=1"}
     out = []
 
     def take(packets) -> None:
@@ -429,7 +430,7 @@ def test_fuzz_hub_invariants(ops, gop: int, max_lag: int, cache: int, max_bytes:
                 if p is None:
                     break
                 seen.append(p.timestamp)
-    for c, seen, start in consumers:
+    for c, seen, _start in consumers:
         seen += [p.timestamp for p in drain(c)]
         assert seen == sorted(set(seen))
         if seen:

@@ -22,8 +22,8 @@ QUIET = {"registration": {"query_device_info": False, "query_basic_param": False
 
 def sdp_answer(port: int, ssrc: str = "0200000001") -> bytes:
     return ("v=0\r\no=34020000001320000001 0 0 IN IP4 127.0.0.1\r\ns=Play\r\n"
-            "c=IN IP4 127.0.0.1\r\nt=0 0\r\nm=video %d RTP/AVP 96\r\na=sendonly\r\n"
-            "a=rtpmap:96 PS/90000\r\ny=%s\r\n" % (port, ssrc)).encode()
+            f"c=IN IP4 127.0.0.1\r\nt=0 0\r\nm=video {port} RTP/AVP 96\r\na=sendonly\r\n"
+            f"a=rtpmap:96 PS/90000\r\ny={ssrc}\r\n").encode()
 
 
 async def registered(server, **kw) -> RawSip:
@@ -172,7 +172,8 @@ async def test_every_final_response_has_a_to_tag(make_server):
             return (f"{method} sip:{server.config.server.id}@127.0.0.1:{server.sip_port} SIP/2.0\r\n"
                     f"Via: SIP/2.0/UDP 127.0.0.1:{dev.port};rport;branch=z9hG4bK{random.getrandbits(40)}\r\n"
                     f"From: <sip:{DEV}@3402000000>;tag=a\r\nTo: <sip:{server.config.server.id}@3402000000>\r\n"
-                    f"Call-ID: {random.getrandbits(60)}\r\nCSeq: {cseq} {method}\r\n{extra}Content-Length: 0\r\n\r\n").encode()
+                    f"Call-ID: {random.getrandbits(60)}\r\nCSeq: {cseq} {method}\r\n"
+                    f"{extra}Content-Length: 0\r\n\r\n").encode()
         for method, extra, status in (("OPTIONS", "", 200), ("PUBLISH", "", 405), ("BYE", "", 481),
                                       ("CANCEL", "", 481), ("MESSAGE", "Content-Type: text/plain\r\n", 415)):
             dev.send(request(method, extra))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -510,7 +510,7 @@ def test_build_catalog_round_trip_gb2312_chinese() -> None:
 
 
 def test_build_utf8_and_other_values() -> None:
-    when = datetime(2024, 5, 7, 4, 7, 3, tzinfo=timezone.utc)
+    when = datetime(2024, 5, 7, 4, 7, 3, tzinfo=UTC)
     body = build(
         "Query",
         "RecordInfo",
@@ -563,7 +563,7 @@ def test_build_rejects_misuse(kwargs: dict, exc: type[Exception]) -> None:
         ("2024-5-7T4:07:03", datetime(2024, 5, 7, 4, 7, 3, tzinfo=BEIJING)),
         ("2024-05-07 04:07:03", datetime(2024, 5, 7, 4, 7, 3, tzinfo=BEIJING)),
         ("2024-05-07T04:07:03.232", datetime(2024, 5, 7, 4, 7, 3, 232000, tzinfo=BEIJING)),
-        ("2024-05-07T04:07:03Z", datetime(2024, 5, 7, 4, 7, 3, tzinfo=timezone.utc)),
+        ("2024-05-07T04:07:03Z", datetime(2024, 5, 7, 4, 7, 3, tzinfo=UTC)),
         ("2024-05-07T04:07:03+08:00", datetime(2024, 5, 7, 4, 7, 3, tzinfo=BEIJING)),
         (
             "2024-05-07T04:07:03.5-05:30",
@@ -588,7 +588,7 @@ def test_parse_time(text: str, expected: datetime | None) -> None:
 
 def test_format_time() -> None:
     assert format_time(datetime(2024, 5, 7, 4, 7, 3, 999)) == "2024-05-07T04:07:03"
-    utc = datetime(2024, 5, 7, 20, 0, 0, tzinfo=timezone.utc)
+    utc = datetime(2024, 5, 7, 20, 0, 0, tzinfo=UTC)
     assert format_time(utc) == "2024-05-08T04:00:00"
     assert parse_time(format_time(utc)) == utc
 

@@ -22,7 +22,9 @@ SC = b"\x00\x00\x00\x01"
 
 def _body(rng: random.Random, size: int) -> bytes:
     # Non-zero bytes: no accidental start codes, like emulation-prevented slices.
-    return bytes(rng.randrange(1, 256) for _ in range(size)) if size < 4096 else rng.randbytes(size).replace(b"\x00", b"\x01")
+    if size < 4096:
+        return bytes(rng.randrange(1, 256) for _ in range(size))
+    return rng.randbytes(size).replace(b"\x00", b"\x01")
 
 
 def synthetic_gop(n: int = 12, seed: int = 0, key_size: int = 3000, p_size: int = 600) -> list[tuple[bytes, bool]]:
@@ -63,7 +65,8 @@ def pes(sid: int, payload: bytes, pts: int | None = None, length: int | None = N
 
 
 def _pts(ts: int) -> bytes:
-    return bytes((0x21 | ((ts >> 29) & 0x0E), (ts >> 22) & 0xFF, ((ts >> 14) & 0xFE) | 1, (ts >> 7) & 0xFF, ((ts << 1) & 0xFE) | 1))
+    return bytes((0x21 | ((ts >> 29) & 0x0E), (ts >> 22) & 0xFF, ((ts >> 14) & 0xFE) | 1,
+                  (ts >> 7) & 0xFF, ((ts << 1) & 0xFE) | 1))
 
 
 PACK = bytes.fromhex("000001ba44000400040101dfa3f8")  # SCR 0, mux_rate 6106
@@ -356,7 +359,8 @@ def test_hikvision_truncated_pack_header() -> None:
     stream += b"\x00\x00\x01\xba" + pes(0xE0, trail, pts=7200)
     d = PsDemuxer()
     frames = demux_all([stream], d)
-    assert [(f.data, f.pts, f.codec) for f in frames] == [(idr, 0, "h265"), (trail, 3600, "h265"), (trail, 7200, "h265")]
+    assert [(f.data, f.pts, f.codec) for f in frames] == [
+        (idr, 0, "h265"), (trail, 3600, "h265"), (trail, 7200, "h265")]
     assert d.resyncs == 0
 
 
@@ -364,7 +368,8 @@ def test_resync_after_garbage() -> None:
     chunks = mux_stream(synthetic_gop(6))
     rng = random.Random(5)
     garbage = [b"\x00\x00\x01\x00junk", rng.randbytes(3000).replace(b"\x00\x00\x01", b"xyz"), b"\x00\x00\x01"]
-    dirty = [garbage[0] + chunks[0], chunks[1] + garbage[1], chunks[2], garbage[2], chunks[3], chunks[4] + garbage[0], chunks[5]]
+    dirty = [garbage[0] + chunks[0], chunks[1] + garbage[1], chunks[2], garbage[2], chunks[3],
+             chunks[4] + garbage[0], chunks[5]]
     d = PsDemuxer()
     frames = demux_all(dirty, d)
     assert [f.data for f in frames] == [a for a, _ in synthetic_gop(6)]
@@ -491,7 +496,8 @@ def test_pipeline_loss_drops_only_the_damaged_frame() -> None:
 
 # -- fuzz: the demuxer never raises and never grows without bound ---------------
 
-_FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_FUZZ = settings(max_examples=300, deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 _VALID = b"".join(mux_stream(synthetic_gop(4, key_size=400, p_size=100), audio=True))
 
 
@@ -515,7 +521,9 @@ def test_fuzz_demuxer_arbitrary_bytes(chunks: list[bytes]) -> None:
 
 
 @_FUZZ
-@given(st.lists(st.sampled_from([PACK, b"\x00\x00\x01\xbc", b"\x00\x00\x01\xe0", b"\x00\x00\x01\xc0", b"\x00\x00\x01\xba\x00\x00\x01", b"\x00\x00", b"\xff\xff", b"\x05", b"\x80\xc0\x0a"]) | st.binary(max_size=8), max_size=60))
+@given(st.lists(st.sampled_from([PACK, b"\x00\x00\x01\xbc", b"\x00\x00\x01\xe0", b"\x00\x00\x01\xc0",
+                                  b"\x00\x00\x01\xba\x00\x00\x01", b"\x00\x00", b"\xff\xff", b"\x05",
+                                  b"\x80\xc0\x0a"]) | st.binary(max_size=8), max_size=60))
 def test_fuzz_demuxer_start_code_soup(parts: list[bytes]) -> None:
     d = PsDemuxer(max_frame_size=500)
     _check_frames(d.feed(b"".join(parts)), d)

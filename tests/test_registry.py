@@ -43,7 +43,8 @@ def db_path(tmp_path):
 
 
 async def open_registry(path, clock=None, **kw) -> DeviceRegistry:
-    reg = DeviceRegistry(SqliteStore(path), flush_interval=kw.pop("flush_interval", 3600), clock=clock or FakeClock(), **kw)
+    reg = DeviceRegistry(SqliteStore(path), flush_interval=kw.pop("flush_interval", 3600), clock=clock or FakeClock(),
+                         **kw)
     await reg.start()
     return reg
 

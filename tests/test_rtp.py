@@ -26,7 +26,8 @@ CAPTURE_LIKE = bytes.fromhex("80e0123400015f900bebc201") + b"\x00\x00\x01\xba" +
 
 
 def _pkt(seq: int, ts: int = 0, marker: bool = False, payload: bytes | None = None) -> RtpPacket:
-    return RtpPacket(sequence=seq & 0xFFFF, timestamp=ts, ssrc=1, marker=marker, payload=payload or bytes((seq & 0xFF,)))
+    return RtpPacket(sequence=seq & 0xFFFF, timestamp=ts, ssrc=1, marker=marker,
+                     payload=payload or bytes((seq & 0xFF,)))
 
 
 # -- parse / serialize --------------------------------------------------------
@@ -288,7 +289,8 @@ def test_assembler_drops_oversized_frames() -> None:
 
 
 def _rtp_packets(n: int, size: int = 50) -> list[bytes]:
-    return [RtpPacket(sequence=i, timestamp=i * 3600, ssrc=9, payload=bytes([i]) * (size + i)).serialize() for i in range(n)]
+    return [RtpPacket(sequence=i, timestamp=i * 3600, ssrc=9, payload=bytes([i]) * (size + i)).serialize()
+            for i in range(n)]
 
 
 def test_frame_rfc4571() -> None:

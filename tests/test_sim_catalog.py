@@ -357,7 +357,7 @@ async def test_device_status_config_presets_and_control(probe, fleet_of):
                             target_id=cam)
     unknown = await probe.query(NVR, "Frobnicate")
     for sn in (record, guard):
-        (ok,) = await probe.wait_for(lambda: probe.responses("DeviceControl", sn), what="control")
+        (ok,) = await probe.wait_for(lambda sn=sn: probe.responses("DeviceControl", sn), what="control")
         assert ok.body.text("Result") == "OK"
     assert probe.responses("DeviceControl", record)[0].body.device_id == cam
     await asyncio.sleep(0.2)

@@ -459,7 +459,7 @@ async def test_unknown_channel_and_unusable_offers(probe, fleets, sinks):
     bad = {
         "garbage": b"this is not SDP",
         "playback": offer.replace("s=Play", "s=Playback").encode(),
-        "no PS": offer.replace("m=video %d RTP/AVP 96 97 98" % port, "m=video %d RTP/AVP 98" % port).encode(),
+        "no PS": offer.replace(f"m=video {port} RTP/AVP 96 97 98", f"m=video {port} RTP/AVP 98").encode(),
         "no port": offer.replace(f"m=video {port} ", "m=video 0 ").encode(),
         "no video": offer.replace("m=video", "m=audio").encode(),
     }
@@ -607,7 +607,7 @@ async def test_streams_share_one_frame_per_tick(probe, fleets, sinks):
     for sink in made:  # stop the flow, then compare what arrived
         sink.close()
     per_stream = []
-    for call, sink in zip(calls, made):
+    for _call, sink in zip(calls, made):
         by_ts: dict[int, list[bytes]] = {}
         for _, d in sink.packets:
             p = parse_rtp(d)

@@ -59,7 +59,7 @@ async def test_status_changes_arrive_as_in_dialog_notifies(probe, fleet):
     cid = fleet.devices[NVR].channels[2].channel_id
     for n, status in enumerate(["OFF", "VLOST", "DEFECT", "ON"], 1):
         fleet.set_channel_status(cid, status)
-        await probe.wait_for(lambda: len(dialog.notifies) == n, 2, f"NOTIFY {status}")
+        await probe.wait_for(lambda n=n: len(dialog.notifies) == n, 2, f"NOTIFY {status}")
         rec = dialog.notifies[-1]
         req = rec.request
         assert req.uri == f"sip:{probe.server_id}@127.0.0.1:{probe.port}", "sent to our Contact"

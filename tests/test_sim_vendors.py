@@ -250,7 +250,8 @@ def test_any_name_survives_every_vendor_rendering(name, address, vendor):
     ch = DeviceCatalog(NVR, 1, is_nvr=True).channels[0]
     ch.name, ch.address = name, address
     item = catalog_item(ch, model=v.channel_model(), owner=v.owner, stream_num=v.stream_num)
-    body = v.body("Response", "Catalog", 1, NVR, [("SumNum", 1), ("DeviceList", manscdp.Node({"Num": 1}, [("Item", item)]))])
+    body = v.body("Response", "Catalog", 1, NVR,
+                  [("SumNum", 1), ("DeviceList", manscdp.Node({"Num": 1}, [("Item", item)]))])
     (got,) = manscdp.parse(body).items()
     assert got["Name"] == name and got["Address"] == address
 

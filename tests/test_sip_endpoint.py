@@ -135,7 +135,7 @@ async def test_message_over_udp(server: Server, client: SipEndpoint) -> None:
 
 async def test_message_over_tcp(server: Server, client: SipEndpoint) -> None:
     addr = (HOST, server.ep.port)
-    for i in range(3):  # the second and third reuse the connection
+    for _i in range(3):  # the second and third reuse the connection
         req = _message(client, server.ep.port, "tcp")
         resp = await asyncio.wait_for(client.request(req, addr, "tcp"), GUARD)
         assert resp.status == 200 and resp.call_id == req.call_id

@@ -81,20 +81,20 @@ def _hik_keepalive(eol: str) -> bytes:
 # Dahua IPC REGISTER (DH-CAP shape): headers in alphabetical order, Via last, a Route with
 # the device's own ID, From/To with IP:port hosts.
 DAHUA_REGISTER = (
-    "REGISTER sip:34020000002000000001@192.168.1.100:5060 SIP/2.0\r\n"
-    "CSeq: 2 REGISTER\r\n"
-    "Call-ID: 1226817935\r\n"
-    "Contact: <sip:34020000001320000002@192.168.1.108:5060>\r\n"
-    "Content-Length: 0\r\n"
-    "Expires: 3600\r\n"
-    "From: <sip:34020000001320000002@192.168.1.108:5060>;tag=1583457049\r\n"
-    "Max-Forwards: 70\r\n"
-    "Route: <sip:34020000001320000002@192.168.1.100:5060;lr>\r\n"
-    "To: <sip:34020000001320000002@192.168.1.108:5060>\r\n"
-    "User-Agent: SIP UAS V3.0.0.1\r\n"
-    "Via: SIP/2.0/UDP 192.168.1.108:5060;rport;branch=z9hG4bK1916442016\r\n"
-    "\r\n"
-).encode()
+    b"REGISTER sip:34020000002000000001@192.168.1.100:5060 SIP/2.0\r\n"
+    b"CSeq: 2 REGISTER\r\n"
+    b"Call-ID: 1226817935\r\n"
+    b"Contact: <sip:34020000001320000002@192.168.1.108:5060>\r\n"
+    b"Content-Length: 0\r\n"
+    b"Expires: 3600\r\n"
+    b"From: <sip:34020000001320000002@192.168.1.108:5060>;tag=1583457049\r\n"
+    b"Max-Forwards: 70\r\n"
+    b"Route: <sip:34020000001320000002@192.168.1.100:5060;lr>\r\n"
+    b"To: <sip:34020000001320000002@192.168.1.108:5060>\r\n"
+    b"User-Agent: SIP UAS V3.0.0.1\r\n"
+    b"Via: SIP/2.0/UDP 192.168.1.108:5060;rport;branch=z9hG4bK1916442016\r\n"
+    b"\r\n"
+)
 
 # Dahua's provisional answer to an INVITE: "101 Dialog Establishement" (sic) with a To tag.
 DAHUA_101 = (
@@ -271,11 +271,11 @@ def test_folded_header_lines() -> None:
 
 def test_folded_via_list() -> None:
     data = (
-        "OPTIONS sip:x@h SIP/2.0\r\n"
-        "Via: SIP/2.0/UDP a.example:5060;branch=z9hG4bKa,\r\n"
-        " SIP/2.0/UDP b.example;branch=z9hG4bKb\r\n"
-        "From: <sip:a@h>;tag=1\r\nTo: <sip:x@h>\r\nCall-ID: fv\r\nCSeq: 1 OPTIONS\r\n\r\n"
-    ).encode()
+        b"OPTIONS sip:x@h SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP a.example:5060;branch=z9hG4bKa,\r\n"
+        b" SIP/2.0/UDP b.example;branch=z9hG4bKb\r\n"
+        b"From: <sip:a@h>;tag=1\r\nTo: <sip:x@h>\r\nCall-ID: fv\r\nCSeq: 1 OPTIONS\r\n\r\n"
+    )
     msg = parse_message(data)
     assert [parse_via(v).host for v in msg.get_all("via")][0] == "a.example"
     assert "b.example" in ",".join(msg.get_all("via"))
@@ -290,13 +290,13 @@ def test_continuation_line_first_is_an_error() -> None:
 
 def test_multiple_vias_one_header_and_several() -> None:
     data = (
-        "SIP/2.0 200 OK\r\n"
-        "Via: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK1;received=1.2.3.4, "
-        "SIP/2.0/TCP proxy.example:5061;branch=z9hG4bK2\r\n"
-        "v: SIP/2.0/UDP 10.0.0.3;branch=z9hG4bK3\r\n"
-        "Via: SIP/2.0/UDP [2001:db8::9]:5070;branch=z9hG4bK4,SIP/2.0/UDP 10.0.0.5;branch=z9hG4bK5\r\n"
-        "From: <sip:a@h>;tag=1\r\nTo: <sip:b@h>;tag=2\r\nCall-ID: mv\r\nCSeq: 9 MESSAGE\r\n\r\n"
-    ).encode()
+        b"SIP/2.0 200 OK\r\n"
+        b"Via: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK1;received=1.2.3.4, "
+        b"SIP/2.0/TCP proxy.example:5061;branch=z9hG4bK2\r\n"
+        b"v: SIP/2.0/UDP 10.0.0.3;branch=z9hG4bK3\r\n"
+        b"Via: SIP/2.0/UDP [2001:db8::9]:5070;branch=z9hG4bK4,SIP/2.0/UDP 10.0.0.5;branch=z9hG4bK5\r\n"
+        b"From: <sip:a@h>;tag=1\r\nTo: <sip:b@h>;tag=2\r\nCall-ID: mv\r\nCSeq: 9 MESSAGE\r\n\r\n"
+    )
     msg = parse_message(data)
     vias = [parse_via(v) for v in msg.get_all("via")]
     assert [v.branch for v in vias] == [f"z9hG4bK{i}" for i in range(1, 6)]
@@ -318,11 +318,11 @@ def test_ipv6_via() -> None:
     no_port = parse_via("SIP/2.0/TCP [::1];branch=z9hG4bKx")
     assert (no_port.host, no_port.port) == ("::1", None)
     data = (
-        "OPTIONS sip:x@[2001:db8::2] SIP/2.0\r\n"
-        "Via: SIP/2.0/UDP [2001:db8::1]:5060;branch=z9hG4bKv6\r\n"
-        "From: <sip:a@[2001:db8::1]>;tag=1\r\nTo: <sip:x@[2001:db8::2]>\r\n"
-        "Call-ID: v6\r\nCSeq: 1 OPTIONS\r\n\r\n"
-    ).encode()
+        b"OPTIONS sip:x@[2001:db8::2] SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP [2001:db8::1]:5060;branch=z9hG4bKv6\r\n"
+        b"From: <sip:a@[2001:db8::1]>;tag=1\r\nTo: <sip:x@[2001:db8::2]>\r\n"
+        b"Call-ID: v6\r\nCSeq: 1 OPTIONS\r\n\r\n"
+    )
     msg = parse_message(data)
     assert msg.top_via.host == "2001:db8::1"
     assert parse_uri(parse_name_addr(msg.get("to")).uri).host == "2001:db8::2"

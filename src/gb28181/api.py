@@ -10,8 +10,8 @@ it is.
 from __future__ import annotations
 
 import hmac
-import logging
 import json
+import logging
 import re
 import time
 from datetime import datetime
@@ -23,11 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from registry.models import CHANNEL_STATES, Channel, Device
 
 from .ids import IdError, parse_id
+from .metrics import CONTENT_TYPE, render
 from .queries import QueryError
+from .registrar import BEIJING
 from .streams import PlayError
 from .timeparse import parse_when
-from .metrics import CONTENT_TYPE, render
-from .registrar import BEIJING
 
 if TYPE_CHECKING:
     from .server import GbServer
@@ -303,7 +303,8 @@ async def list_channels(request: web.Request, device_id: str | None = None) -> w
     missing = q.get("missing_location")
     if missing not in (None, "true", "false"):
         raise _bad("missing_location must be 'true' or 'false'")
-    filters = dict(device_id=device_id or q.get("device_id") or None, civil_code=q.get("civil_code") or None,
+    filters: dict[str, Any] = dict(device_id=device_id or q.get("device_id") or None,
+                   civil_code=q.get("civil_code") or None,
                    tier=tier, state=state.upper() if state else None, kind=q.get("kind") or None,
                    text=q.get("text") or None, parent_id=q.get("parent_id") or None,
                    missing_location=None if missing is None else missing == "true")

@@ -174,7 +174,7 @@ class InviteManager:
                 port = self.receiver.udp_port
             elif transport == "tcp-passive":
                 session.handle = await self.receiver.listen_tcp(session.ingest, ssrc=int(ssrc))
-                port = session.handle.port  # type: ignore[attr-defined]
+                port = session.handle.port
             else:
                 port = 9  # we connect; the port in our offer is not used (RFC 4145)
             peer = device.host
@@ -305,6 +305,7 @@ class InviteManager:
             session.handle.close()  # type: ignore[attr-defined]
             session.handle = None
         hosts = [answer.connection_addr if answer else "", device.host]
+        assert session.ingest is not None  # made by invite() before the INVITE went out
         try:
             session.handle = await self.receiver.connect_tcp(
                 hosts, video.port, session.ingest, timeout=5.0, ssrc=int(session.ssrc))

@@ -19,7 +19,7 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import defusedxml.ElementTree as DET
@@ -444,7 +444,7 @@ def parse_time(s: str) -> datetime | None:
         return None
     year, month, day, hour, minute, second, frac, z, sign, zh, zm = m.groups()
     if z:
-        tz = timezone.utc
+        tz = UTC
     elif sign:
         offset = timedelta(hours=int(zh), minutes=int(zm or 0))
         if offset >= timedelta(hours=24):

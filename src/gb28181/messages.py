@@ -24,8 +24,8 @@ from collections.abc import Callable
 from registry.devices import DeviceRegistry
 
 from . import manscdp
-from .presence import Presence
 from .catalog import CatalogCollector
+from .presence import Presence
 from .queries import DeviceQueries
 from .sip.endpoint import SipEndpoint
 from .sip.message import make_response, new_tag, user_of

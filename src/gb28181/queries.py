@@ -87,12 +87,12 @@ class DeviceQueries:
         body = manscdp.build(root, cmd_type, sn, target or device.device_id, fields,
                              encoding=self.charset(device))
         self.counters.queries_sent += 1
-        target = device_target(device)
+        dest = device_target(device)
         try:
             async with self._in_flight:
-                resp = await self.endpoint.request(self.message_to(device, body), target.addr,
-                                                   target.transport, timeout=timeout,
-                                                   fallback=target.fallback)
+                resp = await self.endpoint.request(self.message_to(device, body), dest.addr,
+                                                   dest.transport, timeout=timeout,
+                                                   fallback=dest.fallback)
         except (SipTimeoutError, SipTransportError) as exc:
             raise QueryError(f"{cmd_type} to {device.device_id} not delivered: {exc}") from None
         if resp.status >= 300:

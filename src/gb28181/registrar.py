@@ -44,7 +44,7 @@ from .ids import IdError, parse_id
 from .presence import Presence
 from .sip.auth import DigestServer
 from .sip.endpoint import SipEndpoint
-from .sip.message import SipRequest, make_response, new_tag, parse_name_addr, parse_uri, SipParseError
+from .sip.message import SipParseError, SipRequest, make_response, new_tag, parse_name_addr, parse_uri
 from .sip.transaction import RequestReceived
 from .stats import Counters
 

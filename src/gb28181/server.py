@@ -15,18 +15,18 @@ from pathlib import Path
 
 from aiohttp import web
 
+from media.receiver import MediaReceiver
 from registry.channels import ChannelRegistry
 from registry.devices import DeviceRegistry
 from registry.models import Device, StatusEvent
 from registry.sqlite import SqliteStore
 from registry.writebehind import Persistence
 
-from media.receiver import MediaReceiver
-
 from .api import make_app
 from .audit import AuditLog
 from .catalog import CatalogCollector
 from .config import Config, ensure_api_token
+from .invite import InviteManager
 from .messages import MessageHandler
 from .metrics import ServerCollector, make_registry
 from .presence import Presence
@@ -35,7 +35,6 @@ from .registrar import Registrar, stateless_request
 from .sip.endpoint import SipEndpoint
 from .sip.message import make_response
 from .sip.transaction import RequestReceived
-from .invite import InviteManager
 from .stats import Counters
 from .streams import StreamManager
 from .subscriptions import SubscriptionManager
@@ -135,8 +134,9 @@ class GbServer:
         site = web.TCPSite(self._runner, self.config.http.host, self.config.http.port)
         await site.start()
         server = site._server  # the bound port when 0 was asked for
-        if server is not None and server.sockets:  # type: ignore[union-attr]
-            self.http_port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        # aiohttp types it as AbstractServer, which lacks .sockets; asyncio's and uvloop's servers have it.
+        if server is not None and server.sockets:  # type: ignore[attr-defined]
+            self.http_port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         log.info("SIP on %s:%d (udp=%s tcp=%s), HTTP on %s:%d, server ID %s, domain %s",
                  self.config.sip.host, self.sip_port, self.config.sip.udp, self.config.sip.tcp,
                  self.config.http.host, self.http_port, self.config.server.id,

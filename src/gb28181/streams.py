@@ -109,7 +109,7 @@ class StreamManager:
         if task is None:
             task = asyncio.get_running_loop().create_task(self._open(channel_id, transport))
             self._opening[channel_id] = task
-            task.add_done_callback(lambda _t, c=channel_id: self._opening.pop(c, None))
+            task.add_done_callback(lambda _t: self._opening.pop(channel_id, None))
         # shield: one impatient caller must not cancel the INVITE the others wait for
         return await asyncio.shield(task)
 

@@ -329,6 +329,7 @@ class FlvMuxer:
                 d -= _WRAP
             cts = max(-0x800000, min(0x7FFFFF, d // 90 if d >= 0 else -((-d) // 90)))
         frame_type = 0x10 if f.keyframe else 0x20
+        body: list[bytes | memoryview]
         if hevc:
             if cts:
                 body = [bytes((0x80 | frame_type | _EX_CODED_FRAMES,)) + b"hvc1" + (cts & 0xFFFFFF).to_bytes(3, "big")]

@@ -63,9 +63,10 @@ async def _next_chunk(consumer: Consumer, muxer_box: list, stream: Stream, audio
             size += len(data)
         if size >= _COALESCE_BYTES:
             break
-        pkt = consumer.get_nowait()
-        if pkt is None:
+        nxt = consumer.get_nowait()
+        if nxt is None:
             break
+        pkt = nxt
     return b"".join(parts)
 
 

@@ -67,7 +67,7 @@ class Stream:
         max_lag_packets: int = 256,
         max_lag_bytes: int = 16 * 2**20,
         gop_cache_packets: int = 600,
-        on_idle: Callable[["Stream"], None] | None = None,
+        on_idle: Callable[[Stream], None] | None = None,
     ) -> None:
         if max_lag_packets < 1 or max_lag_bytes < 1 or gop_cache_packets < 0:
             raise ValueError("max_lag_packets and max_lag_bytes must be >= 1, gop_cache_packets >= 0")
@@ -179,7 +179,7 @@ class Stream:
 
     # -- consumer side --
 
-    def subscribe(self, name: str = "") -> "Consumer":
+    def subscribe(self, name: str = "") -> Consumer:
         """A new consumer; it gets the cached GOP first (from its keyframe), then live packets.
 
         Raises StreamClosed if the stream is closed.
@@ -200,7 +200,7 @@ class Stream:
     def consumer_count(self) -> int:
         return len(self._consumers)
 
-    def consumers(self) -> list["Consumer"]:
+    def consumers(self) -> list[Consumer]:
         return list(self._consumers)
 
     @property
@@ -224,7 +224,7 @@ class Stream:
         self._key_waiters.append(fut)
         try:
             return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         finally:
             if not fut.done():
@@ -234,7 +234,7 @@ class Stream:
             except ValueError:
                 pass
 
-    def _leave(self, c: "Consumer") -> None:
+    def _leave(self, c: Consumer) -> None:
         if self._consumers.pop(c, 0) is None and not self._consumers and not self.closed:
             cb = self.on_idle
             if cb is not None:
@@ -243,7 +243,7 @@ class Stream:
                 except Exception:
                     log.exception("on_idle callback of stream %s failed", self.key)
 
-    def _next(self, c: "Consumer") -> MediaPacket | None:
+    def _next(self, c: Consumer) -> MediaPacket | None:
         """The consumer's next packet, or None if it is caught up (lag handling here)."""
         cur = c._cursor
         head = self._head
@@ -275,7 +275,7 @@ class Stream:
         c.packets += 1
         return ring[cur - base][0]
 
-    def _catch_up(self, c: "Consumer", cur: int) -> int:
+    def _catch_up(self, c: Consumer, cur: int) -> int:
         """Cursor of a lagging consumer: still within limits, or moved to a keyframe."""
         head, base = self._head, self._base
         gop = self._gop
@@ -375,7 +375,7 @@ class Consumer:
             finally:
                 self._waiter = None
 
-    def __aiter__(self) -> "Consumer":
+    def __aiter__(self) -> Consumer:
         return self
 
     async def __anext__(self) -> MediaPacket:
@@ -396,7 +396,7 @@ class Consumer:
             fut.set_result(None)
         stream._leave(self)
 
-    def __enter__(self) -> "Consumer":
+    def __enter__(self) -> Consumer:
         return self
 
     def __exit__(self, *exc: object) -> None:

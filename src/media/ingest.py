@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from .nal import NalError, sps_info
 from .packet import MediaPacket

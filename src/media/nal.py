@@ -13,8 +13,8 @@ ITU-T H.265 (7.3.2.2 SPS, 7.3.3 profile_tier_level, Table 7-1 NAL types).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 __all__ = [
     "NalError",

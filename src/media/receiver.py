@@ -37,8 +37,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import sys
 import struct
+import sys
 import time
 from collections.abc import Sequence
 
@@ -325,7 +325,7 @@ class MediaReceiver:
         if h.transport == "udp":
             self._unwait(h)  # type: ignore[arg-type]
         else:
-            self._tcp.discard(h)  # type: ignore[arg-type]
+            self._tcp.discard(h)
         now = time.monotonic()
         retired = self._retired
         for ssrc in h.ssrcs:

@@ -79,7 +79,7 @@ class RtpPacket:
         timestamp: int = 0,
         ssrc: int = 0,
         marker: bool = False,
-        payload: bytes | memoryview = b"",
+        payload: bytes | bytearray | memoryview = b"",
         csrc: list[int] | None = None,
         extension: bytes | None = None,
         extension_profile: int = 0,
@@ -127,7 +127,7 @@ class RtpPacket:
             if len(ext) % 4 or len(ext) > 0xFFFF * 4:
                 raise RtpError("header extension length must be a multiple of 4 bytes")
             b0 |= 0x10
-        parts = [
+        parts: list[bytes | bytearray | memoryview] = [
             _pack_hdr(
                 b0,
                 (0x80 if self.marker else 0) | (self.payload_type & 0x7F),
@@ -235,7 +235,7 @@ def packetize(
     pt = payload_type & 0x7F
     seq &= 0xFFFF
     last = (n - 1) // chunk * chunk
-    out = []
+    out: list[bytes] = []
     append = out.append
     for off in range(0, last, chunk):
         append(_pack_hdr(0x80, pt, seq, ts, ssrc) + mv[off : off + chunk])
@@ -252,9 +252,10 @@ class RtpReorderer:
     as lost (`lost` grows and the next emitted packet's `gap` says how many were
     skipped). So the extra delay is at most `window` packets and memory at most
     `window` packets. Dropped packets are counted: `duplicates` (already held)
-    and `late` (behind the playout point: already emitted or given up). A jump of more than MAX_DROPOUT, confirmed by a second
-    packet in sequence (RFC 3550 A.1 probation), is treated as a sender restart:
-    buffered packets are flushed and ordering restarts from the new number.
+    and `late` (behind the playout point: already emitted or given up). A jump
+    of more than MAX_DROPOUT, confirmed by a second packet in sequence (RFC 3550
+    A.1 probation), is treated as a sender restart: buffered packets are flushed
+    and ordering restarts from the new number.
     """
 
     __slots__ = (
@@ -340,8 +341,9 @@ class RtpReorderer:
     def flush(self) -> list[RtpPacket]:
         """Emit everything held, in order, counting the holes as lost."""
         out: list[RtpPacket] = []
-        if self._buf and self._next is not None:
-            last = max(self._buf, key=lambda s: (s - self._next) & 0xFFFF)
+        nxt = self._next
+        if self._buf and nxt is not None:
+            last = max(self._buf, key=lambda s: (s - nxt) & 0xFFFF)
             self._advance_to((last + 1) & 0xFFFF, out)
         return out
 

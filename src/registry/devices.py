@@ -276,7 +276,7 @@ class DeviceRegistry:
         """
         await self.persistence.flush()
 
-    def durable(self) -> "asyncio.Future[bool]":
+    def durable(self) -> asyncio.Future[bool]:
         """Resolved (True) once every change made so far is committed; False if the commit
         failed (the changes stay pending). See `Persistence.durable`."""
         return self.persistence.durable()

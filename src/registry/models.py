@@ -21,7 +21,8 @@ class Device:
     """One device as the platform knows it; mutated in place on the hot path."""
 
     device_id: str                 # 20-digit GB/T 28181 ID
-    kind: str = ""                 # "ipc" | "camera" | "nvr" | "dvr" | "platform" | "alarm" | "other" (from the ID's type code; set by caller)
+    # "ipc" | "camera" | "nvr" | "dvr" | "platform" | "alarm" | "other" (from the ID's type code; set by caller)
+    kind: str = ""
     name: str = ""
     manufacturer: str = ""
     model: str = ""
@@ -92,7 +93,8 @@ class Channel:
 
     channel_id: str                 # the Item's DeviceID (20 digits, or 2/4/6/8-digit civil code items)
     device_id: str                  # the device (NVR/IPC/lower platform) whose catalog listed it
-    kind: str = "channel"           # "channel" | "civil-code" | "system" | "business-group" | "virtual-org" | "device" | "alarm" | "other"
+    # "channel" | "civil-code" | "system" | "business-group" | "virtual-org" | "device" | "alarm" | "other"
+    kind: str = "channel"
     name: str = ""
     manufacturer: str = ""
     model: str = ""

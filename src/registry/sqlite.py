@@ -17,6 +17,7 @@ import logging
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import aiosqlite
 
@@ -248,7 +249,7 @@ def _fault_row(event: FaultEvent) -> tuple:
     return (event.device_id, event.at, event.status, _json(list(event.devices)))
 
 
-def _json(value: dict) -> str:
+def _json(value: object) -> str:
     # default=str: one record with an unserialisable value must not fail
     # every flush forever; it is stored lossily instead.
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
@@ -366,7 +367,9 @@ class SqliteStore(Store):
 
     async def _prepare(self, db: aiosqlite.Connection) -> None:
         async with db.execute("PRAGMA journal_mode = WAL") as cur:
-            mode = (await cur.fetchone())[0]
+            row = await cur.fetchone()
+            assert row is not None  # the pragma always answers with the mode now in force
+            mode = row[0]
         if mode != "wal":
             log.warning("registry database %s runs in %s journal mode, not WAL", self.path, mode)
         await db.execute("PRAGMA synchronous = NORMAL")
@@ -402,7 +405,7 @@ class SqliteStore(Store):
         )
         if not rows:
             return 0
-        rows = await db.execute_fetchall("SELECT MAX(version) FROM schema_version")
+        rows = list(await db.execute_fetchall("SELECT MAX(version) FROM schema_version"))
         return rows[0][0] or 0
 
     async def close(self) -> None:
@@ -454,7 +457,7 @@ class SqliteStore(Store):
         )
 
     async def write_all(self, batches: Sequence[StoreBatch]) -> None:
-        steps: list[tuple[str, Sequence, Callable[[object], tuple]]] = []
+        steps: list[tuple[str, Sequence, Callable[[Any], tuple]]] = []
         for batch in batches:
             if batch.kind == "devices":
                 status, faults = _split_events(batch.events)
@@ -470,7 +473,7 @@ class SqliteStore(Store):
                 raise StoreError(f"SqliteStore cannot store {batch.kind!r}")
         await self._transaction(*steps)
 
-    async def _transaction(self, *steps: tuple[str, Sequence, Callable[[object], tuple]]) -> None:
+    async def _transaction(self, *steps: tuple[str, Sequence, Callable[[Any], tuple]]) -> None:
         """Run each (sql, items, to_row) as one executemany, all in one transaction.
 
         The whole transaction is one call on aiosqlite's worker thread (``_execute``, stable
@@ -580,9 +583,10 @@ class SqliteStore(Store):
                 # Rows become channels on aiosqlite's worker thread, a chunk at
                 # a time, so 100k rows of JSON text never sit in memory at once
                 # (that peak stays in RSS after it is freed).
-                cursor.row_factory = _row_channel
+                # aiosqlite types row_factory as a class; sqlite3 takes any callable.
+                cursor.row_factory = _row_channel  # type: ignore[assignment]
                 while chunk := await cursor.fetchmany(_LOAD_CHUNK):
-                    channels.extend(chunk)
+                    channels.extend(cast("Iterable[Channel]", chunk))
         except sqlite3.Error as e:
             raise StoreError(f"cannot read channels from {self.path}: {e}") from e
         return channels
@@ -592,7 +596,7 @@ class SqliteStore(Store):
             async with self._conn().execute(_CHANNEL_HISTORY, {"since": since, "until": until}) as cursor:
                 # Events are built on aiosqlite's worker thread: a 100k-channel
                 # history is ~250k objects, ~0.5 s the event loop need not wait out.
-                cursor.row_factory = _history_event
-                return list(await cursor.fetchall())
+                cursor.row_factory = _history_event  # type: ignore[assignment]  # as in load_channels
+                return list(cast("Iterable[ChannelEvent]", await cursor.fetchall()))
         except sqlite3.Error as e:
             raise StoreError(f"cannot read channel history from {self.path}: {e}") from e

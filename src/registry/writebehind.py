@@ -221,7 +221,12 @@ class Persistence:
         """A future resolved once everything marked so far is committed (True), or the
         commit failed (False: everything stays pending for the next try)."""
         future: asyncio.Future[bool] = (self._loop or asyncio.get_running_loop()).create_future()
-        self.after_commit(lambda ok: future.done() or future.set_result(ok))
+
+        def resolve(ok: bool) -> None:
+            if not future.done():
+                future.set_result(ok)
+
+        self.after_commit(resolve)
         return future
 
     def after_commit(self, callback: Callable[[bool], None]) -> None:

@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from .dialog import Dialog, DialogError
 from .framing import FramingError, SipStreamFramer
@@ -35,6 +35,8 @@ from .message import (
     new_branch,
     parse_message,
 )
+from .netroute import LocalAddresses
+from .overload import Overload, QueueProbe
 from .transaction import (
     Addr,
     CancelReceived,
@@ -46,8 +48,6 @@ from .transaction import (
     TransactionLayer,
     TransactionTimedOut,
 )
-from .netroute import LocalAddresses
-from .overload import Overload, QueueProbe
 
 __all__ = ["EndpointStats", "SipEndpoint", "SipTimeoutError", "SipTransportError"]
 
@@ -362,6 +362,8 @@ class SipEndpoint:
                     if self.on_cancel is not None:
                         self.on_cancel(ev)
                     else:
+                        # Only a proceeding INVITE is cancelled, and it holds its request until answered.
+                        assert ev.transaction.request is not None
                         self.respond(ev.transaction, make_response(ev.transaction.request, 487))
                 elif isinstance(ev, StrayResponse):
                     resp = ev.response
@@ -505,7 +507,7 @@ class _SipTcpProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # No isinstance check: uvloop's TCPTransport is not an asyncio.Transport subclass.
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = tcp = cast(asyncio.Transport, transport)
         ep = self.endpoint
         peername = transport.get_extra_info("peername")
         self.peer = (peername[0], peername[1])
@@ -513,7 +515,7 @@ class _SipTcpProtocol(asyncio.Protocol):
             ep.stats.tcp_refused += 1
             log.warning("refusing TCP connection from %s:%s: %d connections open (sip.max_tcp_connections)",
                         *self.peer, len(ep._tcp_conns))
-            transport.abort()
+            tcp.abort()
             return
         ep._tcp_conns[self.peer] = self
         ep.stats.tcp_connections += 1

@@ -243,7 +243,7 @@ _MAX_CSEQ = 2**31 - 1
 _MAX_EXPIRES = 2**32 - 1
 
 
-def find_head_end(data: bytes, start: int = 0) -> tuple[int, int]:
+def find_head_end(data: bytes | bytearray, start: int = 0) -> tuple[int, int]:
     """Index where the header block ends and where the body starts, or (-1, -1).
 
     Accepts CRLF CRLF and, for devices that write bare LFs, LF LF, and the mixtures
@@ -385,14 +385,14 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE,
     _normalise_numbers(msg)
 
     length = parse_content_length_safe(headers, msg)
-    rest = data[body_start:]
+    tail = data[body_start:]
     if length is None:
-        msg.body = rest if not stream else b""
-    elif length > len(rest):
+        msg.body = tail if not stream else b""
+    elif length > len(tail):
         raise SipParseError(
-            f"body is {len(rest)} bytes but Content-Length says {length}: truncated message", msg)
+            f"body is {len(tail)} bytes but Content-Length says {length}: truncated message", msg)
     else:
-        msg.body = rest[:length]
+        msg.body = tail[:length]
     return msg
 
 
@@ -456,7 +456,9 @@ def _split_commas(value: str) -> list[str]:
     """Split a header value on commas that are not inside quotes or angle brackets."""
     if '"' not in value and "<" not in value:
         return value.split(",")
-    out, buf, quoted, angled = [], [], False, False
+    out: list[str] = []
+    buf: list[str] = []
+    quoted = angled = False
     for ch in value:
         if ch == '"':
             quoted = not quoted
