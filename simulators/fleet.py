@@ -1239,8 +1239,8 @@ class Fleet:
         self.running.set()
 
     async def stop(self, *, unregister: bool = False) -> None:
-        if unregister:
-            await asyncio.gather(*(d.unregister() for d in self.devices.values() if d.registered))
+        # The devices' lives end first: a device whose keepalive crossed its own unregistration
+        # would otherwise be refused and register again, after the server was told it left.
         self.stopping = True
         self.running.set()
         for call in list(self._calls.values()):
@@ -1251,6 +1251,8 @@ class Fleet:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if unregister:
+            await asyncio.gather(*(d.unregister() for d in self.devices.values() if d.registered))
         if self.shared is not None:
             await self.shared.close()
         for ep in self.endpoints:

@@ -27,6 +27,7 @@ from typing import Any
 
 from gb28181 import manscdp
 from gb28181.sdp import MediaDescription, SessionDescription, build_sdp, parse_sdp
+from gb28181.sip.dialog import Dialog
 from gb28181.sip.endpoint import SipEndpoint
 from gb28181.sip.message import (
     SipRequest,
@@ -34,7 +35,6 @@ from gb28181.sip.message import (
     make_response,
     new_request,
     new_tag,
-    parse_name_addr,
     user_of,
 )
 from gb28181.sip.transaction import RequestReceived
@@ -60,24 +60,38 @@ class Received:
 
 @dataclass(slots=True)
 class ProbeDialog:
-    """The probe's side of a subscription dialog."""
+    """The probe's side of a subscription: the SIP dialog (``sip.dialog.Dialog``) and what
+    arrived in it."""
 
     device_id: str
-    call_id: str
-    local_tag: str
-    remote_tag: str
     event: str
-    target: str
     addr: tuple[str, int]
-    cseq: int
-    response: SipResponse
+    dialog: Dialog
+    response: SipResponse | None = None
     notifies: list[Received] = field(default_factory=list)
+
+    @property
+    def call_id(self) -> str:
+        return self.dialog.call_id
+
+    @property
+    def local_tag(self) -> str:
+        return self.dialog.local_tag
+
+    @property
+    def remote_tag(self) -> str:
+        return self.dialog.remote_tag
+
+    @remote_tag.setter
+    def remote_tag(self, tag: str) -> None:  # tests set a wrong one on purpose
+        self.dialog.remote_tag = tag
 
 
 @dataclass(slots=True)
 class ProbeCall:
     """The probe's side of a live-video INVITE dialog. ``transport`` is "udp", "tcp-passive"
-    (the probe listens on ``media_port``) or "tcp-active" (the probe connects to the answer)."""
+    (the probe listens on ``media_port``) or "tcp-active" (the probe connects to the answer).
+    ``dialog`` exists from the first response with a To tag."""
 
     device_id: str
     channel_id: str
@@ -88,14 +102,16 @@ class ProbeCall:
     local_tag: str
     response: SipResponse | None = None
     provisional: list[SipResponse] = field(default_factory=list)
-    remote_tag: str = ""
-    target: str = ""
-    cseq: int = 1
+    dialog: Dialog | None = None
     byes: list[Received] = field(default_factory=list)
 
     @property
     def call_id(self) -> str:
         return self.invite.call_id
+
+    @property
+    def remote_tag(self) -> str:
+        return self.dialog.remote_tag if self.dialog is not None else ""
 
     @property
     def answer(self) -> SessionDescription | None:
@@ -279,35 +295,35 @@ class Probe:
         if body is None:
             body = manscdp.build("Query", "Catalog", next(self._sn) if sn is None else sn, device_id)
         local_tag = new_tag()
+        own = f"sip:{self.server_id}@{self.domain}"
         request = new_request(
             "SUBSCRIBE", f"sip:{device_id}@{host}:{port}", via=self.endpoint.via(self.transport),
-            from_uri=f"sip:{self.server_id}@{self.domain}", from_tag=local_tag,
+            from_uri=own, from_tag=local_tag,
             to_uri=f"sip:{device_id}@{self.domain}", cseq=1, contact=self._contact(),
             headers={"event": event, "expires": str(expires)}, body=body,
             content_type=CONTENT_TYPE if body else None, user_agent="gb28181-probe")
-        dialog = ProbeDialog(device_id, request.call_id, local_tag, "", event,
-                             f"sip:{device_id}@{host}:{port}", (host, port), 1, None)  # type: ignore[arg-type]
-        self.dialogs[dialog.call_id] = dialog  # a NOTIFY may overtake the 200
+        # Until the 200 comes, the dialog is what the request says (a NOTIFY may overtake it).
+        early = Dialog(call_id=request.call_id, local_tag=local_tag, remote_tag="", local_uri=own,
+                       remote_uri=f"sip:{device_id}@{self.domain}", remote_target=request.uri,
+                       local_cseq=1)
+        dialog = ProbeDialog(device_id, event, (host, port), early)
+        self.dialogs[dialog.call_id] = dialog
         resp = await self.endpoint.request(request, (host, port), self.transport, timeout=5.0)
         dialog.response = resp
-        dialog.remote_tag = resp.to_tag or ""
-        contact = resp.get("contact")
-        if contact:
-            dialog.target = parse_name_addr(contact).uri
+        if resp.status < 300:
+            dialog.dialog = Dialog.from_response(resp, fallback_target=request.uri)
         return dialog
 
     async def resubscribe(self, dialog: ProbeDialog, expires: int, *,
                           call_id: str | None = None) -> SipResponse:
-        """In-dialog SUBSCRIBE: a refresh, or ``expires=0`` to unsubscribe (CSeq + 1)."""
-        dialog.cseq += 1
-        request = new_request(
-            "SUBSCRIBE", dialog.target, via=self.endpoint.via(self.transport),
-            from_uri=f"sip:{self.server_id}@{self.domain}", from_tag=dialog.local_tag,
-            to_uri=f"sip:{dialog.device_id}@{self.domain}", to_tag=dialog.remote_tag or None,
-            call_id=call_id or dialog.call_id, cseq=dialog.cseq, contact=self._contact(),
+        """In-dialog SUBSCRIBE: a refresh, or ``expires=0`` to unsubscribe (CSeq + 1).
+        ``call_id`` replaces the dialog's, to test what a device does with an unknown one."""
+        request = dialog.dialog.request(
+            "SUBSCRIBE", via=self.endpoint.via(self.transport), contact=self._contact(),
             headers={"event": dialog.event, "expires": str(expires)}, user_agent="gb28181-probe")
+        if call_id is not None:
+            request.set("Call-ID", call_id)
         return await self.endpoint.request(request, dialog.addr, self.transport, timeout=5.0)
-
 
     # -- live video ---------------------------------------------------------------------------
     def new_ssrc(self) -> str:
@@ -353,28 +369,23 @@ class Probe:
         """Send the INVITE and wait for its final response (not ACKed here when 2xx)."""
         def provisional(resp: SipResponse) -> None:
             call.provisional.append(resp)
-            if resp.to_tag and not call.remote_tag:
-                call.remote_tag = resp.to_tag
+            if resp.to_tag and call.dialog is None:
+                call.dialog = Dialog.from_response(resp, fallback_target=call.invite.uri)
             self._wake()
 
         resp = await self.endpoint.request(call.invite, call.addr, self.transport, timeout=timeout,
                                            on_provisional=provisional)
         call.response = resp
         if resp.status < 300:
-            call.remote_tag = resp.to_tag or call.remote_tag
-            contact = resp.get("contact")
-            call.target = parse_name_addr(contact).uri if contact else call.invite.uri
+            call.dialog = Dialog.from_response(resp, fallback_target=call.invite.uri)
         self._wake()
         return resp
 
     def ack(self, call: ProbeCall) -> SipRequest:
         """ACK the 2xx (RFC 3261 13.2.2.4): new branch, Request-URI = the 200's Contact."""
-        assert call.response is not None and call.response.status < 300
-        ack = new_request(
-            "ACK", call.target, via=self.endpoint.via(self.transport),
-            from_uri=f"sip:{self.server_id}@{self.domain}", from_tag=call.local_tag,
-            to_uri=f"sip:{call.channel_id}@{self.domain}", to_tag=call.remote_tag or None,
-            call_id=call.call_id, cseq=call.invite.cseq[0], user_agent="gb28181-probe")
+        assert call.response is not None and call.response.status < 300 and call.dialog is not None
+        ack = call.dialog.ack(call.invite.cseq[0], via=self.endpoint.via(self.transport),
+                              user_agent="gb28181-probe")
         self.endpoint.send_stateless(ack, call.addr, self.transport)
         return ack
 
@@ -389,12 +400,9 @@ class Probe:
 
     async def bye(self, call: ProbeCall) -> SipResponse:
         """In-dialog BYE (CSeq + 1) to the 200's Contact."""
-        call.cseq += 1
-        request = new_request(
-            "BYE", call.target, via=self.endpoint.via(self.transport),
-            from_uri=f"sip:{self.server_id}@{self.domain}", from_tag=call.local_tag,
-            to_uri=f"sip:{call.channel_id}@{self.domain}", to_tag=call.remote_tag or None,
-            call_id=call.call_id, cseq=call.cseq, user_agent="gb28181-probe")
+        assert call.dialog is not None, "no dialog to end: the INVITE was not answered"
+        request = call.dialog.request("BYE", via=self.endpoint.via(self.transport),
+                                      user_agent="gb28181-probe")
         return await self.endpoint.request(request, call.addr, self.transport, timeout=5.0)
 
     async def cancel(self, call: ProbeCall) -> SipResponse:
