@@ -597,6 +597,9 @@ class GatedStore(SqliteStore):
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
 
+    def snapshots_needed(self, records: int) -> bool:
+        return True  # it reads the records after an await: they must be copies
+
     async def write_all(self, batches) -> None:
         if any(b.kind == "channels" for b in batches):
             self.entered.set()

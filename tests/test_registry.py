@@ -271,6 +271,9 @@ class GatedStore(SqliteStore):
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
 
+    def snapshots_needed(self, records: int) -> bool:
+        return True  # it reads the records after an await: they must be copies
+
     async def write_all(self, batches) -> None:
         self.entered.set()
         await self.release.wait()
@@ -305,6 +308,29 @@ async def test_flush_writes_a_snapshot_while_the_hot_path_continues(db_path, clo
         assert dev_id(2) in on_disk
     finally:
         store.release.set()
+        await reg.stop()
+
+
+async def test_a_small_flush_without_copies_still_writes_what_it_took(db_path, clock):
+    # SqliteStore turns a small batch into rows at once instead of copying the devices; a
+    # change made while that transaction runs on the worker thread belongs to the next one.
+    reg = DeviceRegistry(SqliteStore(db_path), flush_interval=3600, clock=clock)
+    await reg.start()
+    try:
+        assert not reg.store.snapshots_needed(1)
+        d = reg.add(make_device(1, extra={"v": 1}))
+        flush = asyncio.create_task(reg.flush())
+        await asyncio.sleep(0)  # the flush has taken its batch and handed it to the thread
+        d.name = "renamed"
+        d.extra["v"] = 2
+        reg.touch(d)
+        await flush
+        on_disk = {x.device_id: x for x in await reg.store.load_devices()}
+        assert on_disk[d.device_id].name == "" and on_disk[d.device_id].extra == {"v": 1}
+        await reg.flush()
+        on_disk = {x.device_id: x for x in await reg.store.load_devices()}
+        assert on_disk[d.device_id] == d
+    finally:
         await reg.stop()
 
 

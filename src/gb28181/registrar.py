@@ -183,10 +183,8 @@ class Registrar:
         counters.register_requests += 1
         to_tag = new_tag()
 
-        def reply(status: int, reason: str = "", **headers: str) -> None:
-            resp = make_response(req, status, reason, to_tag=to_tag)
-            for name, value in headers.items():
-                resp.set(name.replace("_", "-"), value)
+        def reply(status: int, reason: str = "", headers: dict[str, str] | None = None) -> None:
+            resp = make_response(req, status, reason, to_tag=to_tag, extra=headers)
             if txn is None:  # a first REGISTER, answered statelessly (see stateless_request)
                 self.endpoint.send_stateless(resp, ev.addr, ev.transport)
             else:
@@ -219,7 +217,7 @@ class Registrar:
         reg = self.config.registration
         if 0 < expires < reg.min_expires:
             counters.register_rejected("interval-too-brief")
-            reply(423, "Interval Too Brief", min_expires=str(reg.min_expires))
+            reply(423, "Interval Too Brief", {"min-expires": str(reg.min_expires)})
             return
         expires = min(expires, reg.max_expires)
 
@@ -243,11 +241,11 @@ class Registrar:
             counters.overload_rejected += 1
             counters.register_rejected("overloaded")
             reply(503, "Service Unavailable: overloaded, retry later",
-                  retry_after=str(random.randint(*OVERLOAD_RETRY_AFTER)))
+                  {"retry-after": str(random.randint(*OVERLOAD_RETRY_AFTER))})
             return
         if authorization is None:
             counters.register_challenged += 1
-            reply(401, "Unauthorized", www_authenticate=self.digest.challenge(now))
+            reply(401, "Unauthorized", {"www-authenticate": self.digest.challenge(now)})
             return
         password = (device.password if device is not None and device.password
                     else self.config.auth.default_password)
@@ -263,7 +261,7 @@ class Registrar:
                                  "wrong-password" if result.wrong_password else "bad-authorization")
             if result.stale:
                 counters.register_challenged += 1
-                reply(401, "Unauthorized", www_authenticate=self.digest.challenge(now, stale=True))
+                reply(401, "Unauthorized", {"www-authenticate": self.digest.challenge(now, stale=True)})
             elif result.wrong_password:
                 if self.lockout.fail(key, now):
                     counters.lockouts += 1
@@ -289,7 +287,7 @@ class Registrar:
 
             def unregistered() -> None:
                 counters.unregistered += 1
-                reply(200, "OK", expires="0", date=sip_date(now))
+                reply(200, "OK", {"expires": "0", "date": sip_date(now)})
             self._when_durable(unregistered, reply)
             return
 
@@ -320,7 +318,7 @@ class Registrar:
 
         def registered_ok() -> None:
             counters.register_ok += 1
-            reply(200, "OK", **headers)
+            reply(200, "OK", headers)
             if not was_online and self.on_registered is not None:
                 self.on_registered(registered)
         self._when_durable(registered_ok, reply)
@@ -335,7 +333,7 @@ class Registrar:
                 return
             self.counters.register_rejected("store-unavailable")
             reply(503, "Service Unavailable: the registry database cannot be written",
-                  retry_after=str(STORE_RETRY_AFTER))
+                  {"retry-after": str(STORE_RETRY_AFTER)})
         self.registry.after_commit(committed)
 
     def _requested_expires(self, req: SipRequest) -> int | None:

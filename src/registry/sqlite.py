@@ -249,10 +249,10 @@ def _fault_row(event: FaultEvent) -> tuple:
     return (event.device_id, event.at, event.status, _json(list(event.devices)))
 
 
-def _json(value: object) -> str:
-    # default=str: one record with an unserialisable value must not fail
-    # every flush forever; it is stored lossily instead.
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+# default=str: one record with an unserialisable value must not fail every flush forever; it
+# is stored lossily instead. One encoder for all rows: json.dumps() with options builds a new
+# encoder per call.
+_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
 
 
 def _channel_row(channel: Channel) -> tuple:
@@ -456,6 +456,10 @@ class SqliteStore(Store):
             (_INSERT_CHANNEL_EVENT, events, _channel_event_row),
         )
 
+    def snapshots_needed(self, records: int) -> bool:
+        # Small batches become rows on the loop, at once (see _transaction).
+        return records > _ROWS_INLINE
+
     async def write_all(self, batches: Sequence[StoreBatch]) -> None:
         steps: list[tuple[str, Sequence, Callable[[Any], tuple]]] = []
         for batch in batches:
@@ -471,9 +475,12 @@ class SqliteStore(Store):
                           (_INSERT_CHANNEL_EVENT, batch.events, _channel_event_row)]
             else:
                 raise StoreError(f"SqliteStore cannot store {batch.kind!r}")
-        await self._transaction(*steps)
+        # Records handed over without snapshots (snapshots_needed said no) must become rows now.
+        inline = not self.snapshots_needed(sum(len(batch.records) for batch in batches))
+        await self._transaction(*steps, inline=inline)
 
-    async def _transaction(self, *steps: tuple[str, Sequence, Callable[[Any], tuple]]) -> None:
+    async def _transaction(self, *steps: tuple[str, Sequence, Callable[[Any], tuple]],
+                           inline: bool | None = None) -> None:
         """Run each (sql, items, to_row) as one executemany, all in one transaction.
 
         The whole transaction is one call on aiosqlite's worker thread (``_execute``, stable
@@ -484,7 +491,7 @@ class SqliteStore(Store):
         steps = tuple(step for step in steps if step[1])
         if not steps:
             return
-        if sum(len(items) for _, items, _ in steps) <= _ROWS_INLINE:
+        if inline if inline is not None else sum(len(items) for _, items, _ in steps) <= _ROWS_INLINE:
             # A small batch (a group commit of registrations): rows built here, so that the
             # worker thread runs SQLite only, which releases the GIL, instead of Python code
             # that the event loop would have to wait for.

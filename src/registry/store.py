@@ -114,6 +114,12 @@ class Store(abc.ABC):
         """Keepalive fault reports, ordered as `status_events` orders them."""
         raise NotImplementedError(f"{type(self).__name__} does not store device faults")
 
+    def snapshots_needed(self, records: int) -> bool:
+        """Whether a flush of ``records`` records must hand over detached copies. A store that
+        answers False for a batch turns its records into rows in ``write_all`` before its
+        first await, while nothing else can change them, and so spares the copies."""
+        return True
+
     async def write_all(self, batches: Sequence[StoreBatch]) -> None:
         """Apply one flush of every registry sharing this store.
 

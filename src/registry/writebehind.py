@@ -127,20 +127,23 @@ class WriteBehind(Generic[T, E]):
         self._events = deque(maxlen=self._max_pending_events)
         return taken
 
-    async def batch(self, taken: _Taken[T, E]) -> StoreBatch:
+    async def batch(self, taken: _Taken[T, E], *, snapshot: bool = True) -> StoreBatch:
+        records = list(taken.dirty.values())
+        if not snapshot:
+            # The store turns these into rows before it awaits anything (Store.write_all).
+            return StoreBatch(self.kind, records, list(taken.deleted), list(taken.events))
         # Copies, because the store may read them on another thread while the
         # hot path keeps mutating the live objects. Copying yields between
         # chunks so a 100k-record flush does not stall the loop for its whole
         # length; a record changed meanwhile is dirty again and simply written
         # once more next time.
-        records = list(taken.dirty.values())
         copy = self._copy
-        snapshot: list[T] = []
+        copies: list[T] = []
         for start in range(0, len(records), _COPY_CHUNK):
             if start:
                 await asyncio.sleep(0)
-            snapshot.extend(map(copy, records[start : start + _COPY_CHUNK]))
-        return StoreBatch(self.kind, snapshot, list(taken.deleted), list(taken.events))
+            copies.extend(map(copy, records[start : start + _COPY_CHUNK]))
+        return StoreBatch(self.kind, copies, list(taken.deleted), list(taken.events))
 
     def restore(self, taken: _Taken[T, E]) -> None:
         """Put back what a failed flush took, under what changed since."""
@@ -253,7 +256,8 @@ class Persistence:
             return True
         taken = [(part, part.take()) for part in self._parts]
         try:
-            batches = [await part.batch(t) for part, t in taken if len(t)]
+            snapshot = self._store.snapshots_needed(sum(len(t.dirty) for _, t in taken))
+            batches = [await part.batch(t, snapshot=snapshot) for part, t in taken if len(t)]
             await self._store.write_all(batches)
         except BaseException as e:
             for part, t in taken:

@@ -379,9 +379,11 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE,
             values.append(value)
         last = values
 
-    for required in _REQUIRED:
-        if not headers.get(required):
-            raise SipParseError(f"missing mandatory header {canonical_name(required)}", msg)
+    get = headers.get
+    if not (get("via") and get("from") and get("to") and get("call-id") and get("cseq")):
+        for required in _REQUIRED:
+            if not get(required):
+                raise SipParseError(f"missing mandatory header {canonical_name(required)}", msg)
     _normalise_numbers(msg)
 
     length = parse_content_length_safe(headers, msg)
@@ -665,22 +667,27 @@ def new_call_id(host: str = "") -> str:
 
 def make_response(request: SipRequest, status: int, reason: str = "", *,
                   to_tag: str | None = None, body: bytes = b"",
-                  content_type: str | None = None) -> SipResponse:
+                  content_type: str | None = None,
+                  extra: dict[str, str] | None = None) -> SipResponse:
     """A response to ``request`` per RFC 3261 §8.2.6: Via, From, Call-ID, CSeq copied, To tagged.
 
     Every response above 100 to a request without a To tag gets one (§8.2.6.2): ``to_tag``
-    when given (the tag of the dialog being set up), else a fresh one.
+    when given (the tag of the dialog being set up), else a fresh one. ``extra`` adds headers
+    by lower-case name (a registrar's Expires, Date, Contact, WWW-Authenticate).
     """
     rh = request.headers
-    headers: dict[str, list[str]] = {"via": list(rh["via"]), "from": list(rh["from"])}
     to = rh["to"][0]
     if status > 100 and _tag_of(to) is None:
         to = f"{to};tag={to_tag or new_tag()}"
-    headers["to"] = [to]
-    headers["call-id"] = list(rh["call-id"])
-    headers["cseq"] = list(rh["cseq"])
+    # The request's lists are copied: the response is built once and never changed in place,
+    # but the request may still be read (a retransmission check, a 487 after a 100).
+    headers: dict[str, list[str]] = {"via": rh["via"][:], "from": rh["from"][:], "to": [to],
+                                     "call-id": rh["call-id"][:], "cseq": rh["cseq"][:]}
     if content_type:
         headers["content-type"] = [content_type]
+    if extra:
+        for name, value in extra.items():
+            headers[name] = [value]
     return SipResponse(status, reason, headers, body)
 
 
