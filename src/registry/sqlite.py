@@ -302,6 +302,11 @@ def _write_transaction(conn: sqlite3.Connection,
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+    finally:
+        # aiosqlite's worker keeps its last call (and so these arguments) until the next one
+        # arrives; emptied, they do not hold a big flush's snapshots in memory meanwhile.
+        if isinstance(steps, list):
+            steps.clear()
 
 
 class SqliteStore(Store):
@@ -499,7 +504,7 @@ class SqliteStore(Store):
         db = self._conn()
         async with self._write_lock:
             try:
-                await db._execute(_write_transaction, db._conn, steps)
+                await db._execute(_write_transaction, db._conn, list(steps))
             except sqlite3.Error as e:
                 raise StoreError(f"cannot write to registry database {self.path}: {e}") from e
             # Cancelled meanwhile, the thread still finishes the transaction (commit or

@@ -110,7 +110,8 @@ class SipEndpoint:
         self.on_request = on_request
         #: Requests this says yes to skip the transaction layer and reach ``on_request`` with
         #: ``transaction=None``, to be answered with ``send_stateless`` (RFC 3261 §8.2.7): the
-        #: first REGISTER of a registration, whose 401 is as good answered twice as once.
+        #: first REGISTER of a registration, whose 401 is as good answered twice as once. Not
+        #: while requests queue for longer than T1/2 (see ``_receive``).
         self.stateless = stateless
         self.on_cancel = on_cancel
         self.on_server_timeout = on_server_timeout
@@ -440,7 +441,11 @@ class SipEndpoint:
             return
         if isinstance(msg, SipRequest):
             _mark_received(msg, addr)
-            if self.stateless is not None and self.stateless(msg):
+            # Stateless only while requests are answered well within T1: a device retransmits
+            # after T1, and under a backlog each retransmission answered anew would add load
+            # to load; a transaction absorbs them instead.
+            if (self.stateless is not None and self.queue_probe.last_delay < self.layer.t1 / 2
+                    and self.stateless(msg)):
                 self._dispatch([RequestReceived(msg, None, addr, transport)])
                 self._flush()
                 return
