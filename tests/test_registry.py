@@ -334,6 +334,28 @@ async def test_a_small_flush_without_copies_still_writes_what_it_took(db_path, c
         await reg.stop()
 
 
+@pytest.mark.parametrize("count", [1, 2, 3, 9, 41, 128, 171, 300])
+async def test_batches_of_any_size_are_written_whole(db_path, clock, count):
+    # Rows go to SQLite as multi-row INSERTs cut into chunks (128, 32, 8, 2, 1): every
+    # remainder must land, with its status events, and nothing twice.
+    store = SqliteStore(db_path)
+    await store.open()
+    try:
+        devices = [make_device(n, name=f"cam {n}", extra={"n": n}) for n in range(count)]
+        events = [StatusEvent(d.device_id, True, clock.now + n, "register") for n, d in enumerate(devices)]
+        await store.write_all([StoreBatch("devices", devices, [], events)])
+        loaded = {d.device_id: d for d in await store.load_devices()}
+        assert loaded == {d.device_id: d for d in devices}
+        history = await store.status_events(since=0)
+        assert sorted((e.device_id, e.at) for e in history) == sorted((e.device_id, e.at) for e in events)
+        # The same device twice in one batch (one statement): the later row wins.
+        first, again = make_device(0, name="old"), make_device(0, name="new")
+        await store.write_all([StoreBatch("devices", [first, again], [], [])])
+        assert {d.device_id: d.name for d in await store.load_devices()}[first.device_id] == "new"
+    finally:
+        await store.close()
+
+
 async def test_flush_loop_writes_in_the_background(db_path):
     reg = DeviceRegistry(SqliteStore(db_path), flush_interval=0.01)
     await reg.start()

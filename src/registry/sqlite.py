@@ -12,6 +12,8 @@ The schema is versioned in `schema_version` and moved forward by `_MIGRATIONS`.
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import json
 import logging
 import sqlite3
@@ -290,13 +292,53 @@ def _as_is(row: object) -> tuple:
     return row  # type: ignore[return-value]
 
 
+#: Rows per multi-row INSERT, largest first; a batch is cut into these (see _insert_rows).
+_CHUNKS = (128, 32, 8, 2, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _multi_row(sql: str, rows: int) -> str:
+    """``sql``, an INSERT with one ``VALUES (?, …)`` group, with that group ``rows`` times."""
+    head, _, rest = sql.partition(" VALUES (")
+    group, _, tail = rest.partition(")")
+    return f"{head} VALUES {', '.join([f'({group})'] * rows)}{tail}"
+
+
+def _insert_rows(conn: sqlite3.Connection, sql: str, rows: Sequence[tuple]) -> None:
+    """Insert ``rows`` in a few multi-row statements instead of one statement a row.
+
+    ``executemany`` steps SQLite once a row and releases the GIL around each step, so a
+    group commit of 100 registrations taken on the worker thread had to win the GIL back
+    100 times from a busy event loop (each a context switch, or a wait of up to
+    ``sys.getswitchinterval()``). A statement of many rows is one step: one handover.
+    """
+    done = 0
+    total = len(rows)
+    if not total:
+        return
+    # A statement may bind at most this many values (32766 by default since SQLite 3.32).
+    most = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(rows[0])
+    for size in _CHUNKS:
+        if size > most and size > 1:
+            continue
+        while total - done >= size:
+            if size == 1:
+                conn.execute(sql, rows[done])
+            else:
+                conn.execute(_multi_row(sql, size), list(itertools.chain.from_iterable(rows[done:done + size])))
+            done += size
+
+
 def _write_transaction(conn: sqlite3.Connection,
                        steps: Sequence[tuple[str, Sequence, Callable[[object], tuple]]]) -> None:
     """On aiosqlite's worker thread: one transaction, committed or rolled back whole."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         for sql, items, to_row in steps:
-            conn.executemany(sql, items if to_row is _as_is else map(to_row, items))
+            if sql.startswith("INSERT"):
+                _insert_rows(conn, sql, items if to_row is _as_is else list(map(to_row, items)))
+            else:
+                conn.executemany(sql, items if to_row is _as_is else map(to_row, items))
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
