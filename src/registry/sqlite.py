@@ -292,11 +292,7 @@ def _as_is(row: object) -> tuple:
     return row  # type: ignore[return-value]
 
 
-#: Rows per multi-row INSERT, largest first; a batch is cut into these (see _insert_rows).
-_CHUNKS = (128, 32, 8, 2, 1)
-
-
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=256)
 def _multi_row(sql: str, rows: int) -> str:
     """``sql``, an INSERT with one ``VALUES (?, …)`` group, with that group ``rows`` times."""
     head, _, rest = sql.partition(" VALUES (")
@@ -305,28 +301,26 @@ def _multi_row(sql: str, rows: int) -> str:
 
 
 def _insert_rows(conn: sqlite3.Connection, sql: str, rows: Sequence[tuple]) -> None:
-    """Insert ``rows`` in a few multi-row statements instead of one statement a row.
+    """Insert ``rows`` with one multi-row statement (a few for a very large batch).
 
-    ``executemany`` steps SQLite once a row and releases the GIL around each step, so a
-    group commit of 100 registrations taken on the worker thread had to win the GIL back
-    100 times from a busy event loop (each a context switch, or a wait of up to
-    ``sys.getswitchinterval()``). A statement of many rows is one step: one handover.
+    The sqlite3 module releases the GIL around every call into SQLite (prepare, step,
+    reset), and a worker thread that wants it back from a busy event loop waits for it: up
+    to ``sys.getswitchinterval()`` each time, plus a context switch for both threads.
+    ``executemany`` makes two such calls a row, so under a registration storm a group
+    commit of 1,000 rows spent most of its time handing the GIL back and forth (130 ms for
+    20 ms of work). One statement for all the rows is three calls whatever their number.
     """
-    done = 0
     total = len(rows)
     if not total:
         return
-    # A statement may bind at most this many values (32766 by default since SQLite 3.32).
-    most = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(rows[0])
-    for size in _CHUNKS:
-        if size > most and size > 1:
-            continue
-        while total - done >= size:
-            if size == 1:
-                conn.execute(sql, rows[done])
-            else:
-                conn.execute(_multi_row(sql, size), list(itertools.chain.from_iterable(rows[done:done + size])))
-            done += size
+    # A statement binds at most this many values (32766 by default since SQLite 3.32).
+    most = max(1, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(rows[0]))
+    for start in range(0, total, most):
+        chunk = rows[start:start + most]
+        if len(chunk) == 1:
+            conn.execute(sql, chunk[0])
+        else:
+            conn.execute(_multi_row(sql, len(chunk)), list(itertools.chain.from_iterable(chunk)))
 
 
 def _write_transaction(conn: sqlite3.Connection,
