@@ -334,11 +334,10 @@ async def test_a_small_flush_without_copies_still_writes_what_it_took(db_path, c
         await reg.stop()
 
 
-@pytest.mark.parametrize("count", [1, 2, 3, 41, 1560, 1561, 3200])
+@pytest.mark.parametrize("count", [1, 2, 3, 41, 1024, 1365, 3200])
 async def test_batches_of_any_size_are_written_whole(db_path, clock, count):
-    # Rows go to SQLite as multi-row INSERTs, cut where a statement would bind more values
-    # than SQLite allows (1,560 device rows of 21 columns): every row must land, with its
-    # status events, and nothing twice.
+    # Rows go to SQLite as multi-row INSERTs of 1024, 256, 64, 16, 4 and 1 rows: every
+    # remainder must land, with its status events, and nothing twice.
     store = SqliteStore(db_path)
     await store.open()
     try:

@@ -292,7 +292,14 @@ def _as_is(row: object) -> tuple:
     return row  # type: ignore[return-value]
 
 
-@functools.lru_cache(maxsize=256)
+#: Rows per multi-row INSERT: a batch is cut into statements of these sizes, largest first.
+#: A few fixed shapes keep SQLite's statement cache small (a statement of 1,024 rows is a
+#: program of several hundred kB; one per batch size seen would hold tens of MB) while a group
+#: commit of a few hundred rows still takes a handful of statements.
+_CHUNKS = (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
+
+
+@functools.lru_cache(maxsize=32)
 def _multi_row(sql: str, rows: int) -> str:
     """``sql``, an INSERT with one ``VALUES (?, …)`` group, with that group ``rows`` times."""
     head, _, rest = sql.partition(" VALUES (")
@@ -300,27 +307,41 @@ def _multi_row(sql: str, rows: int) -> str:
     return f"{head} VALUES {', '.join([f'({group})'] * rows)}{tail}"
 
 
-def _insert_rows(conn: sqlite3.Connection, sql: str, rows: Sequence[tuple]) -> None:
-    """Insert ``rows`` with one multi-row statement (a few for a very large batch).
+@functools.lru_cache(maxsize=32)
+def _columns(sql: str) -> int:
+    """How many values one row of an INSERT's ``VALUES (?, …)`` group binds."""
+    return sql.partition(" VALUES (")[2].partition(")")[0].count("?")
+
+
+def _insert_rows(conn: sqlite3.Connection, sql: str, items: Sequence,
+                 to_row: Callable[[Any], tuple]) -> None:
+    """Insert ``items`` (made rows by ``to_row``) with a few multi-row statements.
 
     The sqlite3 module releases the GIL around every call into SQLite (prepare, step,
     reset), and a worker thread that wants it back from a busy event loop waits for it: up
     to ``sys.getswitchinterval()`` each time, plus a context switch for both threads.
     ``executemany`` makes two such calls a row, so under a registration storm a group
     commit of 1,000 rows spent most of its time handing the GIL back and forth (130 ms for
-    20 ms of work). One statement for all the rows is three calls whatever their number.
+    20 ms of work). Statements of many rows need two calls each. Rows are made a
+    statement's worth at a time, so a flush of 100k channels never holds 100k encoded rows.
     """
-    total = len(rows)
-    if not total:
-        return
+    if not isinstance(items, (list, tuple)):
+        items = list(items)  # sliced below
+    total = len(items)
+    done = 0
     # A statement binds at most this many values (32766 by default since SQLite 3.32).
-    most = max(1, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(rows[0]))
-    for start in range(0, total, most):
-        chunk = rows[start:start + most]
-        if len(chunk) == 1:
-            conn.execute(sql, chunk[0])
-        else:
-            conn.execute(_multi_row(sql, len(chunk)), list(itertools.chain.from_iterable(chunk)))
+    most = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _columns(sql)
+    for size in _CHUNKS:
+        if size > most and size > 1:
+            continue
+        while total - done >= size:
+            chunk = items[done:done + size]
+            rows = chunk if to_row is _as_is else [to_row(item) for item in chunk]
+            if size == 1:
+                conn.execute(sql, rows[0])
+            else:
+                conn.execute(_multi_row(sql, size), list(itertools.chain.from_iterable(rows)))
+            done += size
 
 
 def _write_transaction(conn: sqlite3.Connection,
@@ -330,7 +351,7 @@ def _write_transaction(conn: sqlite3.Connection,
     try:
         for sql, items, to_row in steps:
             if sql.startswith("INSERT"):
-                _insert_rows(conn, sql, items if to_row is _as_is else list(map(to_row, items)))
+                _insert_rows(conn, sql, items, to_row)
             else:
                 conn.executemany(sql, items if to_row is _as_is else map(to_row, items))
         conn.execute("COMMIT")
