@@ -336,7 +336,7 @@ async def test_a_small_flush_without_copies_still_writes_what_it_took(db_path, c
 
 @pytest.mark.parametrize("count", [1, 2, 3, 41, 1024, 1365, 3200])
 async def test_batches_of_any_size_are_written_whole(db_path, clock, count):
-    # Rows go to SQLite as multi-row INSERTs of 1024, 256, 64, 16, 4 and 1 rows: every
+    # Rows go to SQLite as multi-row INSERTs of power-of-two sizes up to 1,024 rows: every
     # remainder must land, with its status events, and nothing twice.
     store = SqliteStore(db_path)
     await store.open()
