@@ -253,8 +253,27 @@ class CatalogSubscription:
         return max(0, round(self.expires_at - time.monotonic()))
 
 
+class DialogIds:
+    """Call-ID and tags of a record that holds a ``dialog`` (``sip.dialog.Dialog``)."""
+
+    __slots__ = ()
+    dialog: Dialog
+
+    @property
+    def call_id(self) -> str:
+        return self.dialog.call_id
+
+    @property
+    def local_tag(self) -> str:
+        return self.dialog.local_tag
+
+    @property
+    def remote_tag(self) -> str:
+        return self.dialog.remote_tag
+
+
 @dataclass(slots=True, eq=False)
-class LiveCall:
+class LiveCall(DialogIds):
     """A live-video INVITE dialog on one device (§9.2): the SIP side of a ``SimStream``.
 
     ``dialog`` is seen from the device (its local tag is the To tag of our answer, its remote
@@ -275,18 +294,6 @@ class LiveCall:
     invite: RequestReceived | None = None
     state: str = "early"
     ended_by: str = ""
-
-    @property
-    def call_id(self) -> str:
-        return self.dialog.call_id
-
-    @property
-    def local_tag(self) -> str:
-        return self.dialog.local_tag
-
-    @property
-    def remote_tag(self) -> str:
-        return self.dialog.remote_tag
 
 
 class SimDevice:

@@ -39,7 +39,7 @@ from gb28181.sip.message import (
 )
 from gb28181.sip.transaction import RequestReceived
 
-from .fleet import Fleet, FleetConfig
+from .fleet import DialogIds, Fleet, FleetConfig
 
 __all__ = ["Probe", "ProbeCall", "ProbeDialog", "Received", "start_fleet"]
 
@@ -59,7 +59,7 @@ class Received:
 
 
 @dataclass(slots=True)
-class ProbeDialog:
+class ProbeDialog(DialogIds):
     """The probe's side of a subscription: the SIP dialog (``sip.dialog.Dialog``) and what
     arrived in it."""
 
@@ -69,14 +69,6 @@ class ProbeDialog:
     dialog: Dialog
     response: SipResponse | None = None
     notifies: list[Received] = field(default_factory=list)
-
-    @property
-    def call_id(self) -> str:
-        return self.dialog.call_id
-
-    @property
-    def local_tag(self) -> str:
-        return self.dialog.local_tag
 
     @property
     def remote_tag(self) -> str:
