@@ -219,8 +219,27 @@ class DeviceStats:
     byes_sent: int = 0
 
 
+class DialogIds:
+    """Call-ID and tags of a record that holds a ``dialog`` (``sip.dialog.Dialog``)."""
+
+    __slots__ = ()
+    dialog: Dialog
+
+    @property
+    def call_id(self) -> str:
+        return self.dialog.call_id
+
+    @property
+    def local_tag(self) -> str:
+        return self.dialog.local_tag
+
+    @property
+    def remote_tag(self) -> str:
+        return self.dialog.remote_tag
+
+
 @dataclass(slots=True, eq=False)
-class CatalogSubscription:
+class CatalogSubscription(DialogIds):
     """A platform's catalog subscription on one device: an RFC 6665 dialog (§9.11, Annex P).
 
     ``dialog`` is seen from the device: its local tag is the To tag of our 200 and the From tag
@@ -240,36 +259,9 @@ class CatalogSubscription:
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     @property
-    def call_id(self) -> str:
-        return self.dialog.call_id
-
-    @property
-    def local_tag(self) -> str:
-        return self.dialog.local_tag
-
-    @property
     def remaining(self) -> int:
         """Seconds left, as ``Subscription-State: active;expires=`` reports them."""
         return max(0, round(self.expires_at - time.monotonic()))
-
-
-class DialogIds:
-    """Call-ID and tags of a record that holds a ``dialog`` (``sip.dialog.Dialog``)."""
-
-    __slots__ = ()
-    dialog: Dialog
-
-    @property
-    def call_id(self) -> str:
-        return self.dialog.call_id
-
-    @property
-    def local_tag(self) -> str:
-        return self.dialog.local_tag
-
-    @property
-    def remote_tag(self) -> str:
-        return self.dialog.remote_tag
 
 
 @dataclass(slots=True, eq=False)
