@@ -543,12 +543,14 @@ class SqliteStore(Store):
 
     async def _transaction(self, *steps: tuple[str, Sequence, Callable[[Any], tuple]],
                            inline: bool | None = None) -> None:
-        """Run each (sql, items, to_row) as one executemany, all in one transaction.
+        """Write each (sql, items, to_row), all in one transaction: INSERTs as multi-row
+        statements (``_insert_rows``), DELETEs with ``executemany``.
 
         The whole transaction is one call on aiosqlite's worker thread (``_execute``, stable
         in the pinned aiosqlite release): issued statement by statement, each would be a
         round trip between the threads, and a registrar commits hundreds of times a second.
-        Rows are built on that thread too, which keeps JSON encoding off the event loop.
+        Rows of a large batch are built on that thread too, which keeps JSON encoding off the
+        event loop; a small one (``inline``) becomes rows here, before anything is awaited.
         """
         steps = tuple(step for step in steps if step[1])
         if not steps:
