@@ -20,7 +20,7 @@ from media.ingest import RtpIngest
 from media.nal import is_keyframe
 from media.packet import MediaPacket
 from media.ps import PsMuxer
-from media.rtp import packetize
+from media.rtp import RtpError, packetize, parse_rtp
 from media.stats import StreamStats
 
 av = pytest.importorskip("av", exc_type=ImportError)
@@ -363,6 +363,71 @@ def test_fuzz_mutated_real_stream_never_raises(aus: list[bytes]) -> None:
         for p in mutated:
             ingest.feed(p)
         ingest.flush()
+
+
+def _general_path(ingest: RtpIngest, packet: bytes, now: float) -> None:
+    """What `feed` does without its in-order fast path: parse, then the general stages."""
+    try:
+        pkt = parse_rtp(packet)
+    except RtpError:
+        ingest.stats.invalid += 1
+        return
+    ingest._general(pkt, len(packet), now)
+
+
+def _same_as_general_path(packets: list[bytes], **kw) -> None:
+    """`feed` hands over the same packets and ends in the same counters as the general path."""
+    fast_out: list[MediaPacket] = []
+    slow_out: list[MediaPacket] = []
+    clock = [50.0]
+    fast = RtpIngest(fast_out.append, clock=lambda: clock[0], **kw)
+    slow = RtpIngest(slow_out.append, clock=lambda: clock[0], **kw)
+    for i, p in enumerate(packets):
+        clock[0] = 50.0 + i * 0.003
+        fast.feed(p)
+        _general_path(slow, p, clock[0])
+        assert (fast.stats.packets, fast.stats.lost, fast.stats.delivered) == (
+            slow.stats.packets, slow.stats.lost, slow.stats.delivered)
+    fast.flush()
+    slow.flush()
+    assert fast.stats.as_dict(clock[0]) == slow.stats.as_dict(clock[0])
+    assert fast.waiting_for_keyframe == slow.waiting_for_keyframe
+    assert [(p.ps, p.timestamp, p.keyframe, p.received_at, [(f.stream, f.data, f.pts) for f in p.frames])
+            for p in fast_out] == [
+           (p.ps, p.timestamp, p.keyframe, p.received_at, [(f.stream, f.data, f.pts) for f in p.frames])
+            for p in slow_out]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_fast_path_matches_general_path_on_a_real_stream(aus: list[bytes], seed: int) -> None:
+    frames = make_stream(aus, loops=2)
+    rng = random.Random(seed)
+    packets, _ = _jitter(packets_of(frames), rng, loss=0.02, reorder=0.03)
+    packets[40:40] = [packets[38], packets[39]]  # duplicates
+    restarted = packets_of(make_stream(aus[:30], ssrc=SSRC + 1, seq=60000, start=5))
+    padded = bytearray(restarted[3])
+    padded[0] |= 0x20  # RFC 3550 5.1 padding: the last octet counts it
+    restarted[3] = bytes(padded) + b"\x00\x02"
+    _same_as_general_path(packets + restarted, expected_ssrc=SSRC)
+    _same_as_general_path(packets, max_frame_size=4000)  # keyframes oversized
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 0xFFFF), st.integers(0, 3), st.booleans(), st.integers(0, 2), st.binary(max_size=60)),
+        max_size=60,
+    ),
+    st.sampled_from([b"\x00\x00\x01\xba", b"\x00\x00\x01\xe0", b""]),
+)
+def test_fuzz_fast_path_matches_general_path(items: list, prefix: bytes) -> None:
+    packets = []
+    base = 0
+    for dseq, ts, marker, ssrc, payload in items:
+        base = (base + dseq) & 0xFFFF if dseq > 0xFF00 else (base + dseq % 3) & 0xFFFF
+        hdr = bytes((0x80, (0x80 if marker else 0) | 96)) + base.to_bytes(2, "big") + (ts * STEP).to_bytes(4, "big")
+        packets.append(hdr + ssrc.to_bytes(4, "big") + prefix + payload)
+    _same_as_general_path(packets, expected_ssrc=1, reorder_window=4, max_frame_size=200)
 
 
 # -- H.265 -------------------------------------------------------------------------------

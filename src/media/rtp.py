@@ -474,7 +474,9 @@ class FrameAssembler:
         if self._ts is not None and ts != self._ts:
             if packet.gap:
                 self._damaged = True
-            self._close(False, out)
+            frame = self._close(False)
+            if frame is not None:
+                out.append(frame)
         if self._ts is None:
             self._ts = ts
             self._first_seq = packet.sequence
@@ -491,17 +493,22 @@ class FrameAssembler:
             else:
                 self._chunks.append(payload)
         if packet.marker:
-            self._close(True, out)
+            frame = self._close(True)
+            if frame is not None:
+                out.append(frame)
         return out
 
     def flush(self) -> list[RtpFrame]:
         """Close the open frame, if any (end of stream)."""
-        out: list[RtpFrame] = []
         if self._ts is not None:
-            self._close(False, out)
-        return out
+            frame = self._close(False)
+            if frame is not None:
+                return [frame]
+        return []
 
-    def _close(self, marker: bool, out: list[RtpFrame]) -> None:
+    def _close(self, marker: bool) -> RtpFrame | None:
+        """End the open frame; None if it was discarded as oversized."""
+        frame = None
         if self._discarding:
             self.oversized += 1
         else:
@@ -510,10 +517,11 @@ class FrameAssembler:
             self.frames += 1
             if self._damaged:
                 self.damaged_frames += 1
-            out.append(RtpFrame(self._ts, payload, self._damaged, marker, self._count, self._first_seq))  # type: ignore[arg-type]
+            frame = RtpFrame(self._ts, payload, self._damaged, marker, self._count, self._first_seq)  # type: ignore[arg-type]
         self._chunks = []
         self._size = 0
         self._count = 0
         self._ts = None
         self._damaged = False
         self._discarding = False
+        return frame

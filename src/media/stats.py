@@ -67,6 +67,9 @@ class StreamStats:
         "_last_key_frames",
         "_last_key_ts",
         "_buckets",
+        "_cur",
+        "_cur_start",
+        "_cur_end",
         "_clock",
     )
 
@@ -99,19 +102,30 @@ class StreamStats:
         self._last_key_ts: int | None = None
         # [bucket number, bytes, video frames]; at most _NBUCKETS + 1 entries.
         self._buckets: deque[list[int]] = deque()
+        # The newest bucket and the times it covers: most updates land in it, and two float
+        # comparisons are cheaper than working out the bucket number of every packet.
+        self._cur: list[int] = [0, 0, 0]
+        self._cur_start = 0.0
+        self._cur_end = 0.0  # empty range: the first update makes a bucket
         self._clock = clock
 
     # -- updates (called by the ingest) --
 
     def _bucket(self, now: float) -> list[int]:
+        if self._cur_start <= now < self._cur_end:
+            return self._cur
         n = int(now / _BUCKET)
         b = self._buckets
         if b and b[-1][0] == n:
-            return b[-1]
-        cur = [n, 0, 0]
-        b.append(cur)
-        while b[0][0] <= n - _NBUCKETS - 1:
-            b.popleft()
+            cur = b[-1]
+        else:
+            cur = [n, 0, 0]
+            b.append(cur)
+            while b[0][0] <= n - _NBUCKETS - 1:
+                b.popleft()
+        self._cur = cur  # always the newest bucket
+        self._cur_start = n * _BUCKET
+        self._cur_end = (n + 1) * _BUCKET
         return cur
 
     def record_packet(self, size: int, now: float) -> None:
@@ -121,7 +135,10 @@ class StreamStats:
         if self.first_packet_at is None:
             self.first_packet_at = now
         self.last_packet_at = now
-        self._bucket(now)[1] += size
+        if self._cur_start <= now < self._cur_end:
+            self._cur[1] += size
+        else:
+            self._bucket(now)[1] += size
 
     def record_video_frame(self, keyframe: bool, rtp_timestamp: int, now: float) -> None:
         """An intact video frame was demuxed (delivered or withheld)."""
