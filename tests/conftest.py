@@ -43,7 +43,9 @@ def server_config(tmp_path, **overrides) -> Config:
         # override the fast timer above; tests of that feature turn it back on.
         "registration": {"query_basic_param": False},
         "database": {"flush_interval": 0.1},
-        "media": {"host": "127.0.0.1", "rtp_port": 0},
+        # The relay in this process (an in-process media node), so tests can look inside it;
+        # the shipped tests (ServedServer) and tests/test_nodes.py run real node processes.
+        "media": {"host": "127.0.0.1", "rtp_port": 0, "workers": 0},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -246,6 +248,47 @@ class SimProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+
+
+class NodeProcess:
+    """`gb28181 media-node` joining a ServedServer, as started on another machine."""
+
+    def __init__(self, workdir: Path, server: ServedServer, *args: str, token: str, name: str) -> None:
+        self.log_path = workdir / f"{name}.log"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                command("gb28181") + ["media-node", "--server", server.base, "--name", name,
+                                      "--http-host", "127.0.0.1", "--media-host", "127.0.0.1", *args],
+                cwd=workdir, env=clean_env(GB28181_NODE_TOKEN=token), stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def exited(self) -> str | None:
+        if self.proc.poll() is not None:
+            return f"gb28181 media-node exited with {self.proc.returncode}:\n{self.log()[-2000:]}"
+        return None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def media_nodes(tmp_path):
+    """``media_nodes(server, *args, token=..., name=...)`` → a NodeProcess; killed at teardown."""
+    running: list[NodeProcess] = []
+
+    def factory(server: ServedServer, *args: str, token: str, name: str) -> NodeProcess:
+        node = NodeProcess(tmp_path, server, *args, token=token, name=name)
+        running.append(node)
+        return node
+
+    yield factory
+    for node in running:
+        node.kill()
 
 
 @pytest.fixture

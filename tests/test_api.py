@@ -35,7 +35,7 @@ def make_config(tmp_path, **overrides):
         "http": {"host": "127.0.0.1", "port": 0},
         "api": {"token": TOKEN},
         "keepalive": {"interval": 0.5, "count": 3},
-        "media": {"host": "127.0.0.1", "rtp_port": 0},
+        "media": {"host": "127.0.0.1", "rtp_port": 0, "workers": 0},
     }
     for key, value in overrides.items():
         sections[key] = {**sections.get(key, {}), **value}

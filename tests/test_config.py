@@ -289,7 +289,12 @@ def sample(annotation: Any, default: Any = None, constraints: list[Any] | None =
     if origin is Annotated:
         return sample(args[0], default, [*constraints, *args[1:]])
     if origin in (Union, types.UnionType):
-        (inner,) = [a for a in args if a is not type(None)]
+        members = [a for a in args if a is not type(None)]
+        # int | Literal["auto"] and the like: a value of the member the default is not.
+        inner = next((a for a in members if get_origin(a) is not Literal or default not in get_args(a)),
+                     members[0]) if len(members) > 1 else members[0]
+        if len(members) > 1 and get_origin(inner) is not Literal and not isinstance(default, inner):
+            default = None
         return sample(inner, default, constraints)
     if origin is Literal:
         return next(v for v in args if v != default)

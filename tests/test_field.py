@@ -47,17 +47,14 @@ async def test_concurrent_plays_of_one_nvr_that_picks_its_own_ssrcs_never_swap(m
             assert session is not None and session.answer is not None
             # The device answered with its own y=, and that is what reaches this stream ...
             assert session.answer.ssrc_value == sim.ssrc != int(session.ssrc)
-            assert sim.ssrc in session.handle.ssrcs
+            on_node = server.nodes.local.node.streams[live.channel_id]
+            assert sim.ssrc in on_node.handle.ssrcs
             # ... from the device's socket for this very channel, never another's.
-            assert session.handle.peer[1] == sim.local_port, (live.channel_id, session.handle.peer)
-            assert session.ingest.stats.frames > 0 or await _frames(session)
+            assert on_node.handle.peer[1] == sim.local_port, (live.channel_id, on_node.handle.peer)
+            assert session.leg.peer == on_node.handle.peer
+            await wait_for(lambda n=on_node: n.ingest.stats.frames > 0, 5, what="frames on the stream")
     finally:
         await fleet.stop()
-
-
-async def _frames(session) -> bool:
-    await wait_for(lambda: session.ingest.stats.frames > 0, 5, what="frames on the stream")
-    return True
 
 
 async def test_requests_to_a_tcp_device_reuse_its_connection_then_go_to_its_contact(make_server):

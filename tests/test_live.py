@@ -163,7 +163,8 @@ async def test_loss_and_reordering_keep_the_stream_decodable(make_server):
         data = await read_flv(server, cid, 3.0)
         frames, counters = decode_flv(data)   # decode errors would raise
         assert len(frames) >= 10
-        health = server.streams.live[cid].as_dict()["health"]
+        (described,) = await server.streams.describe([server.streams.live[cid]])
+        health = described["health"]
         assert health["lost"] > 0
     finally:
         await fleet.stop()

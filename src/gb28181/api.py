@@ -20,13 +20,16 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from media.node_service import LINK_PATH
+from media.playurl import check_play, play_query
 from registry.models import CHANNEL_STATES, Channel, Device
 
 from .ids import IdError, parse_id
 from .metrics import CONTENT_TYPE, render
+from .nodes import NodeCallError
 from .queries import QueryError
 from .registrar import BEIJING
-from .streams import PlayError
+from .streams import LiveStream, PlayError
 from .timeparse import parse_when
 
 if TYPE_CHECKING:
@@ -127,14 +130,10 @@ def _device_or_404(request: web.Request) -> Device:
 async def _auth_and_errors(request: web.Request, handler):
     server = _server(request)
     path = request.path
-    public = path == "/healthz" or (path == "/metrics" and server.config.api.metrics_public)
+    # The node link checks the node token itself (nodes.NodeManager.link).
+    public = path in ("/healthz", LINK_PATH) or (path == "/metrics" and server.config.api.metrics_public)
     if not public and path.startswith("/live/") and "sig" in request.query:
-        channel_id = request.match_info.get("channel_id", "")
-        exp = request.query.get("exp", "")
-        good = exp.isdigit() and int(exp) >= time.time() and hmac.compare_digest(
-            sign_play(server.api_token, channel_id, int(exp)).encode(),
-            request.query.get("sig", "").encode())
-        if not good:
+        if not check_play(server.api_token, request.match_info.get("channel_id", ""), request.query):
             return web.json_response({"error": "play URL signature is wrong or expired: ask "
                                       "POST /api/v1/channels/{id}/play for a new URL"}, status=403)
         public = True
@@ -500,11 +499,6 @@ async def online_report(request: web.Request) -> web.Response:
 
 # -- live video: play, streams, HTTP-FLV / WS-FLV, RTP forward, audit ---------------------------
 
-def sign_play(secret: str, channel_id: str, expires: int) -> str:
-    """Signature of a short-lived play URL (for players that cannot send headers)."""
-    return hmac.new(secret.encode(), f"{channel_id}:{expires}".encode(), "sha256").hexdigest()[:32]
-
-
 def _who(request: web.Request) -> tuple[str, str]:
     """(who, from where) for the audit log: the credential used and the client address."""
     who = "play-url" if "sig" in request.query else "api-token"
@@ -516,14 +510,18 @@ class PlayBody(BaseModel):
     transport: str | None = Field(None, pattern="^(udp|tcp-passive|tcp-active)$")
 
 
-def _play_urls(request: web.Request, server: GbServer, channel_id: str) -> dict[str, Any]:
-    expires = int(time.time()) + server.config.media.play_token_ttl
-    sig = sign_play(server.api_token, channel_id, expires)
-    host = request.host
-    query = f"exp={expires}&sig={sig}"
-    return {"http_flv": f"http://{host}/live/{channel_id}.flv?{query}",
-            "ws_flv": f"ws://{host}/live/{channel_id}.flv?{query}",
-            "expires_at": _iso(expires)}
+def _play_urls(request: web.Request, server: GbServer, live: LiveStream) -> dict[str, Any]:
+    """Signed URLs of the stream on the node that carries it, and ``server_flv``, the server's
+    URL that always leads to the stream's current node (reconnect there after a node loss)."""
+    ttl = server.config.media.play_token_ttl
+    expires = int(time.time()) + ttl
+    channel_id = live.channel_id
+    server_flv = f"http://{request.host}/live/{channel_id}.flv?{play_query(server.api_token, channel_id, expires)}"
+    host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
+    on_node = live.leg.play_url(host, ttl)
+    return {"http_flv": on_node or server_flv,
+            "ws_flv": live.leg.play_url(host, ttl, scheme="ws") or "ws" + server_flv[4:],
+            "server_flv": server_flv, "node": live.leg.node.name, "expires_at": _iso(expires)}
 
 
 async def play_channel(request: web.Request) -> web.Response:
@@ -541,12 +539,12 @@ async def play_channel(request: web.Request) -> web.Response:
     server.audit.record("play", who=who, source=source, target=channel_id, transport=live.transport)
     return web.json_response({"stream_id": live.stream_id, "channel_id": channel_id,
                               "transport": live.transport,
-                              "urls": _play_urls(request, server, channel_id)})
+                              "urls": _play_urls(request, server, live)})
 
 
 async def list_streams(request: web.Request) -> web.Response:
     streams = _server(request).streams
-    return web.json_response({"streams": [ls.as_dict() for ls in streams.live.values()]})
+    return web.json_response({"streams": await streams.describe(list(streams.live.values()))})
 
 
 def _stream_or_404(request: web.Request):
@@ -559,8 +557,7 @@ def _stream_or_404(request: web.Request):
 
 async def get_stream(request: web.Request) -> web.Response:
     live = _stream_or_404(request)
-    out = live.as_dict()
-    out["forwards"] = [f.as_dict() for f in _server(request).forwards.get(live.channel_id, [])]
+    (out,) = await _server(request).streams.describe([live])
     return web.json_response(out)
 
 
@@ -574,7 +571,8 @@ async def stop_stream(request: web.Request) -> web.Response:
 
 
 async def live_flv(request: web.Request) -> web.StreamResponse:
-    """HTTP-FLV (or WS-FLV when the request is a WebSocket upgrade), opened on demand."""
+    """HTTP-FLV (or WS-FLV when the request is a WebSocket upgrade), opened on demand: served
+    here when the relay runs in this process, else a redirect to the node carrying it."""
     from media.http_flv import serve_http_flv, serve_ws_flv
     server = _server(request)
     channel_id = request.match_info["channel_id"]
@@ -586,11 +584,19 @@ async def live_flv(request: web.Request) -> web.StreamResponse:
         return _error(exc.http_status, str(exc))
     server.streams.viewer_joined(channel_id)
     websocket = request.headers.get("Upgrade", "").lower() == "websocket"
+    host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
+    elsewhere = live.leg.play_url(host, server.config.media.play_token_ttl,
+                                  scheme="ws" if websocket else "http")
+    if elsewhere is not None:  # the node reports the view itself when the player gets there
+        raise web.HTTPTemporaryRedirect(elsewhere)
+    hub = server.nodes.local_stream(channel_id)
+    if hub is None:
+        return _error(404, f"stream {channel_id} ended while it was being opened; try again")
     server.audit.record("view", who=who, source=source, target=channel_id,
                         output="ws-flv" if websocket else "http-flv")
     if websocket:
-        return await serve_ws_flv(request, live.stream)
-    return await serve_http_flv(request, live.stream)
+        return await serve_ws_flv(request, hub)
+    return await serve_http_flv(request, hub)
 
 
 class ForwardBody(BaseModel):
@@ -602,30 +608,40 @@ class ForwardBody(BaseModel):
 
 
 async def add_forward(request: web.Request) -> web.Response:
-    from media.forward import RtpForwarder
     live = _stream_or_404(request)
     body = await _body(request, ForwardBody)
     assert isinstance(body, ForwardBody)
     server = _server(request)
-    fwd = RtpForwarder(live.stream, body.host, body.port, transport=body.transport,  # type: ignore[arg-type]
-                       ssrc=body.ssrc)
     try:
-        await fwd.start()
-    except OSError as exc:
-        return _error(502, f"cannot reach {body.host}:{body.port} over {body.transport}: {exc}")
+        result = await live.leg.call("forward", host=body.host, port=body.port,
+                                     transport=body.transport, ssrc=body.ssrc)
+    except NodeCallError as exc:
+        return _error(502, f"cannot forward over {body.transport}: {exc}")
     server.streams.viewer_joined(live.channel_id)
-    server.forwards.setdefault(live.channel_id, []).append(fwd)
     who, source = _who(request)
     server.audit.record("forward", who=who, source=source, target=live.channel_id,
                         to=f"{body.transport}://{body.host}:{body.port}", ssrc=body.ssrc)
-    return web.json_response({"stream_id": live.stream_id, "forward": len(server.forwards[live.channel_id]) - 1},
+    return web.json_response({"stream_id": live.stream_id, "forward": result.get("forward", 0)},
                              status=201)
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    server = _server(request)
+    workers = server.workers
+    return web.json_response({"nodes": server.nodes.as_list(), "lost": server.nodes.lost_total,
+                              "streams_moved": server.streams.moved,
+                              "workers": None if workers is None else
+                              {"count": workers.count, "pids": workers.pids(), "restarts": workers.restarts}})
 
 
 async def audit_log(request: web.Request) -> web.Response:
     limit = _int_param(request, "limit", 100, 1, 1000)
     recent = list(_server(request).audit.recent)[-limit:]
     return web.json_response({"entries": recent[::-1]})
+
+
+async def _server_nodes_link(request: web.Request) -> web.StreamResponse:
+    return await _server(request).nodes.link(request)
 
 
 def make_app(server: GbServer) -> web.Application:
@@ -656,5 +672,7 @@ def make_app(server: GbServer) -> web.Application:
     app.router.add_delete("/api/v1/streams/{stream_id}", stop_stream)
     app.router.add_post("/api/v1/streams/{stream_id}/forwards", add_forward)
     app.router.add_get("/api/v1/audit", audit_log)
+    app.router.add_get("/api/v1/nodes", list_nodes)
+    app.router.add_get(LINK_PATH, _server_nodes_link)
     app.router.add_get("/live/{channel_id}.flv", live_flv)
     return app

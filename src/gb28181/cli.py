@@ -30,6 +30,35 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--ready-file", metavar="FILE",
                        help="once listening, write the bound ports and addresses to FILE as JSON "
                             "(for scripts and tests that start the server on port 0)")
+    node = sub.add_parser(
+        "media-node", help="run a media node that joins a server and relays streams for it",
+        description="Run a media node: it receives the RTP of the streams the server gives it, "
+                    "and serves their viewers (HTTP-FLV, WS-FLV) and RTP forwards. It joins the "
+                    "server over a WebSocket with the server's node token (media.node_token, or "
+                    "DATA_DIR/node-token on the server). `gb28181 serve` starts media.workers of "
+                    "these by itself; start more on other machines.")
+    node.add_argument("--server", required=True, metavar="URL",
+                      help="the server's HTTP base, e.g. http://10.0.0.1:8080")
+    node.add_argument("--token", metavar="TOKEN",
+                      help="the server's node token (default: $GB28181_NODE_TOKEN)")
+    node.add_argument("--name", default="", help="name shown by GET /api/v1/nodes (default: node-PID)")
+    node.add_argument("--http-host", default="0.0.0.0", help="address viewers connect to (bind)")
+    node.add_argument("--http-port", type=int, default=0, help="viewer HTTP port (default: any free)")
+    node.add_argument("--public-url", metavar="URL",
+                      help="how viewers reach this node if not at its address, e.g. http://203.0.113.5:8090")
+    node.add_argument("--media-host", default="0.0.0.0", help="address to bind RTP sockets on")
+    node.add_argument("--media-address", metavar="ADDR",
+                      help="address devices send RTP to (SDP c=); default: this node's address as "
+                           "the server sees it")
+    node.add_argument("--rtp-port", type=int, default=0, help="the shared UDP RTP port (default: any free)")
+    node.add_argument("--tcp-port-range", metavar="LOW-HIGH",
+                      help="ports for TCP-passive media, e.g. 30002-30999 (default: one per stream)")
+    node.add_argument("--max-streams", type=int, default=500, help="streams carried at most (default 500)")
+    node.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    node.add_argument("--ready-file", metavar="FILE",
+                      help="once listening, write the bound ports to FILE as JSON")
+    node.add_argument("--log-level", default="info",
+                      choices=("debug", "info", "warning", "error"), help="default info")
     check = sub.add_parser("check-config", help="validate a config file and exit",
                            description="Validate FILE plus the environment; print the effective "
                                        "config as JSON, or the faults one per line (exit 2).")
@@ -130,11 +159,48 @@ def _serve(path: str | None, ready_file: str | None = None) -> int:
     return 0
 
 
+def _media_node(args: argparse.Namespace) -> int:
+    from media.node_service import NodeSettings, run_node
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token = args.token or os.environ.get("GB28181_NODE_TOKEN", "")
+    if not token:
+        print("gb28181 media-node: no node token: pass --token or set GB28181_NODE_TOKEN to the "
+              "server's media.node_token (DATA_DIR/node-token on the server)", file=sys.stderr)
+        return 2
+    if not args.server.startswith(("http://", "https://")):
+        print(f"gb28181 media-node: --server must be an http:// or https:// URL, not {args.server!r}",
+              file=sys.stderr)
+        return 2
+    span = None
+    if args.tcp_port_range:
+        lo, sep, hi = args.tcp_port_range.partition("-")
+        if not (sep and lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi) <= 65535):
+            print(f"gb28181 media-node: --tcp-port-range must be LOW-HIGH within 1-65535, not "
+                  f"{args.tcp_port_range!r}", file=sys.stderr)
+            return 2
+        span = (int(lo), int(hi))
+    for name in ("http_port", "rtp_port"):
+        if not 0 <= getattr(args, name) <= 65535:
+            print(f"gb28181 media-node: --{name.replace('_', '-')} must be 0-65535", file=sys.stderr)
+            return 2
+    if args.max_streams < 1:
+        print("gb28181 media-node: --max-streams must be at least 1", file=sys.stderr)
+        return 2
+    return run_node(NodeSettings(
+        server=args.server, token=token, name=args.name, http_host=args.http_host,
+        http_port=args.http_port, public_url=args.public_url, media_host=args.media_host,
+        media_address=args.media_address, rtp_port=args.rtp_port, tcp_port_range=span,
+        max_streams=args.max_streams, parent_pid=args.parent_pid, ready_file=args.ready_file))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args.config, args.ready_file)
+        if args.command == "media-node":
+            return _media_node(args)
         if args.command == "report":
             return _report(args)
         if args.command == "check-config":

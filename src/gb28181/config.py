@@ -192,6 +192,23 @@ class MediaSection(_Section):
     idle_grace: float = Field(10.0, ge=0, description="BYE this long after the last viewer left")
     max_streams: int = Field(1000, ge=1, description="live upstream INVITEs at most (486 beyond)")
     play_token_ttl: int = Field(300, ge=10, description="lifetime of signed play URLs, seconds")
+    workers: int | Literal["auto"] = Field(
+        "auto", description="media node processes this server starts (one relay per core): auto = "
+        "one per CPU core; 0 = relay inside the server process")
+    node_token: str = Field("", description="token media nodes join with (gb28181 media-node "
+                            "--token); empty: generated once into DATA_DIR/node-token")
+    node_http_port: int = Field(0, ge=0, le=65535, description="viewer HTTP port of the first "
+                                "local worker (worker i: + i); 0: any free port")
+    node_max_streams: int = Field(500, ge=1, description="streams one media node carries at most")
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v: object) -> object:
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v.strip())  # from the environment (GB28181_MEDIA__WORKERS=2)
+        if isinstance(v, int) and not 0 <= v <= 256:
+            raise ValueError("need 0 (relay in the server process), 1 to 256, or auto")
+        return v
 
 
 class ReportsSection(_Section):
@@ -418,7 +435,17 @@ def ensure_api_token(config: Config) -> tuple[str, Path | None]:
     """The API token: from config/env, else read or create DATA_DIR/api-token (mode 600)."""
     if config.api.token:
         return config.api.token, None
-    path = config.data_dir / "api-token"
+    return _secret_file(config.data_dir / "api-token")
+
+
+def ensure_node_token(config: Config) -> tuple[str, Path | None]:
+    """The media node token: from config/env, else read or create DATA_DIR/node-token."""
+    if config.media.node_token:
+        return config.media.node_token, None
+    return _secret_file(config.data_dir / "node-token")
+
+
+def _secret_file(path: Path) -> tuple[str, Path]:
     try:
         token = path.read_text(encoding="utf-8").strip()
         if len(token) >= 8:

@@ -1,12 +1,12 @@
 """Live-video INVITE dialogs to devices (§9.2, Annex F, Annex L; PROTOCOL.md §5).
 
-``InviteManager.open`` plays one channel: it allocates a ``y=`` SSRC (Annex F), prepares the
-media receiver for the chosen transport, sends the INVITE with an Annex F offer and a
+``InviteManager.open`` plays one channel: it allocates a ``y=`` SSRC (Annex F), has the media
+node chosen for the stream (``nodes.MediaLeg``) prepare its receive path, sends the INVITE with an Annex F offer and a
 ``Subject`` (Annex K), follows provisional responses (Dahua's 101 carries a To tag), reads the
 answer leniently, ACKs, and waits for the first RTP packet. Three media transports:
 
-- ``udp``: RTP to our one shared UDP port, told apart by SSRC (with a fallback for devices
-  that ignore the offered SSRC: the first unknown SSRC from the device's address);
+- ``udp``: RTP to the node's one shared UDP port, told apart by SSRC (with a fallback for
+  devices that ignore the offered SSRC: the first unknown SSRC from the device's address);
 - ``tcp-passive``: we listen (``a=setup:passive``), the device connects after the ACK;
 - ``tcp-active``: we connect (``a=setup:active``) to the port in the device's answer.
 
@@ -24,7 +24,7 @@ caller gets an error; so does any failure answer, with the device's status and r
 INVITE that gets no answer in ``media.invite_timeout`` is CANCELled; an answer that still comes
 (a 2xx after the CANCEL or the timeout) is ACKed and then BYE'd (RFC 3261 §13.2.2.4), so the
 device does not stream into a session nobody holds. A BYE from the device ends the session at
-once. Whatever happens, the dialog, the SSRC and the receiver are released exactly once
+once. Whatever happens, the dialog, the SSRC and the node's stream are released exactly once
 (``InviteManager.close``).
 """
 
@@ -36,13 +36,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from media.ingest import RtpIngest
-from media.packet import MediaPacket
-from media.receiver import MediaReceiver
 from registry.devices import DeviceRegistry
 from registry.models import Channel, Device
 
 from .config import Config
+from .nodes import MediaLeg, NodeCallError
 from .routing import Target, device_target, dialog_target
 from .sdp import MediaDescription, SdpError, SessionDescription, SsrcAllocator, build_sdp, parse_sdp
 from .sip.dialog import Dialog, DialogError
@@ -51,11 +49,12 @@ from .sip.message import SipRequest, SipResponse, make_response, new_call_id, ne
 from .sip.netroute import LocalAddresses
 from .sip.transaction import Addr, RequestReceived
 
-__all__ = ["InviteError", "InviteManager", "MediaSession", "TRANSPORTS"]
+__all__ = ["InviteError", "InviteManager", "MediaSession", "NODE_LOST", "TRANSPORTS"]
 
 log = logging.getLogger("gb28181.invite")
 
 TRANSPORTS = ("udp", "tcp-passive", "tcp-active")
+NODE_LOST = 1  # InviteError.status when the media node went away, not the device
 
 
 class InviteError(RuntimeError):
@@ -76,12 +75,10 @@ class MediaSession:
     ssrc: str
     call_id: str
     target: Target
-    on_packet: Callable[[MediaPacket], None]
+    leg: MediaLeg
     invite: SipRequest | None = None
     dialog: Dialog | None = None
     answer: SessionDescription | None = None
-    ingest: RtpIngest | None = None
-    handle: object | None = None
     ack: bytes = b""
     ack_target: Target | None = None
     started_at: float = field(default_factory=time.time)
@@ -98,17 +95,16 @@ class MediaSession:
         return {"channel_id": self.channel_id, "device_id": self.device_id,
                 "transport": self.transport, "ssrc": self.ssrc, "call_id": self.call_id,
                 "answer_ssrc": self.answer.ssrc if self.answer else None,
-                "media_from": getattr(self.handle, "peer", None)}
+                "media_from": self.leg.peer, "media_node": self.leg.node.name}
 
 
 class InviteManager:
     """See the module docstring."""
 
-    def __init__(self, *, config: Config, endpoint: SipEndpoint, receiver: MediaReceiver,
+    def __init__(self, *, config: Config, endpoint: SipEndpoint,
                  registry: DeviceRegistry | None = None) -> None:
         self.config = config
         self.endpoint = endpoint
-        self.receiver = receiver
         self.registry = registry
         media = config.media
         #: The address devices send media to (SDP ``c=``), per device: see ``sip.netroute``.
@@ -154,9 +150,8 @@ class InviteManager:
             self.endpoint.flush()
 
     # -- opening ---------------------------------------------------------------------------
-    async def open(self, channel: Channel, device: Device, transport: str,
-                   on_packet: Callable[[MediaPacket], None]) -> MediaSession:
-        """Play ``channel`` of ``device``; returns once the first RTP packet has arrived."""
+    async def open(self, channel: Channel, device: Device, transport: str, leg: MediaLeg) -> MediaSession:
+        """Play ``channel`` of ``device`` into ``leg``; returns once the first RTP packet arrived."""
         if transport not in TRANSPORTS:
             raise InviteError(f"unknown media transport {transport!r}; use one of {', '.join(TRANSPORTS)}")
         if not device.online or not device.host:
@@ -166,17 +161,13 @@ class InviteManager:
         target = device_target(device)
         session = MediaSession(
             channel_id=channel.channel_id, device_id=device.device_id, transport=transport,
-            ssrc=ssrc, call_id=new_call_id(), target=target, on_packet=on_packet)
-        session.ingest = RtpIngest(on_packet, expected_ssrc=int(ssrc))
+            ssrc=ssrc, call_id=new_call_id(), target=target, leg=leg)
         try:
-            if transport == "udp":
-                session.handle = self.receiver.expect_udp(int(ssrc), session.ingest, source_host=device.host)
-                port = self.receiver.udp_port
-            elif transport == "tcp-passive":
-                session.handle = await self.receiver.listen_tcp(session.ingest, ssrc=int(ssrc))
-                port = session.handle.port
-            else:
-                port = 9  # we connect; the port in our offer is not used (RFC 4145)
+            try:
+                opened = await leg.call("open", transport=transport, ssrc=int(ssrc), source_host=device.host)
+            except NodeCallError as exc:
+                raise InviteError(f"media node {leg.node.name} cannot take the stream: {exc}", 503) from None
+            port = int(opened["port"])
             peer = device.host
             sip_transport = target.transport
             session.invite = new_request(
@@ -187,20 +178,24 @@ class InviteManager:
                 call_id=session.call_id, cseq=1,
                 contact=self.endpoint.contact(self.config.server.id, sip_transport, peer=peer),
                 headers={"subject": f"{channel.channel_id}:{ssrc},{self.config.server.id}:0"},
-                body=self._offer(transport, port, ssrc, self.media_addresses.for_peer(peer)),
+                body=self._offer(transport, port, ssrc,
+                                 leg.node.media_address() or self.media_addresses.for_peer(peer)),
                 content_type="APPLICATION/SDP", user_agent="gb28181")
             self.sessions[session.call_id] = session
             self.invites_sent += 1
             resp = await self._invite(session, session.invite, media_cfg.invite_timeout)
             self._established(session, device, resp)
+            await self._route_answered_ssrc(session)
             await self._media_connection(session, device)
-            first = session.handle.first_packet  # type: ignore[attr-defined]
             try:
-                await asyncio.wait_for(first.wait(), media_cfg.stream_timeout)
+                await asyncio.wait_for(leg.first_packet.wait(), media_cfg.stream_timeout)
             except TimeoutError:
                 raise InviteError(f"{device.device_id} accepted the INVITE for {channel.channel_id} "
                                   f"but sent no RTP within {media_cfg.stream_timeout:g} s "
                                   f"({transport})", 408) from None
+            if leg.node_lost:
+                raise InviteError(f"media node {leg.node.name} was lost while {channel.channel_id} "
+                                  "was being opened", NODE_LOST)
             return session
         except BaseException as exc:
             reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else str(exc)
@@ -274,16 +269,22 @@ class InviteManager:
             session.answer = parse_sdp(resp.body)
         except SdpError as exc:
             raise InviteError(f"{session.device_id} answered with unusable SDP: {exc}", 488) from None
-        answered = session.answer.ssrc_value
-        if answered is not None and answered != int(session.ssrc) and session.handle is not None:
-            # Annex F note 4 lets the callee choose: route its SSRC to this stream now, before
-            # any RTP, so that no other stream of the same device can be given it.
-            if not session.handle.add_ssrc(answered):  # type: ignore[attr-defined]
-                log.warning("%s answered y=%s, which another stream already uses",
-                            session.device_id, session.answer.ssrc)
-            else:
-                log.info("%s answered y=%s to our y=%s", session.device_id, session.answer.ssrc,
-                         session.ssrc)
+
+    async def _route_answered_ssrc(self, session: MediaSession) -> None:
+        """Annex F note 4 lets the callee choose its SSRC: route the answer's to this stream
+        now, before any RTP, so that no other stream of the same device can be given it."""
+        answered = session.answer.ssrc_value if session.answer else None
+        if answered is None or answered == int(session.ssrc):
+            return
+        try:
+            taken = (await session.leg.call("add_ssrc", ssrc=answered)).get("taken")
+        except NodeCallError as exc:
+            raise InviteError(str(exc), 503) from None
+        if not taken:
+            log.warning("%s answered y=%s, which another stream already uses", session.device_id,
+                        session.answer.ssrc if session.answer else answered)
+        else:
+            log.info("%s answered y=%s to our y=%s", session.device_id, answered, session.ssrc)
 
     async def _media_connection(self, session: MediaSession, device: Device) -> None:
         """Connect the media where we are the TCP client: tcp-active, or a passive offer that
@@ -300,20 +301,13 @@ class InviteManager:
                               "neither side would listen", 488)
         if not video.port:
             raise InviteError("the device's answer has no media port to connect to", 488)
-        if session.handle is not None:
-            # Our listener (passive offer) holds the SSRC; the connection we make takes it over.
-            session.handle.close()  # type: ignore[attr-defined]
-            session.handle = None
+        # The node's listener (a passive offer) held the SSRC; the connection takes it over.
         hosts = [answer.connection_addr if answer else "", device.host]
-        assert session.ingest is not None  # made by invite() before the INVITE went out
         try:
-            session.handle = await self.receiver.connect_tcp(
-                hosts, video.port, session.ingest, timeout=5.0, ssrc=int(session.ssrc))
-        except OSError as exc:
+            await session.leg.call("connect", hosts=hosts, port=video.port, timeout=5.0)
+        except NodeCallError as exc:
             raise InviteError(str(exc), 502) from None
-        answered = answer.ssrc_value if answer else None
-        if answered is not None and answered != int(session.ssrc):
-            session.handle.add_ssrc(answered)
+        await self._route_answered_ssrc(session)
 
     def _invite_2xx(self, resp: SipResponse, addr: Addr, transport: str) -> None:
         """A 2xx nobody waits for: our ACK was lost (send it again), or the answer came after
@@ -356,8 +350,7 @@ class InviteManager:
         session.closed = True
         session.close_reason = reason
         self.sessions.pop(session.call_id, None)
-        if session.handle is not None:
-            session.handle.close()  # type: ignore[attr-defined]
+        await session.leg.release(reason)
         self.ssrcs.release(session.ssrc)
         if session.on_close is not None:
             try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from media.receiver import MediaReceiver
+from media.node import MediaNode
 from registry.channels import ChannelRegistry
 from registry.devices import DeviceRegistry
 from registry.models import Device, StatusEvent
@@ -25,10 +25,11 @@ from registry.writebehind import Persistence
 from .api import make_app
 from .audit import AuditLog
 from .catalog import CatalogCollector
-from .config import Config, ensure_api_token
+from .config import Config, ensure_api_token, ensure_node_token
 from .invite import InviteManager
 from .messages import MessageHandler
 from .metrics import ServerCollector, make_registry
+from .nodes import MediaLeg, NodeManager
 from .presence import Presence
 from .queries import DeviceQueries
 from .registrar import Registrar, stateless_request
@@ -39,6 +40,7 @@ from .stats import Counters
 from .streams import StreamManager
 from .subscriptions import SubscriptionManager
 from .sync import DeviceSync
+from .workers import Workers, worker_count
 
 __all__ = ["GbServer"]
 
@@ -77,14 +79,13 @@ class GbServer:
                                                  registry=self.registry, queries=self.queries,
                                                  sync=self.sync)
         self.sync.subscriptions = self.subscriptions
-        media = config.media
-        self.receiver = MediaReceiver(media.host, udp_port=media.rtp_port,
-                                      tcp_port_range=media.tcp_port_range)
-        self.invites = InviteManager(config=config, endpoint=self.endpoint, receiver=self.receiver,
-                                     registry=self.registry)
+        self.nodes = NodeManager(token="", idle_timeout=config.media.idle_timeout)
+        self.nodes.on_viewer = self._viewer
+        self.workers: Workers | None = None
+        self.node_token_file: Path | None = None
+        self.invites = InviteManager(config=config, endpoint=self.endpoint, registry=self.registry)
         self.streams = StreamManager(config=config, registry=self.registry, channels=self.channels,
-                                     invites=self.invites)
-        self.forwards: dict[str, list] = {}
+                                     invites=self.invites, nodes=self.nodes)
         self.audit = AuditLog(config.data_dir / "audit.log")
         self.registrar = Registrar(config=config, registry=self.registry, presence=self.presence,
                                    endpoint=self.endpoint, counters=self.counters,
@@ -119,12 +120,17 @@ class GbServer:
         log.info("registry loaded: %d devices, %d still online, %d went offline while we were down",
                  total, online, gone)
         self.audit.open()
+        self.nodes.token, self.node_token_file = ensure_node_token(self.config)
+        workers = worker_count(self.config)
+        if workers == 0:
+            media = self.config.media
+            await self.nodes.start_local(MediaNode(
+                media.host, udp_port=media.rtp_port, tcp_port_range=media.tcp_port_range,
+                max_streams=media.node_max_streams))
         await self.endpoint.start()
-        await self.receiver.start()
         self.endpoint.addresses.warn_if_unreachable("SIP", "sip.external_host (GB28181_SIP__EXTERNAL_HOST)")
         self.invites.media_addresses.warn_if_unreachable(
             "media", "media.advertised_host (GB28181_MEDIA__ADVERTISED_HOST)")
-        self.streams.start()
         self.presence.start()
         self.sync.start()
         self.subscriptions.start()
@@ -137,6 +143,15 @@ class GbServer:
         # aiohttp types it as AbstractServer, which lacks .sockets; asyncio's and uvloop's servers have it.
         if server is not None and server.sockets:  # type: ignore[attr-defined]
             self.http_port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        if workers:
+            self.workers = Workers(self.config, count=workers, token=self.nodes.token)
+            self.workers.start(self.http_port)
+            linked = await self.nodes.wait_for_nodes(workers, 30.0)
+            if linked < workers:
+                log.error("only %d of %d media workers linked within 30 s: see their log lines above",
+                          linked, workers)
+            else:
+                log.info("%d media workers linked", linked)
         log.info("SIP on %s:%d (udp=%s tcp=%s), HTTP on %s:%d, server ID %s, domain %s",
                  self.config.sip.host, self.sip_port, self.config.sip.udp, self.config.sip.tcp,
                  self.config.http.host, self.http_port, self.config.server.id,
@@ -146,7 +161,14 @@ class GbServer:
         """Where the server listens, with the ports actually bound (port 0 in the config)."""
         return {"pid": os.getpid(), "sip_host": self.config.sip.host, "sip_port": self.sip_port,
                 "http_host": self.config.http.host, "http_port": self.http_port,
-                "rtp_port": self.receiver.udp_port, **self.addresses()}
+                "rtp_port": self.rtp_port(), "media_nodes": self.nodes.as_list(), **self.addresses()}
+
+    def rtp_port(self) -> int | None:
+        """The RTP port of the in-process node, else of the first linked node."""
+        if self.nodes.local is not None:
+            return self.nodes.local.node.udp_port
+        ports = [n.as_dict().get("rtp_port") for n in self.nodes.alive()]
+        return next((p for p in ports if p), None)
 
     def addresses(self) -> dict[str, str]:
         """The addresses a device on the default route is told to use (Via/Contact, SDP c=)."""
@@ -154,17 +176,17 @@ class GbServer:
                 "media_address": self.invites.media_addresses.default}
 
     async def stop(self) -> None:
+        self.nodes.on_node_lost = None  # streams are ending, not moving
+        await self.streams.stop()
+        if self.workers is not None:
+            await self.workers.stop()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        for forwards in self.forwards.values():
-            for fwd in forwards:
-                await fwd.stop()
-        await self.streams.stop()
+        await self.nodes.stop()
         await self.sync.stop()
         await self.subscriptions.stop()
         await self.endpoint.close()
-        await self.receiver.close()
         self.audit.close()
         await self.presence.stop()
         await self.channels.stop()
@@ -213,6 +235,39 @@ class GbServer:
         subs = GaugeMetricFamily("gb28181_catalog_subscriptions", "Live catalog subscriptions")
         subs.add_metric([], len(self.subscriptions.by_device))
         yield subs
+        yield from self._node_metrics()
+
+    def _node_metrics(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        nodes = self.nodes.alive()
+        up = GaugeMetricFamily("gb28181_media_nodes", "Media nodes linked")
+        up.add_metric([], len(nodes))
+        yield up
+        streams = GaugeMetricFamily("gb28181_media_node_streams", "Streams carried, by media node",
+                                    labels=["node"])
+        cpu = GaugeMetricFamily("gb28181_media_node_cpu", "CPU of a media node (share of one core)",
+                                labels=["node"])
+        bitrate = GaugeMetricFamily("gb28181_media_node_bitrate_bps", "RTP received by a media node",
+                                    labels=["node"])
+        for node in nodes:
+            streams.add_metric([node.name], len(node.legs))
+            cpu.add_metric([node.name], node.cpu)
+            bitrate.add_metric([node.name], float(node.load.get("bitrate", 0)))
+        yield streams
+        yield cpu
+        yield bitrate
+        lost = CounterMetricFamily("gb28181_media_nodes_lost", "Media nodes whose link dropped")
+        lost.add_metric([], self.nodes.lost_total)
+        yield lost
+        moved = CounterMetricFamily("gb28181_streams_moved", "Streams re-opened on another node")
+        moved.add_metric([], self.streams.moved)
+        yield moved
+
+    def _viewer(self, leg: MediaLeg, event: dict) -> None:
+        """A viewer opened a stream on its node: it counts as watching; audited."""
+        self.streams.viewer_joined(leg.key)
+        self.audit.record("view", who="play-url", source=str(event.get("remote", "")),
+                          target=leg.key, output=str(event.get("output", "")), node=leg.node.name)
 
     def _device_status(self, device: Device, event: StatusEvent) -> None:
         self.channels.set_device_online(device.device_id, event.online, at=event.at)

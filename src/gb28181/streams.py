@@ -1,12 +1,15 @@
 """On-demand live streams: one upstream INVITE per channel, shared by every viewer.
 
 ``StreamManager.play(channel_id)`` returns the channel's ``LiveStream``, opening it if needed:
-the first request sends the INVITE, concurrent requests for the same channel wait for that one
-(never two INVITEs for a channel at once), later ones join the running stream and start at its
-cached GOP. When the last viewer leaves, the upstream is kept for ``media.idle_grace`` seconds
-(a page reload does not cost a new INVITE) and then closed with a BYE. A stream whose RTP stops
-for ``media.idle_timeout`` seconds, or whose device hangs up or goes offline, is closed and its
-viewers' connections end.
+the first request picks a media node (``nodes.NodeManager.allocate``) and sends the INVITE,
+concurrent requests for the same channel wait for that one (never two INVITEs for a channel at
+once), later ones join the running stream and start at its cached GOP on its node. When the
+last viewer leaves (the node says so), the upstream is kept for ``media.idle_grace`` seconds (a
+page reload does not cost a new INVITE) and then closed with a BYE. A stream whose RTP stops
+for ``media.idle_timeout`` seconds (the node watches: Annex M), or whose device hangs up or
+goes offline, is closed and its viewers' connections end. A stream whose node is lost is
+opened again on another node at once (a new INVITE); its viewers reconnect through the
+server's ``/live`` URL, which sends them to the new node.
 """
 
 from __future__ import annotations
@@ -16,14 +19,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from media.hub import Stream
-from media.packet import MediaPacket
 from registry.channels import ChannelRegistry
 from registry.devices import DeviceRegistry
 from registry.models import Device, StatusEvent
 
 from .config import Config
-from .invite import TRANSPORTS, InviteError, InviteManager, MediaSession
+from .invite import NODE_LOST, TRANSPORTS, InviteError, InviteManager, MediaSession
+from .nodes import MediaLeg, NodeCallError, NodeHandle, NodeManager
 
 __all__ = ["LiveStream", "PlayError", "StreamManager"]
 
@@ -43,7 +45,7 @@ class LiveStream:
     channel_id: str
     device_id: str
     transport: str
-    stream: Stream
+    leg: MediaLeg
     session: MediaSession | None = None
     created_at: float = field(default_factory=time.time)
     live_at: float = 0.0
@@ -54,16 +56,17 @@ class LiveStream:
     def stream_id(self) -> str:
         return self.channel_id
 
-    def as_dict(self, now: float | None = None) -> dict:
-        now = time.monotonic() if now is None else now
-        ingest = self.session.ingest if self.session else None
+    def as_dict(self, on_node: dict | None = None) -> dict:
+        """JSON-ready; ``on_node`` is what the node reports of the stream (``streams`` command)."""
+        on_node = on_node or {}
         return {
             "stream_id": self.stream_id, "channel_id": self.channel_id,
             "device_id": self.device_id, "transport": self.transport,
-            "viewers": self.stream.consumer_count, "created_at": self.created_at,
+            "viewers": on_node.get("viewers", 0), "created_at": self.created_at,
             "live_at": self.live_at, "closing_in_grace": self.grace is not None,
+            "node": self.leg.node.name, "node_id": self.leg.node.node_id,
             "session": self.session.as_dict() if self.session else None,
-            "health": ingest.stats.as_dict(now) if ingest is not None else None,
+            "health": on_node.get("health"),
         }
 
 
@@ -71,22 +74,24 @@ class StreamManager:
     """See the module docstring."""
 
     def __init__(self, *, config: Config, registry: DeviceRegistry, channels: ChannelRegistry,
-                 invites: InviteManager) -> None:
+                 invites: InviteManager, nodes: NodeManager) -> None:
         self.config = config
         self.registry = registry
         self.channels = channels
         self.invites = invites
+        self.nodes = nodes
         self.live: dict[str, LiveStream] = {}
+        self.moved = 0  # streams re-established on another node after theirs was lost
         self._opening: dict[str, asyncio.Task] = {}
-        self._watchdog: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
         registry.add_listener(self._device_changed)
-
-    def start(self) -> None:
-        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+        nodes.on_idle = lambda leg: self._on_idle(leg.key, leg)
+        nodes.on_media_stopped = self._media_stopped
+        nodes.on_node_lost = self._node_lost
 
     async def stop(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        for task in list(self._tasks):
+            task.cancel()
         for task in list(self._opening.values()):
             task.cancel()
         await asyncio.gather(*(self.close(ls.channel_id, "server stopping", bye_timeout=1.0)
@@ -109,11 +114,13 @@ class StreamManager:
         if task is None:
             task = asyncio.get_running_loop().create_task(self._open(channel_id, transport))
             self._opening[channel_id] = task
-            task.add_done_callback(lambda _t: self._opening.pop(channel_id, None))
+            task.add_done_callback(lambda t: self._opening.pop(channel_id, None)
+                                   if self._opening.get(channel_id) is t else None)
         # shield: one impatient caller must not cancel the INVITE the others wait for
         return await asyncio.shield(task)
 
-    async def _open(self, channel_id: str, transport: str | None) -> LiveStream:
+    async def _open(self, channel_id: str, transport: str | None,
+                    exclude: NodeHandle | None = None) -> LiveStream:
         channel = self.channels.get(channel_id)
         device = self.registry.get(channel.device_id) if channel else None
         if channel is None:
@@ -130,40 +137,88 @@ class StreamManager:
         if len(self.live) >= self.config.media.max_streams:
             raise PlayError(f"{len(self.live)} streams are live (media.max_streams)", 503)
         chosen = self.transport_for(device, transport)
-        live = LiveStream(channel_id, device.device_id, chosen,
-                          Stream(channel_id, on_idle=self._on_idle))
-
-        def publish(packet: MediaPacket, _stream: Stream = live.stream) -> None:
-            _stream.publish(packet)
-
         try:
-            live.session = await self.invites.open(channel, device, chosen, publish)
+            leg = self.nodes.allocate(channel_id, exclude=exclude)
+        except NodeCallError as exc:
+            raise PlayError(str(exc), 503) from None
+        live = LiveStream(channel_id, device.device_id, chosen, leg)
+        try:
+            live.session = await self.invites.open(channel, device, chosen, leg)
         except InviteError as exc:
-            live.stream.close(str(exc))
-            raise PlayError(str(exc), 404 if exc.status == 404 else
-                            409 if exc.status == 480 else 504 if exc.status == 408 else 502) from None
+            if exc.status == NODE_LOST and exclude is None:
+                log.info("%s: %s; opening it on another node", channel_id, exc)
+                return await self._open(channel_id, transport, exclude=leg.node)
+            status = {404: 404, 480: 409, 408: 504, 503: 503, NODE_LOST: 503}.get(exc.status or 0, 502)
+            raise PlayError(str(exc), status) from None
         live.session.on_close = lambda s, c=channel_id: self._session_closed(c, s)
         live.live_at = time.time()
         self.live[channel_id] = live
         # Nobody has subscribed yet: start the grace period now, the first viewer cancels it.
-        self._on_idle(live.stream)
+        self._on_idle(channel_id, leg)
         return live
 
+    async def describe(self, lives: list[LiveStream]) -> list[dict]:
+        """``as_dict`` of ``lives`` with what their nodes report (viewers, health, forwards)."""
+        nodes = {id(ls.leg.node): ls.leg.node for ls in lives}
+        reports: dict[int, dict] = {}
+        for key, node in nodes.items():
+            try:
+                reports[key] = (await node.call("streams", {})).get("streams", {})
+            except NodeCallError:
+                reports[key] = {}
+        return [ls.as_dict(reports[id(ls.leg.node)].get(ls.channel_id)) for ls in lives]
+
     # -- ending ------------------------------------------------------------------------------
-    def _on_idle(self, stream: Stream) -> None:
-        live = self.live.get(stream.key)
-        if live is None or live.closed or live.grace is not None:
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_idle(self, channel_id: str, leg: MediaLeg) -> None:
+        live = self.live.get(channel_id)
+        if live is None or live.closed or live.grace is not None or live.leg is not leg:
             return
         grace = self.config.media.idle_grace
-        live.grace = asyncio.get_running_loop().call_later(grace, self._grace_over, stream.key)
+        live.grace = asyncio.get_running_loop().call_later(grace, self._grace_over, channel_id)
 
     def _grace_over(self, channel_id: str) -> None:
         live = self.live.get(channel_id)
         if live is None:
             return
         live.grace = None
-        if live.stream.consumer_count == 0:
-            asyncio.get_running_loop().create_task(self.close(channel_id, "no viewers"))
+        self._spawn(self._close_if_unwatched(live))
+
+    async def _close_if_unwatched(self, live: LiveStream) -> None:
+        try:
+            viewers = (await live.leg.call("viewers")).get("viewers", 0)
+        except NodeCallError:
+            viewers = 0
+        if viewers == 0 and self.live.get(live.channel_id) is live and live.grace is None:
+            await self.close(live.channel_id, "no viewers")
+
+    def _media_stopped(self, leg: MediaLeg, why: str) -> None:
+        live = self.live.get(leg.key)
+        if live is not None and live.leg is leg:
+            self._spawn(self.close(leg.key, why))
+
+    def _node_lost(self, node: NodeHandle, legs: list[MediaLeg]) -> None:
+        """Open the streams of a lost node again on another one (a new INVITE each)."""
+        for leg in legs:
+            live = self.live.get(leg.key)
+            if live is not None and live.leg is leg:
+                self._spawn(self._move(live, node))
+
+    async def _move(self, live: LiveStream, lost: NodeHandle) -> None:
+        await self.close(live.channel_id, f"media node {lost.name} was lost", bye_timeout=2.0)
+        try:
+            moved = await self.play(live.channel_id, live.transport)
+        except PlayError as exc:
+            log.warning("stream %s could not be moved off lost media node %s: %s",
+                        live.channel_id, lost.name, exc)
+            return
+        self.moved += 1
+        log.info("stream %s moved from lost media node %s to %s", live.channel_id, lost.name,
+                 moved.leg.node.name)
 
     def viewer_joined(self, channel_id: str) -> None:
         """Cancel a pending grace-period BYE (call after subscribing)."""
@@ -175,7 +230,7 @@ class StreamManager:
     def _session_closed(self, channel_id: str, session: MediaSession) -> None:
         live = self.live.get(channel_id)
         if live is not None and live.session is session and not live.closed:
-            asyncio.get_running_loop().create_task(self.close(channel_id, session.close_reason))
+            self._spawn(self.close(channel_id, session.close_reason))
 
     async def close(self, channel_id: str, reason: str, *, bye_timeout: float = 5.0) -> bool:
         live = self.live.pop(channel_id, None)
@@ -184,9 +239,10 @@ class StreamManager:
         live.closed = True
         if live.grace is not None:
             live.grace.cancel()
-        live.stream.close(reason)
         if live.session is not None:
             await self.invites.close(live.session, reason, bye_timeout=bye_timeout)
+        else:
+            await live.leg.release(reason)
         log.info("stream %s closed: %s", channel_id, reason)
         return True
 
@@ -194,19 +250,4 @@ class StreamManager:
         if event.online:
             return
         for live in [ls for ls in self.live.values() if ls.device_id == device.device_id]:
-            asyncio.get_running_loop().create_task(
-                self.close(live.channel_id, f"device {device.device_id} went offline"))
-
-    async def _watch(self) -> None:
-        """Annex M: a stream whose media stopped is torn down (both legs)."""
-        while True:
-            await asyncio.sleep(1.0)
-            now = time.monotonic()
-            limit = self.config.media.idle_timeout
-            for live in list(self.live.values()):
-                ingest = live.session.ingest if live.session else None
-                if ingest is None:
-                    continue
-                age = ingest.stats.last_packet_age(now)
-                if age is not None and age > limit:
-                    await self.close(live.channel_id, f"no RTP for {age:.0f} s")
+            self._spawn(self.close(live.channel_id, f"device {device.device_id} went offline"))

@@ -1,0 +1,327 @@
+"""A media node's engine: the receive sockets, the hub and the outputs of the streams given to it.
+
+The signalling server decides; a node carries media. The server tells a node what to do with
+commands (``MediaNode.call(op, args)`` → a JSON-ready result, or ``NodeError``), and the node
+tells the server what happened with events (``on_event(dict)``). Both are plain dicts so the
+same engine runs inside the server process (``media.workers: 0``, called directly) and in a
+``gb28181 media-node`` process (the same dicts as JSON over a WebSocket, ``media.node_link``).
+
+Commands (``stream`` is the stream's key, the channel ID for live video):
+
+- ``open {stream, transport, ssrc, source_host}``: make a stream and its receive path —
+  ``udp``: expect ``ssrc`` on the node's shared RTP port; ``tcp-passive``: listen;
+  ``tcp-active``: nothing yet (``connect`` follows). → ``{port}``: what goes in the SDP offer.
+- ``add_ssrc {stream, ssrc}``: route the SSRC of the device's answer too (GB/T 28181-2016
+  Annex F note 4 lets the callee choose its own). → ``{taken}``.
+- ``connect {stream, hosts, port, timeout}``: we are the TCP client (RFC 4145 ``setup:active``,
+  or a device that answered passive to our passive offer). → ``{peer}``.
+- ``close {stream, reason}``, ``forward {stream, host, port, transport, ssrc}`` (RTP out, for
+  a cascade), ``streams`` (health of every stream), ``viewers {stream}``, ``load``.
+
+Events: ``first_packet {stream, peer}`` (the device's media arrived: the server's INVITE is
+done), ``idle {stream}`` (the last viewer left: the server starts its grace period),
+``media_stopped {stream, age}`` (no RTP for ``idle_timeout``: GB/T 28181-2016 Annex M, the
+server ends the dialog), and ``load {...}`` every ``load_interval`` seconds (what the server
+allocates new streams by).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .forward import RtpForwarder
+from .hub import Stream
+from .ingest import RtpIngest
+from .receiver import MediaReceiver, TcpHandle, UdpHandle
+
+__all__ = ["MediaNode", "NodeError", "NodeStream", "TRANSPORTS"]
+
+log = logging.getLogger("media.node")
+
+TRANSPORTS = ("udp", "tcp-passive", "tcp-active")
+
+
+class NodeError(RuntimeError):
+    """A command could not be carried out; the text says why (sent back to the server)."""
+
+
+@dataclass(slots=True, eq=False)
+class NodeStream:
+    """One stream on this node: its receive path, its hub stream and its RTP forwards."""
+
+    key: str
+    transport: str
+    ssrc: int
+    source_host: str | None
+    ingest: RtpIngest
+    hub: Stream
+    handle: UdpHandle | TcpHandle | None = None
+    forwards: list[RtpForwarder] = field(default_factory=list)
+    opened_at: float = field(default_factory=time.time)
+    first_task: asyncio.Task | None = None
+    bytes_seen: int = 0  # ingest bytes at the last load report, for the bitrate
+
+
+def _str(args: dict, name: str) -> str:
+    value = args.get(name)
+    if not isinstance(value, str) or not value:
+        raise NodeError(f"command argument {name!r} must be a non-empty string, not {value!r}")
+    return value
+
+
+def _int(args: dict, name: str, lo: int, hi: int) -> int:
+    value = args.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise NodeError(f"command argument {name!r} must be an integer from {lo} to {hi}, not {value!r}")
+    return value
+
+
+class MediaNode:
+    """See the module docstring. ``await start()``, then ``await call(op, args)``."""
+
+    def __init__(
+        self,
+        host: str = "0.0.0.0",
+        *,
+        name: str = "local",
+        udp_port: int = 0,
+        tcp_port_range: tuple[int, int] | None = None,
+        idle_timeout: float = 15.0,
+        max_streams: int = 1000,
+        load_interval: float = 2.0,
+        on_event: Callable[[dict], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.receiver = MediaReceiver(host, udp_port=udp_port, tcp_port_range=tcp_port_range)
+        self.idle_timeout = idle_timeout
+        self.max_streams = max_streams
+        self.load_interval = load_interval
+        self.on_event = on_event
+        self.streams: dict[str, NodeStream] = {}
+        self._watchdog: asyncio.Task | None = None
+        self._cpu_mark = (time.monotonic(), time.process_time())
+        self.cpu = 0.0  # share of one core used over the last load interval
+        self.bitrate = 0.0  # bit/s received over the last load interval, all streams
+        self._ops: dict[str, Callable[[dict], Any]] = {
+            "open": self._open, "add_ssrc": self._add_ssrc, "connect": self._connect,
+            "close": self._close, "forward": self._forward, "streams": self._streams,
+            "viewers": self._viewers, "load": lambda _args: self.load(),
+        }
+
+    async def start(self) -> None:
+        await self.receiver.start()
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        for key in list(self.streams):
+            await self._drop(key, "media node stopping")
+        await self.receiver.close()
+
+    @property
+    def udp_port(self) -> int:
+        return self.receiver.udp_port
+
+    def _emit(self, event: dict) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception:
+                log.exception("event handler of media node %s", self.name)
+
+    # -- commands ------------------------------------------------------------------------
+    async def call(self, op: str, args: dict) -> dict:
+        """Run one command; NodeError (with the reason) when it cannot be done."""
+        handler = self._ops.get(op)
+        if handler is None:
+            raise NodeError(f"unknown media node command {op!r}; known: {', '.join(sorted(self._ops))}")
+        if not isinstance(args, dict):
+            raise NodeError("command arguments must be a JSON object")
+        result = handler(args)
+        if asyncio.iscoroutine(result):
+            result = await result
+        return result
+
+    def stream(self, key: str) -> NodeStream:
+        ns = self.streams.get(key)
+        if ns is None:
+            raise NodeError(f"no stream {key!r} on media node {self.name}")
+        return ns
+
+    async def _open(self, args: dict) -> dict:
+        key = _str(args, "stream")
+        transport = _str(args, "transport")
+        if transport not in TRANSPORTS:
+            raise NodeError(f"unknown media transport {transport!r}; use one of {', '.join(TRANSPORTS)}")
+        ssrc = _int(args, "ssrc", 0, 0xFFFFFFFF)
+        source_host = args.get("source_host") or None
+        if key in self.streams:
+            await self._drop(key, "replaced by a new stream of the same key")
+        if len(self.streams) >= self.max_streams:
+            raise NodeError(f"media node {self.name} carries {len(self.streams)} streams, its limit")
+        def idle(_hub: Stream) -> None:
+            self._emit({"event": "idle", "stream": key})
+
+        hub = Stream(key, on_idle=idle)
+        ingest = RtpIngest(hub.publish, expected_ssrc=ssrc)
+        ns = NodeStream(key, transport, ssrc, source_host, ingest, hub)
+        try:
+            if transport == "udp":
+                ns.handle = self.receiver.expect_udp(ssrc, ingest, source_host=source_host)
+                port = self.receiver.udp_port
+            elif transport == "tcp-passive":
+                ns.handle = await self.receiver.listen_tcp(ingest, ssrc=ssrc, source_host=source_host)
+                port = ns.handle.port
+            else:
+                port = 9  # we connect later; RFC 4145: the port of an active offer is not used
+        except (ValueError, OSError) as exc:
+            hub.close(str(exc))
+            raise NodeError(f"cannot receive {transport} media for {key}: {exc}") from None
+        self.streams[key] = ns
+        self._await_first(ns)
+        return {"port": port}
+
+    def _await_first(self, ns: NodeStream) -> None:
+        """Report the stream's first RTP packet (on the current handle) once."""
+        if ns.first_task is not None:
+            ns.first_task.cancel()
+            ns.first_task = None
+        handle = ns.handle
+        if handle is None:
+            return
+
+        async def wait() -> None:
+            await handle.first_packet.wait()
+            self._emit({"event": "first_packet", "stream": ns.key, "peer": handle.peer})
+
+        ns.first_task = asyncio.get_running_loop().create_task(wait())
+
+    def _add_ssrc(self, args: dict) -> dict:
+        ns = self.stream(_str(args, "stream"))
+        ssrc = _int(args, "ssrc", 0, 0xFFFFFFFF)
+        if ns.handle is None:
+            return {"taken": False}
+        return {"taken": ns.handle.add_ssrc(ssrc)}
+
+    async def _connect(self, args: dict) -> dict:
+        ns = self.stream(_str(args, "stream"))
+        hosts = args.get("hosts")
+        if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+            raise NodeError("command argument 'hosts' must be a list of addresses")
+        port = _int(args, "port", 1, 65535)
+        timeout = args.get("timeout", 5.0)
+        if not isinstance(timeout, (int, float)) or not 0 < timeout <= 60:
+            raise NodeError("command argument 'timeout' must be seconds in (0, 60]")
+        if ns.handle is not None:
+            # Our listener (a passive offer) held the SSRC; the connection we make takes it over.
+            ns.handle.close()
+            ns.handle = None
+        try:
+            ns.handle = await self.receiver.connect_tcp(hosts, port, ns.ingest, timeout=float(timeout),
+                                                        ssrc=ns.ssrc)
+        except (OSError, ValueError) as exc:
+            raise NodeError(str(exc)) from None
+        if self.streams.get(ns.key) is not ns:  # closed while connecting
+            ns.handle.close()
+            raise NodeError(f"stream {ns.key} was closed while connecting")
+        self._await_first(ns)
+        return {"peer": ns.handle.peer}
+
+    async def _close(self, args: dict) -> dict:
+        key = _str(args, "stream")
+        reason = args.get("reason") or "closed by the server"
+        return {"closed": await self._drop(key, str(reason))}
+
+    async def _drop(self, key: str, reason: str) -> bool:
+        ns = self.streams.pop(key, None)
+        if ns is None:
+            return False
+        if ns.first_task is not None:
+            ns.first_task.cancel()
+        if ns.handle is not None:
+            ns.handle.close()
+        ns.hub.close(reason)
+        for fwd in ns.forwards:
+            await fwd.stop()
+        log.info("media node %s: stream %s closed: %s", self.name, key, reason)
+        return True
+
+    async def _forward(self, args: dict) -> dict:
+        ns = self.stream(_str(args, "stream"))
+        transport = args.get("transport", "udp")
+        if transport not in ("udp", "tcp"):
+            raise NodeError("command argument 'transport' must be 'udp' or 'tcp'")
+        fwd = RtpForwarder(ns.hub, _str(args, "host"), _int(args, "port", 1, 65535),
+                           transport=transport, ssrc=_int(args, "ssrc", 0, 0xFFFFFFFF))
+        try:
+            await fwd.start()
+        except OSError as exc:
+            raise NodeError(f"cannot forward to {fwd.host}:{fwd.port}: {exc}") from None
+        ns.forwards.append(fwd)
+        return {"forward": len(ns.forwards) - 1}
+
+    def info(self, ns: NodeStream, now: float) -> dict:
+        handle = ns.handle
+        return {"stream": ns.key, "transport": ns.transport, "ssrc": ns.ssrc,
+                "viewers": ns.hub.consumer_count, "media_from": handle.peer if handle else None,
+                "ssrcs": list(handle.ssrcs) if handle else [],
+                "health": ns.ingest.stats.as_dict(now),
+                "forwards": [{"to": f"{fwd.transport}://{fwd.host}:{fwd.port}", "ssrc": fwd.ssrc,
+                              "running": fwd.running, "packets_sent": fwd.packets_sent,
+                              "frames_sent": fwd.frames_sent,
+                              "error": str(fwd.error) if fwd.error else None} for fwd in ns.forwards]}
+
+    def _streams(self, args: dict) -> dict:
+        now = time.monotonic()
+        return {"streams": {key: self.info(ns, now) for key, ns in self.streams.items()}}
+
+    def _viewers(self, args: dict) -> dict:
+        ns = self.streams.get(_str(args, "stream"))
+        return {"viewers": ns.hub.consumer_count if ns is not None else 0}
+
+    def load(self) -> dict:
+        return {"streams": len(self.streams), "max_streams": self.max_streams,
+                "bitrate": round(self.bitrate), "cpu": round(self.cpu, 3),
+                "viewers": sum(ns.hub.consumer_count for ns in self.streams.values()),
+                "pid": os.getpid()}
+
+    # -- watchdog --------------------------------------------------------------------------
+    async def _watch(self) -> None:
+        """Annex M: a stream whose RTP stopped is reported; the load is measured and sent."""
+        next_load = 0.0
+        while True:
+            await asyncio.sleep(min(1.0, self.load_interval))
+            now = time.monotonic()
+            for ns in list(self.streams.values()):
+                age = ns.ingest.stats.last_packet_age(now)
+                if age is not None and age > self.idle_timeout:
+                    self._emit({"event": "media_stopped", "stream": ns.key, "age": round(age, 1)})
+                    await self._drop(ns.key, f"no RTP for {age:.0f} s")
+            if now >= next_load:
+                next_load = now + self.load_interval
+                self._measure(now)
+                self._emit({"event": "load", **self.load()})
+
+    def _measure(self, now: float) -> None:
+        wall0, cpu0 = self._cpu_mark
+        cpu = time.process_time()
+        self._cpu_mark = (now, cpu)
+        elapsed = now - wall0
+        if elapsed <= 0:
+            return
+        self.cpu = (cpu - cpu0) / elapsed
+        total = 0
+        for ns in self.streams.values():
+            seen = ns.ingest.stats.bytes
+            total += seen - ns.bytes_seen
+            ns.bytes_seen = seen
+        self.bitrate = 8 * total / elapsed
+
