@@ -191,3 +191,51 @@ async def test_streams_go_to_the_least_loaded_node_with_room():
         assert manager.allocate("s2").node is local
     finally:
         await manager.stop()
+
+
+async def test_the_node_link_refuses_strangers_and_bad_hellos(make_server):
+    import aiohttp
+
+    from media.node_service import LINK_PATH
+
+    from .conftest import TOKEN
+    server = await make_server()
+    url = f"http://127.0.0.1:{server.http_port}{LINK_PATH}"
+    auth = {"Authorization": f"Bearer {server.nodes.token}"}
+    async with aiohttp.ClientSession() as session:
+        for headers in ({}, {"Authorization": f"Bearer {TOKEN}"}):  # none, or the API token
+            with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                await session.ws_connect(url, headers=headers)
+            assert err.value.status == 401
+        for hello in ({"hello": {"name": "x"}}, {"hello": {"http_port": 0, "rtp_port": 5}}, ["junk"]):
+            async with session.ws_connect(url, headers=auth) as ws:
+                await ws.send_json(hello)
+                msg = await ws.receive(timeout=5)
+                assert msg.type == aiohttp.WSMsgType.CLOSE and ws.close_code == 4000, msg
+        assert [n["name"] for n in server.nodes.as_list()] == ["local"]
+        # A node that joins, reports junk and vanishes: listed, then gone; the server carries on.
+        async with session.ws_connect(url, headers=auth) as ws:
+            await ws.send_json({"hello": {"name": "odd", "http_port": 8090, "rtp_port": 30010}})
+            welcome = (await ws.receive_json(timeout=5))["welcome"]
+            assert welcome["idle_timeout"] == server.config.media.idle_timeout
+            for junk in ('{"event": "load", "cpu": "lots"}', '{"event": "first_packet", "stream": 5}',
+                         '{"id": 99, "ok": true}', "[1, 2]", "not json"):
+                await ws.send_str(junk)
+            status, body = await _get(server, "/api/v1/nodes")
+            assert status == 200 and {n["name"] for n in body["nodes"]} == {"local", "odd"}
+        await _wait(lambda: [n["name"] for n in server.nodes.as_list()] == ["local"])
+        assert server.nodes.lost_total == 1
+
+
+async def _get(server, path: str):
+    import aiohttp
+
+    from .conftest import TOKEN
+    async with aiohttp.ClientSession() as session, session.get(
+            f"http://127.0.0.1:{server.http_port}{path}", headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+        return r.status, await r.json()
+
+
+async def _wait(predicate) -> None:
+    from .conftest import wait_for
+    await wait_for(predicate, 5, what="the node link to drop")

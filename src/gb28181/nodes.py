@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from media.hub import Stream
 from media.node import MediaNode, NodeError
@@ -39,6 +40,30 @@ log = logging.getLogger("gb28181.nodes")
 
 CALL_TIMEOUT = 20.0  # seconds a node has to answer a command (connect tries two hosts x 5 s)
 LINK_HEARTBEAT = 2.0  # WebSocket ping interval on the link; a dead node is noticed within ~3 s
+
+
+class NodeHello(BaseModel):
+    """What a node says first on its link (``media.node_service.NodeService.hello``)."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field("", max_length=64)
+    http_port: int = Field(ge=1, le=65535)
+    rtp_port: int = Field(ge=1, le=65535)
+    public_url: str | None = Field(None, max_length=255, pattern=r"^https?://")
+    media_address: str | None = Field(None, max_length=255)
+    max_streams: int = Field(1000, ge=1, le=1_000_000)
+    pid: int | None = None
+    local: bool = False
+
+
+class NodeLoad(BaseModel):
+    """A node's ``load`` event; anything else in it is ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    streams: int = Field(0, ge=0)
+    viewers: int = Field(0, ge=0)
+    bitrate: float = Field(0.0, ge=0)
+    cpu: float = Field(0.0, ge=0)
 
 
 class NodeCallError(RuntimeError):
@@ -99,14 +124,12 @@ class LocalNode(NodeHandle):
 class RemoteNode(NodeHandle):
     """A node process linked over a WebSocket (a local worker, or a node on another machine)."""
 
-    def __init__(self, node_id: str, hello: dict, ws: web.WebSocketResponse, peer: str) -> None:
-        max_streams = hello.get("max_streams")
-        super().__init__(node_id, str(hello.get("name") or node_id),
-                         max_streams if isinstance(max_streams, int) and max_streams > 0 else 1000)
+    def __init__(self, node_id: str, hello: NodeHello, ws: web.WebSocketResponse, peer: str) -> None:
+        super().__init__(node_id, hello.name or node_id, hello.max_streams)
         self.hello = hello
         self.ws = ws
         self.peer = peer
-        self.worker = bool(hello.get("local"))
+        self.worker = hello.local
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
 
@@ -143,25 +166,23 @@ class RemoteNode(NodeHandle):
                 fut.set_exception(NodeCallError(f"media node {self.name} is gone"))
 
     def media_address(self) -> str | None:
-        address = self.hello.get("media_address")
-        if isinstance(address, str) and address:
-            return address
+        if self.hello.media_address:
+            return self.hello.media_address
         return None if self.worker else self.peer
 
     def viewer_base(self, request_host: str) -> str | None:
-        public = self.hello.get("public_url")
-        if isinstance(public, str) and public:
-            return public.rstrip("/")
+        if self.hello.public_url:
+            return self.hello.public_url.rstrip("/")
         host = request_host if self.worker else self.peer
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
-        return f"http://{host}:{self.hello.get('http_port')}"
+        return f"http://{host}:{self.hello.http_port}"
 
     def as_dict(self) -> dict:
-        return {**super().as_dict(), "peer": self.peer, "worker": self.worker, "pid": self.hello.get("pid"),
-                "rtp_port": self.hello.get("rtp_port"), "http_port": self.hello.get("http_port"),
-                "media_address": self.hello.get("media_address"),
-                "public_url": self.hello.get("public_url")}
+        h = self.hello
+        return {**super().as_dict(), "peer": self.peer, "worker": self.worker, "pid": h.pid,
+                "rtp_port": h.rtp_port, "http_port": h.http_port, "media_address": h.media_address,
+                "public_url": h.public_url}
 
 
 class MediaLeg:
@@ -286,7 +307,10 @@ class NodeManager:
             return
         kind = ev.get("event")
         if kind == "load":
-            node.load = {k: v for k, v in ev.items() if k != "event"}
+            try:
+                node.load = NodeLoad.model_validate(ev).model_dump()
+            except ValidationError:
+                log.warning("media node %s sent an unreadable load report: %.200r", node.name, ev)
             return
         leg = node.legs.get(str(ev.get("stream")))
         if leg is None or leg.released:
@@ -315,18 +339,18 @@ class NodeManager:
         await ws.prepare(request)
         try:
             first = await ws.receive(timeout=10.0)
-            hello = json.loads(first.data).get("hello") if first.type == WSMsgType.TEXT else None
-        except (TimeoutError, ValueError, AttributeError):
-            hello = None
-        if not isinstance(hello, dict):
-            await ws.close(code=4000, message=b"expected a hello")
+            hello = NodeHello.model_validate(json.loads(first.data)["hello"])
+        except (TimeoutError, ValueError, TypeError, KeyError, ValidationError) as exc:
+            why = f"the first message must be a valid hello: {str(exc)[:300]}"
+            log.warning("media node link from %s refused: %s", request.remote, why)
+            await ws.close(code=4000, message=why.encode()[:120])
             return ws
         node = RemoteNode(f"n{next(self._ids)}", hello, ws, request.remote or "")
         self.nodes[node.node_id] = node
         await ws.send_json({"welcome": {"node_id": node.node_id, "idle_timeout": self.idle_timeout,
                                         "load_interval": self.load_interval}})
-        log.info("media node %s (%s) joined from %s: RTP port %s, viewers on port %s", node.name,
-                 node.node_id, node.peer, hello.get("rtp_port"), hello.get("http_port"))
+        log.info("media node %s (%s) joined from %s: RTP port %d, viewers on port %d", node.name,
+                 node.node_id, node.peer, hello.rtp_port, hello.http_port)
         async with self.joined:
             self.joined.notify_all()
         try:
