@@ -1,4 +1,6 @@
-# gb28181 server image: docker build -t gb28181 . && docker run -p 5060:5060/udp -p 5060:5060 -p 8080:8080 -v gbdata:/data gb28181
+# gb28181 server image: docker build -t gb28181 . && docker run --network host -v gbdata:/data gb28181
+# (host networking: devices send RTP to the media workers' ports, rtp_port + i, and viewers
+# fetch streams from the workers' viewer ports; see media.* in configs/default.yaml)
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -8,5 +10,5 @@ COPY configs ./configs
 RUN pip install --no-cache-dir .
 ENV GB28181_DATA_DIR=/data
 VOLUME /data
-EXPOSE 5060/udp 5060/tcp 8080/tcp
+EXPOSE 5060/udp 5060/tcp 8080/tcp 30000-30015/udp 30002-30999/tcp
 CMD ["gb28181", "serve", "--config", "configs/default.yaml"]
