@@ -183,12 +183,12 @@ async def test_streams_go_to_the_least_loaded_node_with_room():
     manager = NodeManager(token="t", idle_timeout=15.0)
     local = await manager.start_local(MediaNode("127.0.0.1", max_streams=2))
     try:
-        legs = [manager.allocate(f"s{i}") for i in range(2)]
+        legs = [await manager.allocate(f"s{i}") for i in range(2)]
         assert all(leg.node is local for leg in legs)
         with pytest.raises(Exception, match="full"):
-            manager.allocate("s2")
+            await manager.allocate("s2")
         await legs[0].release("done")
-        assert manager.allocate("s2").node is local
+        assert (await manager.allocate("s2")).node is local
     finally:
         await manager.stop()
 
@@ -239,3 +239,16 @@ async def _get(server, path: str):
 async def _wait(predicate) -> None:
     from .conftest import wait_for
     await wait_for(predicate, 5, what="the node link to drop")
+
+
+async def test_a_stream_asked_for_before_any_node_linked_waits_for_the_first():
+    import asyncio
+    manager = NodeManager(token="t", idle_timeout=15.0)
+    try:
+        pending = asyncio.ensure_future(manager.allocate("early"))
+        await asyncio.sleep(0.2)
+        assert not pending.done(), "no node yet: the stream waits instead of failing"
+        local = await manager.start_local(MediaNode("127.0.0.1"))
+        assert (await asyncio.wait_for(pending, 5)).node is local
+    finally:
+        await manager.stop()

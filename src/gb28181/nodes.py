@@ -39,6 +39,7 @@ __all__ = ["LocalNode", "MediaLeg", "NodeCallError", "NodeHandle", "NodeManager"
 log = logging.getLogger("gb28181.nodes")
 
 CALL_TIMEOUT = 20.0  # seconds a node has to answer a command (connect tries two hosts x 5 s)
+NO_NODE_WAIT = 10.0  # seconds a new stream waits for a first node to link
 LINK_HEARTBEAT = 2.0  # WebSocket ping interval on the link; a dead node is noticed within ~3 s
 
 
@@ -249,6 +250,8 @@ class NodeManager:
         await node.start()
         self.local = LocalNode(node)
         self.nodes[self.local.node_id] = self.local
+        async with self.joined:
+            self.joined.notify_all()
         return self.local
 
     async def stop(self) -> None:
@@ -292,7 +295,11 @@ class NodeManager:
                                 "its --max-streams")
         return min(candidates, key=lambda n: (len(n.legs) / n.max_streams + min(n.cpu, 1.0), n.node_id))
 
-    def allocate(self, key: str, exclude: NodeHandle | None = None) -> MediaLeg:
+    async def allocate(self, key: str, exclude: NodeHandle | None = None) -> MediaLeg:
+        """A leg for stream ``key`` on the node ``choose`` picks. With no node linked at all
+        (the workers are still starting, or being restarted) it waits ``NO_NODE_WAIT`` first."""
+        if not self.alive():
+            await self.wait_for_nodes(1, NO_NODE_WAIT)
         node = self.choose(exclude)
         leg = MediaLeg(self, node, key)
         old = node.legs.get(key)

@@ -138,7 +138,7 @@ class StreamManager:
             raise PlayError(f"{len(self.live)} streams are live (media.max_streams)", 503)
         chosen = self.transport_for(device, transport)
         try:
-            leg = self.nodes.allocate(channel_id, exclude=exclude)
+            leg = await self.nodes.allocate(channel_id, exclude=exclude)
         except NodeCallError as exc:
             raise PlayError(str(exc), 503) from None
         live = LiveStream(channel_id, device.device_id, chosen, leg)
