@@ -136,16 +136,22 @@ class Stream:
 
     def _trim(self) -> None:
         """Drop ring entries that are neither in the GOP cache nor in the lag window."""
-        ring = self._ring
-        keep_from = self._head - 1  # always keep the newest packet
-        if self._gop is not None and self._gop < keep_from:
-            keep_from = self._gop
-        max_p, max_b, total = self.max_lag_packets, self.max_lag_bytes, self.stats.bytes
         head = self._head
+        keep_from = head - 1  # always keep the newest packet
+        gop = self._gop
+        if gop is not None and gop < keep_from:
+            keep_from = gop
         base = self._base
+        if base >= keep_from:
+            return  # the common case: the ring holds the cached GOP and nothing older
+        ring = self._ring
+        max_p, max_b, total = self.max_lag_packets, self.max_lag_bytes, self.stats.bytes
         # What no consumer will read and the GOP cache does not hold serves nobody: at
         # hundreds of streams the lag window must cost memory only while someone lags.
-        oldest = min((c._cursor for c in self._consumers), default=keep_from)
+        oldest = keep_from
+        for c in self._consumers:
+            if c._cursor < oldest:
+                oldest = c._cursor
         while base < keep_from and (base < oldest or head - base > max_p
                                     or total - ring[0][1] > max_b):
             ring.popleft()
