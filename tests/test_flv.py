@@ -318,9 +318,13 @@ def random_frames(draw) -> list[PsFrame]:
        st.booleans())
 def test_fuzz_muxer_never_raises(packets, audio: bool) -> None:
     m = FlvMuxer(audio=audio)
+    by_parts = FlvMuxer(audio=audio)
     out = [m.header()]
     for frames, ts, key in packets:
         out.append(m.mux(MediaPacket(b"", ts, frames, key)))
+        parts: list = []
+        size = by_parts.mux_parts(MediaPacket(b"", ts, frames, key), parts)
+        assert b"".join(parts) == out[-1] and size == len(out[-1])  # the same tags, unjoined
     tags = parse_tags(b"".join(out))
     for kind in (8, 9):
         ts = [t for typ, t, _ in tags if typ == kind]

@@ -227,13 +227,23 @@ class FlvMuxer:
     def mux(self, packet: MediaPacket) -> bytes:
         """All FLV tags for the frames of one packet (b"" if none are written)."""
         parts: list = []
+        self.mux_parts(packet, parts)
+        return b"".join(parts)
+
+    def mux_parts(self, packet: MediaPacket, parts: list) -> int:
+        """Append the FLV tags of one packet to `parts` without joining them; returns their size.
+
+        The parts are byte strings and memoryviews into the packet's access units (the NAL
+        units are not copied): a socket's writelines takes them as they are.
+        """
+        size = 0
         for f in packet.frames:
             if f.stream == "video":
                 if self.video:
-                    self._mux_video(f, packet.timestamp, parts)
+                    size += self._mux_video(f, packet.timestamp, parts)
             elif f.stream == "audio" and self.audio:
-                self._mux_audio(f, packet.timestamp, parts)
-        return b"".join(parts)
+                size += self._mux_audio(f, packet.timestamp, parts)
+        return size
 
     def mux_frame(self, frame: PsFrame, timestamp: int = 0) -> bytes:
         """Tags for one frame; `timestamp` (90 kHz) is used when the frame has no PTS."""
@@ -271,10 +281,10 @@ class FlvMuxer:
 
     # -- audio --
 
-    def _mux_audio(self, f: PsFrame, fallback_ts: int, parts: list) -> None:
+    def _mux_audio(self, f: PsFrame, fallback_ts: int, parts: list) -> int:
         flags = _AUDIO_FLAGS.get(f.codec)
         if flags is None or not f.data or len(f.data) >= _MAX_TAG:
-            return
+            return 0
         ts = self._ms(self._unwrap(f.pts if f.pts is not None else fallback_ts))
         if ts < self._last_audio_ms:
             ts = self._last_audio_ms
@@ -282,10 +292,11 @@ class FlvMuxer:
         data = f.data
         parts += _tag(TAG_AUDIO, ts, [flags, data], 1 + len(data))
         self.audio_tags += 1
+        return 16 + len(data)  # tag header 11, flags 1, PreviousTagSize 4
 
     # -- video --
 
-    def _mux_video(self, f: PsFrame, fallback_ts: int, parts: list) -> None:
+    def _mux_video(self, f: PsFrame, fallback_ts: int, parts: list) -> int:
         codec = f.codec
         if codec == "h264":
             hevc = False
@@ -293,14 +304,14 @@ class FlvMuxer:
             hevc = True
         else:
             self.skipped += 1
-            return
+            return 0
         au = f.data
         if type(au) is not bytes:
             au = bytes(au)
         if codec != self.video_codec:
             if self._started and not f.keyframe:
                 self.skipped += 1  # a codec change takes effect at a keyframe
-                return
+                return 0
             self._ps = {}
             self._config = None
             self._started = False
@@ -310,11 +321,12 @@ class FlvMuxer:
             self._ps.update(found)
         if not self._started and not (f.keyframe and self._have_config(hevc)):
             self.skipped += 1
-            return
+            return 0
+        written = 0
         if found or not self._started:
-            self._maybe_sequence_header(hevc, f, fallback_ts, parts)
+            written = self._maybe_sequence_header(hevc, f, fallback_ts, parts)
         if not keep:
-            return  # parameter sets only
+            return written  # parameter sets only
         self._started = True
         dts_raw = f.dts if f.dts is not None else (f.pts if f.pts is not None else fallback_ts)
         dts_ext = self._unwrap(dts_raw)
@@ -346,9 +358,10 @@ class FlvMuxer:
             size += 4 + e - s
         if size > _MAX_TAG:
             self.skipped += 1
-            return
+            return written
         parts += _tag(TAG_VIDEO, ts, body, size)
         self.video_tags += 1
+        return written + size + 15
 
     def _have_config(self, hevc: bool) -> bool:
         ps = self._ps
@@ -356,17 +369,17 @@ class FlvMuxer:
             return bool(ps.get(nal.H265_NAL_SPS) and ps.get(nal.H265_NAL_PPS) and ps.get(nal.H265_NAL_VPS))
         return bool(ps.get(nal.H264_NAL_SPS) and ps.get(nal.H264_NAL_PPS))
 
-    def _maybe_sequence_header(self, hevc: bool, f: PsFrame, fallback_ts: int, parts: list) -> None:
-        """Write a sequence header if the parameter sets differ from the one in force."""
+    def _maybe_sequence_header(self, hevc: bool, f: PsFrame, fallback_ts: int, parts: list) -> int:
+        """Write a sequence header if the parameter sets differ from the one in force; its size."""
         if not self._have_config(hevc):
-            return
+            return 0
         ps = self._ps
         if hevc:
             record = hevc_decoder_config(ps[nal.H265_NAL_VPS], ps[nal.H265_NAL_SPS], ps[nal.H265_NAL_PPS])
         else:
             record = avc_decoder_config(ps[nal.H264_NAL_SPS], ps[nal.H264_NAL_PPS])
         if record == self._config:
-            return
+            return 0
         self._config = record
         raw = f.dts if f.dts is not None else (f.pts if f.pts is not None else fallback_ts)
         ts = self._ms(self._unwrap(raw))
@@ -378,3 +391,4 @@ class FlvMuxer:
         else:
             head = b"\x17\x00\x00\x00\x00"  # keyframe | AVC, sequence header, cts 0
         parts += _tag(TAG_VIDEO, ts, [head, record], len(head) + len(record))
+        return len(head) + len(record) + 15

@@ -43,30 +43,39 @@ def _consumer_name(request: web.Request, kind: str) -> str:
     return f"{kind} {peer}"
 
 
-async def _next_chunk(consumer: Consumer, muxer_box: list, stream: Stream, audio: bool | None) -> bytes:
-    """Wait for the next packet, then mux it and whatever else is ready into one chunk.
+async def _next_parts(consumer: Consumer, muxer_box: list, stream: Stream, audio: bool | None
+                      ) -> tuple[list, int]:
+    """Wait for the next packet, then mux it and whatever else is ready: (FLV parts, size).
 
-    Raises StreamClosed when the consumer or stream is closed.
+    The parts are not joined (see `FlvMuxer.mux_parts`). Raises StreamClosed when the
+    consumer or stream is closed.
     """
     pkt = await consumer.get()
     muxer = muxer_box[0]
-    parts = []
+    parts: list = []
+    size = 0
     if muxer is None:
         has_audio = stream.stats.audio_codec is not None if audio is None else audio
         muxer = muxer_box[0] = FlvMuxer(video=True, audio=has_audio)
-        parts.append(muxer.header())
-    size = 0
+        head = muxer.header()
+        parts.append(head)
+        size = len(head)
+    mux_parts = muxer.mux_parts
+    get_nowait = consumer.get_nowait
     while True:
-        data = muxer.mux(pkt)
-        if data:
-            parts.append(data)
-            size += len(data)
+        size += mux_parts(pkt, parts)
         if size >= _COALESCE_BYTES:
             break
-        nxt = consumer.get_nowait()
+        nxt = get_nowait()
         if nxt is None:
             break
         pkt = nxt
+    return parts, size
+
+
+async def _next_chunk(consumer: Consumer, muxer_box: list, stream: Stream, audio: bool | None) -> bytes:
+    """`_next_parts` joined into one chunk."""
+    parts, _ = await _next_parts(consumer, muxer_box, stream, audio)
     return b"".join(parts)
 
 
@@ -95,13 +104,32 @@ async def serve_http_flv(
         await resp.prepare(request)
         watchdog = asyncio.create_task(_watch_http_client(request, consumer))
         muxer_box: list[FlvMuxer | None] = [None]
+        writer = request.writer
+        started = False
         while True:
             try:
-                chunk = await _next_chunk(consumer, muxer_box, stream, audio)
+                parts, size = await _next_parts(consumer, muxer_box, stream, audio)
             except StreamClosed:
                 break
-            if chunk:
-                await resp.write(chunk)
+            if not size:
+                continue
+            if not started:
+                # aiohttp holds the response head back until the first body write.
+                await resp.write(b"".join(parts))
+                started = True
+                continue
+            # Then each chunk (RFC 9112 7.1: size line, data, CRLF) goes straight to the
+            # transport as the muxer's parts: no joined copy of the frame, no per-write
+            # layers. aiohttp's writer is still the one that drains and ends the body.
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("HTTP-FLV client transport closed")
+            parts.insert(0, b"%x\r\n" % size)
+            parts.append(b"\r\n")
+            transport.writelines(parts)
+            writer.output_size += size
+            if transport.get_write_buffer_size():
+                await writer.drain()  # waits only while the transport is paused
         if stream.closed:
             # The stream ended: finish the chunked body so the client sees a clean end.
             with contextlib.suppress(*_CLIENT_GONE):
