@@ -152,6 +152,14 @@ class CatalogSection(_Section):
         "GB2312", description="charset of bodies we send; per device: PATCH /api/v1/devices/{id}")
 
 
+class RecordsSection(_Section):
+    max_query_span: float = Field(86400.0, ge=60, description="longest time range one RecordInfo "
+                                  "query asks a device for, seconds; longer searches are split "
+                                  "into several queries (many NVRs refuse or truncate long ranges)")
+    timeout: float = Field(15.0, gt=0, description="a RecordInfo answer ends after this long "
+                           "without a part; with no part at all the search fails (WVP: 15 s)")
+
+
 class TierRule(_Section):
     """Channels matching every criterion given (each list: any of its values) get ``tier``."""
 
@@ -241,6 +249,7 @@ class Config(BaseSettings):
     keepalive: KeepaliveSection = KeepaliveSection()
     registration: RegistrationSection = RegistrationSection()
     catalog: CatalogSection = CatalogSection()
+    records: RecordsSection = RecordsSection()
     tiers: TiersSection = TiersSection()
     reports: ReportsSection = ReportsSection()
     media: MediaSection = MediaSection()
