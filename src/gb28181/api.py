@@ -420,6 +420,34 @@ async def live_query(request: web.Request) -> web.Response:
                               "response": element_to_dict(msg.element)})
 
 
+async def channel_records(request: web.Request) -> web.Response:
+    """Record search (RecordInfo, GB/T 28181-2016 §9.7): the device's recordings of a channel."""
+    from .records import RecordQuery, RecordSearch
+    server = _server(request)
+    channel = _channel_or_404(request)
+    device = server.registry.get(channel.device_id)
+    if device is None or not device.online:
+        return _error(409, f"device {channel.device_id} of channel {channel.channel_id} is offline; "
+                           "records can be searched once it is back online")
+    search = RecordSearch(server.queries, server.config.records)
+    try:
+        query = RecordQuery.from_params(channel.channel_id, request.query)
+        search.windows(query)
+    except ValueError as exc:
+        return _error(400, str(exc))
+    who, source = _who(request)
+    span = {"start": _iso(query.start.timestamp()), "end": _iso(query.end.timestamp()), "type": query.type}
+    try:
+        result = await search.search(device, query)
+    except QueryError as exc:
+        server.audit.record("record-search-failed", who=who, source=source,
+                            target=channel.channel_id, error=str(exc), **span)
+        return _error(504, str(exc))
+    server.audit.record("record-search", who=who, source=source, target=channel.channel_id,
+                        items=len(result.records), **span)
+    return web.json_response(result.as_json())
+
+
 def _node(node_id: str, name: str, kind: str) -> dict[str, Any]:
     return {"id": node_id, "name": name, "kind": kind, "channels": 0, "children": []}
 
@@ -662,6 +690,7 @@ def make_app(server: GbServer) -> web.Application:
     app.router.add_get("/api/v1/devices/{device_id}/{what:info|status|config|presets}", live_query)
     app.router.add_get("/api/v1/channels", list_channels)
     app.router.add_get("/api/v1/channels/{channel_id}", get_channel)
+    app.router.add_get("/api/v1/channels/{channel_id}/records", channel_records)
     app.router.add_patch("/api/v1/channels/{channel_id}", patch_channel)
     app.router.add_get("/api/v1/tree", tree)
     app.router.add_get("/api/v1/reports/archive", archive_report)

@@ -19,7 +19,7 @@ import contextlib
 import itertools
 import logging
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 from registry.models import Device
@@ -56,6 +56,8 @@ class DeviceQueries:
         self._gates: dict[str, list] = {}
         self._sn = itertools.count(random.randint(1, 100_000))
         self._pending: dict[tuple[str, str, int], asyncio.Future] = {}
+        #: Multi-part answers (Annex N: RecordInfo) being collected: every part goes to the sink.
+        self._parts: dict[tuple[str, str, int], Callable[[manscdp.Manscdp], None]] = {}
 
     def next_sn(self) -> int:
         return next(self._sn)
@@ -136,10 +138,32 @@ class DeviceQueries:
             if gate[1] == 0:
                 del self._gates[device_id]
 
+    @contextlib.contextmanager
+    def parts(self, device_id: str, cmd_type: str, sn: int,
+              sink: Callable[[manscdp.Manscdp], None]) -> Iterator[None]:
+        """While open, every ``cmd_type`` Response with ``sn`` from ``device_id`` goes to ``sink``
+        (a multi-part answer, Annex N); use inside :meth:`exclusive`, open before :meth:`send`."""
+        key = (device_id, cmd_type, sn)
+        self._parts[key] = sink
+        try:
+            yield
+        finally:
+            self._parts.pop(key, None)
+
     def resolve(self, device_id: str, msg: manscdp.Manscdp) -> bool:
         """Hand a Response to whoever waits for it; False if nobody does."""
         if msg.sn is None:
             return False
+        if self._parts:
+            sink = self._parts.get((device_id, msg.cmd_type, msg.sn))
+            if sink is None:  # a channel ID in <DeviceID>, as below
+                sink = next((f for (dev, cmd, sn), f in self._parts.items()
+                             if sn == msg.sn and cmd == msg.cmd_type
+                             and msg.device_id.startswith(dev[:10])), None)
+            if sink is not None:
+                self.counters.queries_answered += 1
+                sink(msg)
+                return True
         future = self._pending.get((device_id, msg.cmd_type, msg.sn))
         if future is None:
             # Some devices put a channel ID in <DeviceID>; the SN is unique enough to match.
