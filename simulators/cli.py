@@ -170,6 +170,10 @@ def parser() -> argparse.ArgumentParser:
     media.add_argument("--own-ssrc", action="store_true",
                        help="answer INVITEs with an SSRC of the device's choosing, not the offered "
                             "y= (Annex F note 4; NVRs and lower platforms do)")
+    p.add_argument("--records", type=int, default=0, metavar="DAYS",
+                   help="each channel has DAYS days of recordings up to now (30-minute files with "
+                        "gaps, some alarm/manual) and answers RecordInfo queries from them "
+                        "(default 0: no recordings, every search answers SumNum 0)")
     p.add_argument("--query-mode", choices=QUERY_MODES, default="answer",
                    help="answer: answer the platform's queries; silent: accept them with 200 and "
                         "never send the data (a device overwhelmed after a power cut) (default answer)")
@@ -185,6 +189,8 @@ def parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> FleetConfig:
     if args.devices < 1:
         raise SystemExit("gb28181-sim: --devices must be at least 1")
+    if not 0 <= args.records <= 366:
+        raise SystemExit("gb28181-sim: --records must be 0 to 366 days")
     try:
         device_ids(args.first_id, args.devices, nvr=args.nvr)
     except ValueError as exc:
@@ -204,7 +210,8 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
         bitrate_kbps=args.bitrate, audio=args.audio, max_streams=args.max_streams,
         start_variants=args.start_variants,
         media_mode=args.media_mode, loss=args.loss, reorder=args.reorder,
-        answer_delay=args.answer_delay, own_ssrc=args.own_ssrc, query_mode=args.query_mode)
+        answer_delay=args.answer_delay, own_ssrc=args.own_ssrc, query_mode=args.query_mode,
+        records_days=args.records)
     try:
         id_blocks(cfg)  # the channel, group and alarm-input IDs must fit too
     except ValueError as exc:

@@ -80,6 +80,7 @@ from .catalog import (
     presets,
 )
 from .media import MediaSender, SimStream, check_video_codec, format_line, parse_video_size
+from .records import RecordIndex, parts_within, record_bodies
 from .vendors import Personality, personality
 
 __all__ = ["CatalogSubscription", "Fleet", "FleetConfig", "LiveCall", "MEDIA_MODES", "SimDevice"]
@@ -171,6 +172,8 @@ class FleetConfig:
     #: "answer" the platform's queries, or accept them with 200 and stay "silent" (a device
     #: overwhelmed after a power cut, or firmware that ignores what it does not know).
     query_mode: str = "answer"
+    #: Days of recordings each channel holds (``records.py``; RecordInfo answers); 0: none.
+    records_days: int = 0
 
     @property
     def domain(self) -> str:
@@ -598,7 +601,26 @@ class SimDevice:
                 response("DeviceControl", target, [("Result", "OK")])
         elif cmd == "DeviceConfig":
             response("DeviceConfig", target, [("Result", "OK")])
+        elif cmd == "RecordInfo":
+            out += [(body, None) for body in self._record_bodies(query, sn)]
         return out
+
+    def _record_bodies(self, query: manscdp.Manscdp, sn: int) -> list[bytes]:
+        """A RecordInfo answer (§9.7, Annex A.2.6.6) from the channel's ``RecordIndex``."""
+        v = self.vendor
+        channel = self.catalog.get(query.device_id)
+        start = manscdp.parse_time(query.text("StartTime"))
+        end = manscdp.parse_time(query.text("EndTime"))
+        kind = query.text("Type").lower()
+        segments = []
+        if channel is not None and start and end and (kind or not v.record_type_required):
+            index = RecordIndex(channel.channel_id, self.cfg.records_days, time.time())
+            segments = index.segments(start, end, kind or "all")
+        return record_bodies(
+            lambda fields: v.body("Response", "RecordInfo", sn, query.device_id, fields),
+            query.device_id, channel.name if channel else "", segments, per=v.record_items,
+            budget=MAX_PART_BYTES.get(self.cfg.transport, MAX_PART_BYTES["udp"]),
+            address=channel.address if channel else "")
 
     def _catalog_bodies(self, sn: int) -> list[bytes]:
         """The Catalog Response parts: the vendor's items per part, each part within one datagram."""
@@ -613,20 +635,9 @@ class SimDevice:
 
         if not items:  # Annex N: SumNum 0 and no list
             return [v.body("Response", "Catalog", sn, self.device_id, [("SumNum", 0)])]
-        per = v.items_per_message() or total
-        budget = MAX_PART_BYTES.get(self.cfg.transport, MAX_PART_BYTES["udp"])
-        bodies: list[bytes] = []
-        start = 0
-        while start < total:
-            n = min(per, total - start)
-            body = render(items[start:start + n])
-            # "All in one message" (Dahua) still has to fit a UDP datagram: shrink until it does.
-            while len(body) > budget and n > 1:
-                n = min(n - 1, max(1, n * budget // len(body)))
-                body = render(items[start:start + n])
-            bodies.append(body)
-            start += n
-        return bodies
+        # "All in one message" (Dahua) still has to fit a UDP datagram: parts shrink until they do.
+        return parts_within(render, items, v.items_per_message(),
+                            MAX_PART_BYTES.get(self.cfg.transport, MAX_PART_BYTES["udp"]))
 
     def _item(self, x: Channel | Group, event: str | None = None) -> manscdp.Node:
         if isinstance(x, Group):
@@ -1054,7 +1065,7 @@ def _media_plan(offer: SessionDescription) -> tuple[str, str | None, tuple[str, 
 
 _ANSWERED = frozenset({
     ("Query", "DeviceInfo"), ("Query", "DeviceStatus"), ("Query", "Catalog"),
-    ("Query", "ConfigDownload"), ("Query", "PresetQuery"),
+    ("Query", "ConfigDownload"), ("Query", "PresetQuery"), ("Query", "RecordInfo"),
     ("Control", "DeviceControl"), ("Control", "DeviceConfig"),
 })
 #: DeviceControl commands that get a Response (§9.3.1).

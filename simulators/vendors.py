@@ -6,13 +6,14 @@ A ``Personality`` decides the details a platform must tolerate, nothing about be
 generic    what the rest of the project writes: ``sip:<id>@<domain>`` URIs, CRLF bodies
            from ``manscdp.build`` with ``FleetConfig.encoding``, catalog parts of
            ``catalog_items_per_message`` items, User-Agent ``gb28181-sim``; a live-video
-           answer echoes the offered ``y=`` as written.
+           answer echoes the offered ``y=`` as written; RecordInfo answers of 4 files a part.
 hikvision  SRS-CAP: User-Agent ``IP Camera`` (IPC) / ``Embedded Net DVR/NVR/DVS`` (NVR);
            ``<domain>.spvmn.cn`` hosts; LF-only bodies declared ``GB2312`` (NVR:
            ``gb2312``), keepalive declared ``UTF-8`` with an empty ``<Info>\\n</Info>``;
            2 catalog items per part; an NVR's Catalog Response goes From = To = the NVR
            ID; space-padded Content-Length (``Content-Length:   175``); a live-video answer
-           echoes ``y=`` zero-padded to 10 digits (``630886`` → ``0000630886``).
+           echoes ``y=`` zero-padded to 10 digits (``630886`` → ``0000630886``);
+           RecordInfo answers of 2 files a part.
 dahua      DH-CAP: User-Agent ``SIP UAS V3.0.0.<build>``; From/To hosts are the device's
            and the server's ``IP:port``; REGISTER carries ``Route: <sip:<own ID>@<server
            IP:port>;lr>``; bodies ``<?xml version="1.0" encoding="GB2312" ?>`` indented by
@@ -21,7 +22,9 @@ dahua      DH-CAP: User-Agent ``SIP UAS V3.0.0.<build>``; From/To hosts are the 
            message (split only where a UDP datagram would overflow) with Owner 0 and
            ``<StreamNum>``; ``Alarmstatus Num=``; padded
            Content-Length; an INVITE first gets ``101 Dialog Establishement`` with the
-           To tag of the dialog to come, then the 200. Headers are written in alphabetical order with Via last: this
+           To tag of the dialog to come, then the 200; a RecordInfo answer in one
+           message, and no files for a query without ``<Type>``. Headers are written in
+           alphabetical order with Via last: this
            is a parser stress requested for the simulator, not something DH-CAP shows.
 =========  ==========================================================================
 
@@ -105,6 +108,10 @@ class Personality:
     owner = "Owner"
     channel_port = 5060
     stream_num: int | None = None
+    #: RecordInfo items per Response MESSAGE (Annex N); 0: all that fit one datagram.
+    record_items = 4
+    #: Answer a RecordInfo query without ``<Type>`` with no files (Dahua NVRs need Type).
+    record_type_required = False
     #: Attribute name of DeviceStatus's alarm list count (A.2.6 writes ``num``; Dahua ``Num``).
     alarm_num_attr = "num"
     #: Identity as (IPC, NVR) pairs; a brand's defaults apply while the config keeps its own.
@@ -205,6 +212,7 @@ def _reorder(msg: SipMessage, order: tuple[str, ...]) -> None:
 class Hikvision(Personality):
     name = "hikvision"
     catalog_items = 2  # SRS-CAP: "SumNum 8, DeviceList Num=2"
+    record_items = 2  # as its catalogs; an assumption, no RecordInfo capture at hand
     channel_port = 8000
     _ORDER = ("via", "from", "to", "call-id", "cseq", "contact", "content-type", "max-forwards",
               "user-agent", "expires", "event", "subscription-state")
@@ -255,6 +263,8 @@ class Hikvision(Personality):
 class Dahua(Personality):
     name = "dahua"
     catalog_items = 0  # DH-CAP: everything in one message
+    record_items = 0  # as its catalogs: everything that fits one message
+    record_type_required = True  # WVP: Dahua NVRs answer RecordInfo only with <Type>all</Type>
     register_route = True
     owner = "0"
     channel_port = 37777
