@@ -49,9 +49,10 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 
-from gb28181 import manscdp
+from gb28181 import manscdp, mansrtsp
 from gb28181.ids import parse_id
 from gb28181.sdp import MediaDescription, SdpError, SessionDescription, build_sdp, parse_sdp
 from gb28181.sip.auth import authorization_header
@@ -80,6 +81,7 @@ from .catalog import (
     presets,
 )
 from .media import MediaSender, SimStream, check_video_codec, format_line, parse_video_size
+from .playback import PlaybackSender
 from .records import RecordIndex, parts_within, record_bodies
 from .vendors import Personality, personality
 
@@ -220,6 +222,10 @@ class DeviceStats:
     invites_accepted: int = 0
     byes_received: int = 0
     byes_sent: int = 0
+    #: History: playback/download INVITEs accepted, MANSRTSP controls obeyed, MediaStatus sent.
+    playbacks: int = 0
+    controls: int = 0
+    media_status_sent: int = 0
 
 
 class DialogIds:
@@ -289,6 +295,9 @@ class LiveCall(DialogIds):
     invite: RequestReceived | None = None
     state: str = "early"
     ended_by: str = ""
+    #: Playback/Download calls (§9.8, §9.9): their own pacing, controls and end of file.
+    playback: PlaybackSender | None = None
+    kind: str = "Play"
 
 
 class SimDevice:
@@ -530,6 +539,9 @@ class SimDevice:
             return
         if req.method == "BYE":
             self._on_bye(ev)
+            return
+        if req.method == "INFO":
+            self._on_info(ev)
             return
         if req.method != "MESSAGE":
             self._reply(ev, 405)
@@ -866,6 +878,7 @@ class SimDevice:
             self._invite_reply(ev, 488, f"Not Acceptable Here: {exc}"[:120])
             return
         transport, setup, remote = plan[:3]
+        history = _history_plan(parse_sdp(req.body))
         subject = (req.get("subject") or "").strip()
         if subject:
             # Annex M: an INVITE repeating a live stream's sender:seq replaces that stream.
@@ -901,8 +914,12 @@ class SimDevice:
             port=stream.local_port, proto="TCP/RTP/AVP" if transport == "tcp" else "RTP/AVP",
             formats=[96], rtpmap={96: "PS/90000"}, direction="sendonly", setup=setup,
             connection="new" if transport == "tcp" else None)
+        if history is not None:
+            media.attributes.append(("filesize", str(_FILE_BYTES_PER_S * (history[2] - history[1]))))
         answer = build_sdp(SessionDescription(
-            origin_user=ch.channel_id, origin_addr=media_host, session_name="Play",
+            origin_user=ch.channel_id, origin_addr=media_host,
+            session_name=history[0] if history else "Play",
+            start=history[1] if history else 0, stop=history[2] if history else 0,
             connection_addr=media_host, media=[media], ssrc=y,
             format=format_line(cfg.video_codec, parse_video_size(cfg.video_size), cfg.fps,
                                cfg.bitrate_kbps, cfg.audio)))
@@ -911,6 +928,11 @@ class SimDevice:
             addr=self._addr_of(dialog, ev.addr), sip_transport=ev.transport, subject=subject,
             contact=f"sip:{ch.channel_id}@{self.ep.advertised_host}:{self.ep.port}",
             stream=stream, answer=answer, invite=ev)
+        if history is not None:
+            call.kind = history[0]
+            call.playback = PlaybackSender(fleet.media, start=history[1], end=history[2],
+                                           scale=history[3], on_end=partial(self._file_end, call))
+            self.stats.playbacks += 1
         assert ev.transaction is not None
         ev.transaction.context = call  # CANCEL and Timer L find the call through it
         self.calls[call.call_id] = call
@@ -951,11 +973,12 @@ class SimDevice:
         """Open the media path (listen for the platform, or start sending/connect); a device
         that cannot gives the call up with a BYE (Annex M: no media, no dialog)."""
         stream = call.stream
+        sender = call.playback or self.fleet.media
         try:
             if listen:
-                await stream.listen(self.fleet.media)
+                await stream.listen(sender)  # type: ignore[arg-type]
             else:
-                await stream.start(self.fleet.media)
+                await stream.start(sender)  # type: ignore[arg-type]
         except (OSError, TimeoutError) as exc:
             stream.error = f"media to/from {stream.remote[0]}:{stream.remote[1]} failed: {exc}"
             log.info("%s: %s", call.channel_id, stream.error)
@@ -978,6 +1001,57 @@ class SimDevice:
         self._reply(ev, 200)
         self.stats.byes_received += 1
         self._end_call(call, "bye")
+
+    def _on_info(self, ev: RequestReceived) -> None:
+        """Playback control (Annex B): a MANSRTSP body in an INFO of a playback dialog."""
+        req = ev.request
+        call = self.calls.get(req.call_id)
+        if call is None or not call.dialog.matches(req):
+            self._reply(ev, 481, "Call/Transaction Does Not Exist")
+            return
+        if call.playback is None:
+            self._reply(ev, 488, "Not Acceptable Here: a live stream takes no playback control")
+            return
+        refused = call.dialog.receive_request(req)
+        if refused is not None:
+            self._reply(ev, refused)
+            return
+        try:
+            control = mansrtsp.parse(req.body)
+        except mansrtsp.MansrtspError as exc:
+            self._reply(ev, 400, f"Bad Request: {exc}"[:120])
+            return
+        call.playback.control(control)
+        self.stats.controls += 1
+        assert ev.transaction is not None
+        # Hikvision answers with an RTSP status body (DH-CAP); a plain 200 is as good.
+        resp = make_response(req, 200, to_tag=call.local_tag,
+                             body=f"RTSP/1.0 200 OK\r\nCSeq: {control.cseq}\r\n\r\n".encode(),
+                             content_type=mansrtsp.CONTENT_TYPE)
+        self.vendor.shape(resp)
+        self.ep.respond(ev.transaction, resp)
+        if control.action == "teardown":
+            call.stream.close()
+
+    def _file_end(self, call: LiveCall) -> None:
+        """The range is sent: MediaStatus 121 inside the dialog (§9.8.2, A.2.5.5); the
+        platform then ends the call with a BYE."""
+        if call.state == "ended":
+            return
+        body = self.vendor.body("Notify", "MediaStatus", self._next_sn(), call.channel_id,
+                                [("NotifyType", "121")])
+        request = call.dialog.request("MESSAGE", via=self.ep.via(call.sip_transport), body=body,
+                                      content_type=CONTENT_TYPE)
+        self.vendor.shape(request)
+        self.stats.media_status_sent += 1
+
+        async def send() -> None:
+            try:
+                await self.ep.request(request, call.addr, call.sip_transport,
+                                      timeout=self.cfg.request_timeout or 32.0)
+            except (SipTimeoutError, SipTransportError) as exc:
+                self.last_error = f"MediaStatus: {exc}"
+        self.fleet.spawn(send())
 
     def on_cancel(self, call: LiveCall) -> None:
         """The platform CANCELled the INVITE before our final answer: 487 and forget the call."""
@@ -1029,11 +1103,32 @@ async def _nothing() -> None:
     return None
 
 
+#: Bytes per recorded second announced in a history answer's a=filesize (§9.9.1).
+_FILE_BYTES_PER_S = 250_000
+
+
+def _history_plan(offer: SessionDescription) -> tuple[str, int, int, float] | None:
+    """(Playback|Download, start, end, scale) of a history offer (Annex F: ``u=``, ``t=`` in
+    Unix seconds, ``a=downloadspeed``), None for live video. SdpError for a bad range."""
+    name = offer.session_name.strip().lower()
+    if name not in ("playback", "download"):
+        return None
+    if not 0 < offer.start < offer.stop:
+        raise SdpError(f"t={offer.start} {offer.stop} is not a time range")
+    scale = 1.0
+    video = offer.video
+    if name == "download" and video is not None:
+        speed = dict(video.attributes).get("downloadspeed") or "1"
+        scale = float(speed) if speed.strip().isdigit() and 1 <= int(speed) <= 32 else 1.0
+    return ("Playback" if name == "playback" else "Download"), offer.start, offer.stop, scale
+
+
 def _media_plan(offer: SessionDescription) -> tuple[str, str | None, tuple[str, int], str | None]:
     """What an Annex F offer asks of the device: (transport, the device's TCP role, where to send,
     the offered ``y=`` or None). Raises SdpError for anything a camera here cannot serve."""
-    if offer.session_name.strip().lower() not in ("play", ""):
-        raise SdpError(f"s={offer.session_name}: only live video (s=Play) is simulated")
+    if offer.session_name.strip().lower() not in ("play", "playback", "download", ""):
+        raise SdpError(f"s={offer.session_name}: only Play, Playback and Download are simulated")
+    _history_plan(offer)  # a bad range is refused with the rest
     video = offer.video
     if video is None:
         raise SdpError("no m=video line")

@@ -358,6 +358,36 @@ def whole_tags(flv: bytes) -> bytes:
     return flv[:pos]
 
 
+def avcc_to_annexb(data: bytes) -> bytes:
+    """An FLV/MP4 video packet (4-byte lengths) as Annex-B (start codes)."""
+    out, pos = bytearray(), 0
+    while pos + 4 <= len(data):
+        n = int.from_bytes(data[pos:pos + 4], "big")
+        out += b"\x00\x00\x00\x01" + data[pos + 4:pos + 4 + n]
+        pos += 4 + n
+    return bytes(out)
+
+
+def video_timeline(flv: bytes) -> list[tuple[float, bool, tuple[int, int] | None]]:
+    """(FLV timestamp in s, keyframe, simulator SEI (counter, ns) or None) of every video frame
+    of an FLV capture, each decoded by FFmpeg on the way (a decode error raises)."""
+    import io
+
+    import av
+
+    from simulators.media import parse_sim_sei
+    out = []
+    with av.open(io.BytesIO(whole_tags(flv)), format="flv") as container:
+        stream = container.streams.video[0]
+        for packet in container.demux(stream):
+            if not packet.size:
+                continue
+            packet.decode()
+            ts = float(packet.pts * packet.time_base) if packet.pts is not None else 0.0
+            out.append((ts, bool(packet.is_keyframe), parse_sim_sei(avcc_to_annexb(bytes(packet)))))
+    return out
+
+
 def decode_video(flv: bytes) -> list:
     """Every video frame of an FLV capture decoded by FFmpeg (PyAV); a decode error raises."""
     import io

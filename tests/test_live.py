@@ -25,7 +25,7 @@ from media.rtp import parse_rtp
 from simulators.fleet import Fleet, FleetConfig
 from simulators.media import parse_sim_sei
 
-from .conftest import TOKEN, wait_for
+from .conftest import TOKEN, avcc_to_annexb, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -67,15 +67,6 @@ async def read_flv(server: GbServer, channel_id: str, seconds: float, *, query: 
                     break
                 data += chunk
     return bytes(data)
-
-
-def avcc_to_annexb(data: bytes) -> bytes:
-    out, pos = bytearray(), 0
-    while pos + 4 <= len(data):
-        n = int.from_bytes(data[pos:pos + 4], "big")
-        out += b"\x00\x00\x00\x01" + data[pos + 4:pos + 4 + n]
-        pos += 4 + n
-    return bytes(out)
 
 
 def decode_flv(data: bytes) -> tuple[list, list[int]]:

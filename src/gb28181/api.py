@@ -26,10 +26,10 @@ from registry.models import CHANNEL_STATES, Channel, Device
 
 from .ids import IdError, parse_id
 from .metrics import CONTENT_TYPE, render
-from .nodes import NodeCallError
+from .nodes import MediaLeg, NodeCallError
 from .queries import QueryError
 from .registrar import BEIJING
-from .streams import LiveStream, PlayError
+from .streams import PlayError
 from .timeparse import parse_when
 
 if TYPE_CHECKING:
@@ -538,18 +538,18 @@ class PlayBody(BaseModel):
     transport: str | None = Field(None, pattern="^(udp|tcp-passive|tcp-active)$")
 
 
-def _play_urls(request: web.Request, server: GbServer, live: LiveStream) -> dict[str, Any]:
+def _play_urls(request: web.Request, server: GbServer, leg: MediaLeg) -> dict[str, Any]:
     """Signed URLs of the stream on the node that carries it, and ``server_flv``, the server's
     URL that always leads to the stream's current node (reconnect there after a node loss)."""
     ttl = server.config.media.play_token_ttl
     expires = int(time.time()) + ttl
-    channel_id = live.channel_id
-    server_flv = f"http://{request.host}/live/{channel_id}.flv?{play_query(server.api_token, channel_id, expires)}"
+    key = leg.key
+    server_flv = f"http://{request.host}/live/{key}.flv?{play_query(server.api_token, key, expires)}"
     host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
-    on_node = live.leg.play_url(host, ttl)
+    on_node = leg.play_url(host, ttl)
     return {"http_flv": on_node or server_flv,
-            "ws_flv": live.leg.play_url(host, ttl, scheme="ws") or "ws" + server_flv[4:],
-            "server_flv": server_flv, "node": live.leg.node.name, "expires_at": _iso(expires)}
+            "ws_flv": leg.play_url(host, ttl, scheme="ws") or "ws" + server_flv[4:],
+            "server_flv": server_flv, "node": leg.node.name, "expires_at": _iso(expires)}
 
 
 async def play_channel(request: web.Request) -> web.Response:
@@ -567,12 +567,14 @@ async def play_channel(request: web.Request) -> web.Response:
     server.audit.record("play", who=who, source=source, target=channel_id, transport=live.transport)
     return web.json_response({"stream_id": live.stream_id, "channel_id": channel_id,
                               "transport": live.transport,
-                              "urls": _play_urls(request, server, live)})
+                              "urls": _play_urls(request, server, live.leg)})
 
 
 async def list_streams(request: web.Request) -> web.Response:
-    streams = _server(request).streams
-    return web.json_response({"streams": await streams.describe(list(streams.live.values()))})
+    server = _server(request)
+    streams, playbacks = server.streams, server.playbacks
+    live = [dict(s, kind="live") for s in await streams.describe(list(streams.live.values()))]
+    return web.json_response({"streams": live + await playbacks.describe(list(playbacks.active.values()))})
 
 
 def _stream_or_404(request: web.Request):
@@ -584,18 +586,91 @@ def _stream_or_404(request: web.Request):
 
 
 async def get_stream(request: web.Request) -> web.Response:
+    server = _server(request)
+    playback = server.playbacks.get(request.match_info["stream_id"])
+    if playback is not None:
+        (out,) = await server.playbacks.describe([playback])
+        return web.json_response(out)
     live = _stream_or_404(request)
-    (out,) = await _server(request).streams.describe([live])
-    return web.json_response(out)
+    (out,) = await server.streams.describe([live])
+    return web.json_response(dict(out, kind="live"))
 
 
 async def stop_stream(request: web.Request) -> web.Response:
-    live = _stream_or_404(request)
     server = _server(request)
     who, source = _who(request)
+    stream_id = request.match_info["stream_id"]
+    if stream_id in server.playbacks.active:
+        await server.playbacks.close(stream_id, "stopped through the API")
+        server.audit.record("stop", who=who, source=source, target=stream_id)
+        return web.json_response({"stopped": stream_id})
+    live = _stream_or_404(request)
     await server.streams.close(live.channel_id, "stopped through the API")
     server.audit.record("stop", who=who, source=source, target=live.channel_id)
     return web.json_response({"stopped": live.stream_id})
+
+
+class PlaybackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    start: str = Field(min_length=1, max_length=40, description="ISO 8601 (no offset: Beijing time) "
+                       "or Unix seconds")
+    end: str = Field(min_length=1, max_length=40)
+    transport: str | None = Field(None, pattern="^(udp|tcp-passive|tcp-active)$")
+
+
+def _range(body: PlaybackBody) -> tuple[float, float]:
+    try:
+        return parse_when(body.start), parse_when(body.end)
+    except ValueError as exc:
+        raise _bad(str(exc)) from None
+
+
+async def open_playback(request: web.Request) -> web.Response:
+    """GB/T 28181-2016 §9.8: play a recorded range of a channel, in a stream of its own."""
+    server = _server(request)
+    channel_id = request.match_info["channel_id"]
+    body = await _body(request, PlaybackBody)
+    assert isinstance(body, PlaybackBody)
+    start, end = _range(body)
+    who, source = _who(request)
+    try:
+        pb = await server.playbacks.open(channel_id, start, end, body.transport)
+    except PlayError as exc:
+        server.audit.record("playback-failed", who=who, source=source, target=channel_id,
+                            error=str(exc))
+        return _error(exc.http_status, str(exc))
+    server.audit.record("playback", who=who, source=source, target=channel_id,
+                        stream=pb.stream_id, start=_iso(pb.start), end=_iso(pb.end),
+                        transport=pb.transport)
+    return web.json_response({"stream_id": pb.stream_id, "channel_id": channel_id,
+                              "transport": pb.transport, "start": _iso(pb.start), "end": _iso(pb.end),
+                              "urls": _play_urls(request, server, pb.leg)})
+
+
+class ControlBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    action: str = Field(pattern="^(pause|resume|seek|speed)$")
+    offset: float | None = Field(None, ge=0, description="seek: seconds from the start of the range")
+    scale: float | None = Field(None, description="speed: 0.25 to 8")
+
+
+async def control_stream(request: web.Request) -> web.Response:
+    """Annex B: pause, resume, seek or change the speed of a playback."""
+    server = _server(request)
+    stream_id = request.match_info["stream_id"]
+    body = await _body(request, ControlBody)
+    assert isinstance(body, ControlBody)
+    if stream_id in server.streams.live:
+        return _error(409, f"{stream_id} is live video; only playbacks take pause, seek and speed")
+    who, source = _who(request)
+    try:
+        pb = await server.playbacks.control(stream_id, body.action, offset=body.offset, scale=body.scale)
+    except PlayError as exc:
+        return _error(exc.http_status, str(exc))
+    server.audit.record("control", who=who, source=source, target=stream_id, command=body.action,
+                        offset=body.offset, scale=body.scale)
+    (out,) = await server.playbacks.describe([pb])
+    return web.json_response(out)
 
 
 async def live_flv(request: web.Request) -> web.StreamResponse:
@@ -605,12 +680,16 @@ async def live_flv(request: web.Request) -> web.StreamResponse:
     server = _server(request)
     channel_id = request.match_info["channel_id"]
     who, source = _who(request)
+    playback = server.playbacks.active.get(channel_id)  # a playback's stream ID, not a channel
     try:
-        live = await server.streams.play(channel_id)
+        live = playback or await server.streams.play(channel_id)
     except PlayError as exc:
         server.audit.record("view-failed", who=who, source=source, target=channel_id, error=str(exc))
         return _error(exc.http_status, str(exc))
-    server.streams.viewer_joined(channel_id)
+    if playback is not None:
+        server.playbacks.viewer_joined(channel_id)
+    else:
+        server.streams.viewer_joined(channel_id)
     websocket = request.headers.get("Upgrade", "").lower() == "websocket"
     host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
     elsewhere = live.leg.play_url(host, server.config.media.play_token_ttl,
@@ -702,6 +781,8 @@ def make_app(server: GbServer) -> web.Application:
     app.router.add_post("/api/v1/streams/{stream_id}/forwards", add_forward)
     app.router.add_get("/api/v1/audit", audit_log)
     app.router.add_get("/api/v1/nodes", list_nodes)
+    app.router.add_post("/api/v1/channels/{channel_id}/playback", open_playback)
+    app.router.add_post("/api/v1/streams/{stream_id}/control", control_stream)
     app.router.add_get(LINK_PATH, _server_nodes_link)
     app.router.add_get("/live/{channel_id}.flv", live_flv)
     return app

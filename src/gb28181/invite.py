@@ -49,12 +49,22 @@ from .sip.message import SipRequest, SipResponse, make_response, new_call_id, ne
 from .sip.netroute import LocalAddresses
 from .sip.transaction import Addr, RequestReceived
 
-__all__ = ["InviteError", "InviteManager", "MediaSession", "NODE_LOST", "TRANSPORTS"]
+__all__ = ["History", "InviteError", "InviteManager", "MediaSession", "NODE_LOST", "TRANSPORTS"]
 
 log = logging.getLogger("gb28181.invite")
 
 TRANSPORTS = ("udp", "tcp-passive", "tcp-active")
 NODE_LOST = 1  # InviteError.status when the media node went away, not the device
+
+
+@dataclass(slots=True, frozen=True)
+class History:
+    """What a Playback or Download INVITE asks for: a recorded range (Unix seconds)."""
+
+    kind: str  # Playback | Download
+    start: int
+    end: int
+    speed: int = 1  # a=downloadspeed (Download only)
 
 
 class InviteError(RuntimeError):
@@ -86,6 +96,9 @@ class MediaSession:
     closed: bool = False
     close_reason: str = ""
     on_close: Callable[[MediaSession], None] | None = None
+    kind: str = "Play"  # Play | Playback | Download (Annex F s=)
+    #: MediaStatus 121 arrived in this dialog (the device sent the whole range, §9.8.2).
+    on_file_end: Callable[[MediaSession], None] | None = None
 
     @property
     def sip_transport(self) -> str:
@@ -122,7 +135,8 @@ class InviteManager:
         s = self.config.server
         return f"sip:{s.id}@{s.domain}"
 
-    def _offer(self, transport: str, port: int, ssrc: str, media_host: str) -> bytes:
+    def _offer(self, transport: str, port: int, ssrc: str, media_host: str, history: History | None,
+               channel_id: str) -> bytes:
         if transport == "udp":
             media = MediaDescription(port=port, proto="RTP/AVP", formats=[96, 97, 98],
                                      rtpmap={96: "PS/90000", 97: "MPEG4/90000", 98: "H264/90000"},
@@ -136,6 +150,13 @@ class InviteManager:
         sd = SessionDescription(origin_user=self.config.server.id, origin_addr=media_host,
                                 session_name="Play", connection_addr=media_host,
                                 media=[media], ssrc=ssrc)
+        if history is not None:
+            # Annex F: s=Playback|Download, u=<channel>:0, t=<start> <end> in Unix seconds,
+            # and for a download a=downloadspeed (§9.9).
+            sd.session_name, sd.uri = history.kind, f"{channel_id}:0"
+            sd.start, sd.stop = history.start, history.end
+            if history.kind == "Download":
+                media.attributes.append(("downloadspeed", str(history.speed)))
         return build_sdp(sd)
 
     def _spawn(self, coro) -> None:
@@ -150,18 +171,21 @@ class InviteManager:
             self.endpoint.flush()
 
     # -- opening ---------------------------------------------------------------------------
-    async def open(self, channel: Channel, device: Device, transport: str, leg: MediaLeg) -> MediaSession:
-        """Play ``channel`` of ``device`` into ``leg``; returns once the first RTP packet arrived."""
+    async def open(self, channel: Channel, device: Device, transport: str, leg: MediaLeg,
+                   history: History | None = None) -> MediaSession:
+        """Play ``channel`` of ``device`` (live, or the ``history`` range) into ``leg``; returns
+        once the first RTP packet arrived."""
         if transport not in TRANSPORTS:
             raise InviteError(f"unknown media transport {transport!r}; use one of {', '.join(TRANSPORTS)}")
         if not device.online or not device.host:
             raise InviteError(f"device {device.device_id} is offline", 480)
         media_cfg = self.config.media
-        ssrc = self.ssrcs.allocate()
+        ssrc = self.ssrcs.allocate(history=history is not None)  # Annex F: y= 1... for history
         target = device_target(device)
         session = MediaSession(
             channel_id=channel.channel_id, device_id=device.device_id, transport=transport,
-            ssrc=ssrc, call_id=new_call_id(), target=target, leg=leg)
+            ssrc=ssrc, call_id=new_call_id(), target=target, leg=leg,
+            kind=history.kind if history else "Play")
         try:
             try:
                 opened = await leg.call("open", transport=transport, ssrc=int(ssrc), source_host=device.host)
@@ -179,7 +203,8 @@ class InviteManager:
                 contact=self.endpoint.contact(self.config.server.id, sip_transport, peer=peer),
                 headers={"subject": f"{channel.channel_id}:{ssrc},{self.config.server.id}:0"},
                 body=self._offer(transport, port, ssrc,
-                                 leg.node.media_address() or self.media_addresses.for_peer(peer)),
+                                 leg.node.media_address() or self.media_addresses.for_peer(peer),
+                                 history, channel.channel_id),
                 content_type="APPLICATION/SDP", user_agent="gb28181")
             self.sessions[session.call_id] = session
             self.invites_sent += 1
@@ -363,6 +388,37 @@ class InviteManager:
                 if device is not None else (session.ack_target or session.target)
             await self._bye(session.dialog, target, bye_timeout)
         log.info("closed %s (%s): %s", session.channel_id, session.transport, reason)
+
+    async def info(self, session: MediaSession, body: bytes, content_type: str,
+                   timeout: float = 5.0) -> SipResponse:
+        """An in-dialog INFO (playback control, Annex B); the device's final response."""
+        if session.dialog is None or session.closed:
+            raise InviteError(f"the dialog of {session.channel_id} is not up", 481)
+        device = self._device(session.device_id)
+        target = dialog_target(self.endpoint, device, session.dialog, session.sip_transport) \
+            if device is not None else (session.ack_target or session.target)
+        info = session.dialog.request("INFO", via=self.endpoint.via(target.transport, peer=target.addr[0]),
+                                      body=body, content_type=content_type, user_agent="gb28181")
+        try:
+            return await self.endpoint.request(info, target.addr, target.transport, timeout=timeout,
+                                               fallback=target.fallback)
+        except SipTimeoutError:
+            raise InviteError(f"{session.device_id} did not answer the INFO within {timeout:g} s", 408) from None
+        except SipTransportError as exc:
+            raise InviteError(str(exc), 503) from None
+
+    def media_status(self, call_id: str, notify_type: str) -> bool:
+        """A MediaStatus Notify inside one of our dialogs (matched by Call-ID: its From may not
+        be a registered device); 121 = the device sent the whole range (§9.8.2). True if ours."""
+        session = self.sessions.get(call_id)
+        if session is None:
+            return False
+        if notify_type.strip() == "121" and session.on_file_end is not None:
+            try:
+                session.on_file_end(session)
+            except Exception:
+                log.exception("on_file_end of %s", session.channel_id)
+        return True
 
     def handle_bye(self, ev: RequestReceived) -> None:
         """A BYE from the device: 200, then tear the session down."""

@@ -51,6 +51,9 @@ class MessageHandler:
         self.counters = counters
         self.collector = collector
         self.on_catalog_notify = on_catalog_notify
+        #: (Call-ID, NotifyType) of a MediaStatus Notify → True when it belongs to one of our
+        #: playback dialogs (set by the server).
+        self.on_media_status: Callable[[str, str], bool] | None = None
         self.clock = clock
 
     def handle(self, ev: RequestReceived) -> None:
@@ -73,6 +76,12 @@ class MessageHandler:
             reply(400, f"Bad Request: {str(exc)[:100]}".replace("\r", " ").replace("\n", " "))
             return
         counters.messages[msg.cmd_type if len(counters.messages) < 64 else "other"] += 1
+        if (msg.root == "Notify" and msg.cmd_type == "MediaStatus" and self.on_media_status is not None
+                and self.on_media_status(req.call_id, msg.text("NotifyType"))):
+            # §9.8.2: sent inside the playback dialog; matched by Call-ID, since the From of a
+            # Hikvision NVR's is not always the channel or a registered device.
+            reply(200)
+            return
         sender = user_of(req.headers["from"][0]) or msg.device_id
         device = self.registry.get(sender)
         if device is None:

@@ -25,7 +25,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import WSMsgType, web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -186,13 +186,24 @@ class RemoteNode(NodeHandle):
                 "public_url": h.public_url}
 
 
+class LegOwner(Protocol):
+    """Who opened a stream (live streams, playbacks) hears what its node says of it."""
+
+    def leg_idle(self, leg: MediaLeg) -> None: ...
+
+    def leg_stopped(self, leg: MediaLeg, why: str) -> None: ...
+
+    def legs_lost(self, node: NodeHandle, legs: list[MediaLeg]) -> None: ...
+
+
 class MediaLeg:
     """One stream on one node, from the server's side: commands out, the node's events in."""
 
-    def __init__(self, manager: NodeManager, node: NodeHandle, key: str) -> None:
+    def __init__(self, manager: NodeManager, node: NodeHandle, key: str, owner: LegOwner | None) -> None:
         self.manager = manager
         self.node = node
         self.key = key
+        self.owner = owner
         self.first_packet = asyncio.Event()  # also set when the node is lost (see node_lost)
         self.peer: tuple[str, int] | None = None
         self.released = False
@@ -235,11 +246,9 @@ class NodeManager:
         self.nodes: dict[str, NodeHandle] = {}
         self.local: LocalNode | None = None
         self.joined = asyncio.Condition()
-        # Set by the stream manager and the server:
-        self.on_idle: Callable[[MediaLeg], None] | None = None
-        self.on_media_stopped: Callable[[MediaLeg, str], None] | None = None
+        # Set by the server: views on a node are audited there.
         self.on_viewer: Callable[[MediaLeg, dict], None] | None = None
-        self.on_node_lost: Callable[[NodeHandle, list[MediaLeg]], None] | None = None
+        self.stopping = False  # the server is stopping: lost nodes' streams are not moved
         self._ids = itertools.count(1)
         self.lost_total = 0
 
@@ -295,13 +304,14 @@ class NodeManager:
                                 "its --max-streams")
         return min(candidates, key=lambda n: (len(n.legs) / n.max_streams + min(n.cpu, 1.0), n.node_id))
 
-    async def allocate(self, key: str, exclude: NodeHandle | None = None) -> MediaLeg:
+    async def allocate(self, key: str, owner: LegOwner | None = None,
+                       exclude: NodeHandle | None = None) -> MediaLeg:
         """A leg for stream ``key`` on the node ``choose`` picks. With no node linked at all
         (the workers are still starting, or being restarted) it waits ``NO_NODE_WAIT`` first."""
         if not self.alive():
             await self.wait_for_nodes(1, NO_NODE_WAIT)
         node = self.choose(exclude)
-        leg = MediaLeg(self, node, key)
+        leg = MediaLeg(self, node, key, owner)
         old = node.legs.get(key)
         if old is not None:
             old.released = True
@@ -326,10 +336,10 @@ class NodeManager:
             peer = ev.get("peer")
             leg.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, (list, tuple)) and len(peer) == 2 else None
             leg.first_packet.set()
-        elif kind == "idle" and self.on_idle is not None:
-            self.on_idle(leg)
-        elif kind == "media_stopped" and self.on_media_stopped is not None:
-            self.on_media_stopped(leg, f"no RTP for {ev.get('age', '?')} s")
+        elif kind == "idle" and leg.owner is not None:
+            leg.owner.leg_idle(leg)
+        elif kind == "media_stopped" and leg.owner is not None:
+            leg.owner.leg_stopped(leg, f"no RTP for {ev.get('age', '?')} s")
         elif kind == "viewer" and self.on_viewer is not None:
             self.on_viewer(leg, ev)
 
@@ -388,8 +398,14 @@ class NodeManager:
             leg.first_packet.set()  # an INVITE waiting for this node's first packet gives up now
         self.lost_total += 1
         log.warning("media node %s (%s) is gone, with %d streams", node.name, node.node_id, len(legs))
-        if legs and self.on_node_lost is not None:
-            self.on_node_lost(node, legs)
+        if self.stopping:
+            return
+        owners: dict[int, tuple[LegOwner, list[MediaLeg]]] = {}
+        for leg in legs:
+            if leg.owner is not None:
+                owners.setdefault(id(leg.owner), (leg.owner, []))[1].append(leg)
+        for owner, owned in owners.values():
+            owner.legs_lost(node, owned)
 
     def as_list(self) -> list[dict]:
         return [n.as_dict() for n in self.nodes.values()]

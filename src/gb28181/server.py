@@ -30,6 +30,7 @@ from .invite import InviteManager
 from .messages import MessageHandler
 from .metrics import ServerCollector, make_registry
 from .nodes import MediaLeg, NodeManager
+from .playback import PlaybackManager
 from .presence import Presence
 from .queries import DeviceQueries
 from .registrar import Registrar, stateless_request
@@ -86,6 +87,8 @@ class GbServer:
         self.invites = InviteManager(config=config, endpoint=self.endpoint, registry=self.registry)
         self.streams = StreamManager(config=config, registry=self.registry, channels=self.channels,
                                      invites=self.invites, nodes=self.nodes)
+        self.playbacks = PlaybackManager(config=config, registry=self.registry, channels=self.channels,
+                                         invites=self.invites, nodes=self.nodes)
         self.audit = AuditLog(config.data_dir / "audit.log")
         self.registrar = Registrar(config=config, registry=self.registry, presence=self.presence,
                                    endpoint=self.endpoint, counters=self.counters,
@@ -95,6 +98,7 @@ class GbServer:
                                        endpoint=self.endpoint, queries=self.queries,
                                        counters=self.counters, collector=self.collector,
                                        on_catalog_notify=self.sync.apply_notify)
+        self.messages.on_media_status = self.invites.media_status
         self.metrics_registry = make_registry(ServerCollector(
             counters=self.counters, endpoint=self.endpoint, registry=self.registry,
             extra=self._channel_metrics))
@@ -176,7 +180,8 @@ class GbServer:
                 "media_address": self.invites.media_addresses.default}
 
     async def stop(self) -> None:
-        self.nodes.on_node_lost = None  # streams are ending, not moving
+        self.nodes.stopping = True  # streams are ending, not moving
+        await self.playbacks.stop()
         await self.streams.stop()
         if self.workers is not None:
             await self.workers.stop()
@@ -266,6 +271,7 @@ class GbServer:
     def _viewer(self, leg: MediaLeg, event: dict) -> None:
         """A viewer opened a stream on its node: it counts as watching; audited."""
         self.streams.viewer_joined(leg.key)
+        self.playbacks.viewer_joined(leg.key)
         self.audit.record("view", who="play-url", source=str(event.get("remote", "")),
                           target=leg.key, output=str(event.get("output", "")), node=leg.node.name)
 

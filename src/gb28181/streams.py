@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 
 from registry.channels import ChannelRegistry
 from registry.devices import DeviceRegistry
-from registry.models import Device, StatusEvent
+from registry.models import Channel, Device, StatusEvent
 
 from .config import Config
 from .invite import NODE_LOST, TRANSPORTS, InviteError, InviteManager, MediaSession
 from .nodes import MediaLeg, NodeCallError, NodeHandle, NodeManager
 
-__all__ = ["LiveStream", "PlayError", "StreamManager"]
+__all__ = ["LiveStream", "PlayError", "StreamManager", "play_error", "resolve_channel"]
 
 log = logging.getLogger("gb28181.streams")
 
@@ -70,6 +70,30 @@ class LiveStream:
         }
 
 
+def resolve_channel(channels: ChannelRegistry, registry: DeviceRegistry,
+                    channel_id: str) -> tuple[Channel, Device]:
+    """The channel to INVITE and its device, online; PlayError (404/409) says why not."""
+    channel = channels.get(channel_id)
+    device = registry.get(channel.device_id) if channel else None
+    if channel is None:
+        # An IPC may be played by its device ID before its catalog is in.
+        device = registry.get(channel_id)
+        if device is None:
+            raise PlayError(f"no channel {channel_id}", 404)
+        channel = Channel(channel_id=channel_id, device_id=device.device_id)
+    if device is None:
+        raise PlayError(f"the device of channel {channel_id} is unknown", 404)
+    if not device.online:
+        raise PlayError(f"device {device.device_id} of channel {channel_id} is offline", 409)
+    return channel, device
+
+
+def play_error(exc: InviteError) -> PlayError:
+    """The API's answer to a failed INVITE: the device's refusal, or why there was none."""
+    status = {404: 404, 480: 409, 408: 504, 503: 503, NODE_LOST: 503}.get(exc.status or 0, 502)
+    return PlayError(str(exc), status)
+
+
 class StreamManager:
     """See the module docstring."""
 
@@ -85,9 +109,6 @@ class StreamManager:
         self._opening: dict[str, asyncio.Task] = {}
         self._tasks: set[asyncio.Task] = set()
         registry.add_listener(self._device_changed)
-        nodes.on_idle = lambda leg: self._on_idle(leg.key, leg)
-        nodes.on_media_stopped = self._media_stopped
-        nodes.on_node_lost = self._node_lost
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -121,24 +142,12 @@ class StreamManager:
 
     async def _open(self, channel_id: str, transport: str | None,
                     exclude: NodeHandle | None = None) -> LiveStream:
-        channel = self.channels.get(channel_id)
-        device = self.registry.get(channel.device_id) if channel else None
-        if channel is None:
-            # An IPC may be played by its device ID before its catalog is in.
-            device = self.registry.get(channel_id)
-            if device is None:
-                raise PlayError(f"no channel {channel_id}", 404)
-            from registry.models import Channel
-            channel = Channel(channel_id=channel_id, device_id=device.device_id)
-        if device is None:
-            raise PlayError(f"the device of channel {channel_id} is unknown", 404)
-        if not device.online:
-            raise PlayError(f"device {device.device_id} of channel {channel_id} is offline", 409)
+        channel, device = resolve_channel(self.channels, self.registry, channel_id)
         if len(self.live) >= self.config.media.max_streams:
             raise PlayError(f"{len(self.live)} streams are live (media.max_streams)", 503)
         chosen = self.transport_for(device, transport)
         try:
-            leg = await self.nodes.allocate(channel_id, exclude=exclude)
+            leg = await self.nodes.allocate(channel_id, self, exclude=exclude)
         except NodeCallError as exc:
             raise PlayError(str(exc), 503) from None
         live = LiveStream(channel_id, device.device_id, chosen, leg)
@@ -148,8 +157,7 @@ class StreamManager:
             if exc.status == NODE_LOST and exclude is None:
                 log.info("%s: %s; opening it on another node", channel_id, exc)
                 return await self._open(channel_id, transport, exclude=leg.node)
-            status = {404: 404, 480: 409, 408: 504, 503: 503, NODE_LOST: 503}.get(exc.status or 0, 502)
-            raise PlayError(str(exc), status) from None
+            raise play_error(exc) from None
         live.session.on_close = lambda s, c=channel_id: self._session_closed(c, s)
         live.live_at = time.time()
         self.live[channel_id] = live
@@ -196,12 +204,16 @@ class StreamManager:
         if viewers == 0 and self.live.get(live.channel_id) is live and live.grace is None:
             await self.close(live.channel_id, "no viewers")
 
-    def _media_stopped(self, leg: MediaLeg, why: str) -> None:
+    # -- what the nodes say (nodes.LegOwner) ---------------------------------------------------
+    def leg_idle(self, leg: MediaLeg) -> None:
+        self._on_idle(leg.key, leg)
+
+    def leg_stopped(self, leg: MediaLeg, why: str) -> None:
         live = self.live.get(leg.key)
         if live is not None and live.leg is leg:
             self._spawn(self.close(leg.key, why))
 
-    def _node_lost(self, node: NodeHandle, legs: list[MediaLeg]) -> None:
+    def legs_lost(self, node: NodeHandle, legs: list[MediaLeg]) -> None:
         """Open the streams of a lost node again on another one (a new INVITE each)."""
         for leg in legs:
             live = self.live.get(leg.key)

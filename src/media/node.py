@@ -16,7 +16,8 @@ Commands (``stream`` is the stream's key, the channel ID for live video):
 - ``connect {stream, hosts, port, timeout}``: we are the TCP client (RFC 4145 ``setup:active``,
   or a device that answered passive to our passive offer). → ``{peer}``.
 - ``close {stream, reason}``, ``forward {stream, host, port, transport, ssrc}`` (RTP out, for
-  a cascade), ``streams`` (health of every stream), ``viewers {stream}``, ``load``.
+  a cascade), ``streams`` (health of every stream; ``elapsed``: media seconds since the start
+  or the last ``mark``), ``mark {stream}`` (a playback seeks), ``viewers {stream}``, ``load``.
 
 Events: ``first_packet {stream, peer}`` (the device's media arrived: the server's INVITE is
 done), ``idle {stream}`` (the last viewer left: the server starts its grace period),
@@ -38,6 +39,7 @@ from typing import Any
 from .forward import RtpForwarder
 from .hub import Stream
 from .ingest import RtpIngest
+from .packet import MediaPacket
 from .receiver import MediaReceiver, TcpHandle, UdpHandle
 
 __all__ = ["MediaNode", "NodeError", "NodeStream", "TRANSPORTS"]
@@ -59,13 +61,32 @@ class NodeStream:
     transport: str
     ssrc: int
     source_host: str | None
-    ingest: RtpIngest
     hub: Stream
+    ingest: RtpIngest = field(init=False)  # RTP in, access units out to ``publish``
     handle: UdpHandle | TcpHandle | None = None
     forwards: list[RtpForwarder] = field(default_factory=list)
     opened_at: float = field(default_factory=time.time)
     first_task: asyncio.Task | None = None
     bytes_seen: int = 0  # ingest bytes at the last load report, for the bitrate
+    # 90 kHz timestamps of the newest packet and of the first one since the last ``mark``: how
+    # far a playback has come since its start or its last seek (``info`` "elapsed").
+    last_ts: int | None = None
+    mark_ts: int | None = None
+
+    def __post_init__(self) -> None:
+        self.ingest = RtpIngest(self.publish, expected_ssrc=self.ssrc)
+
+    def publish(self, packet: MediaPacket) -> None:
+        self.hub.publish(packet)
+        self.last_ts = packet.timestamp
+        if self.mark_ts is None:
+            self.mark_ts = packet.timestamp
+
+    @property
+    def elapsed(self) -> float | None:
+        if self.last_ts is None or self.mark_ts is None:
+            return None
+        return ((self.last_ts - self.mark_ts) & 0xFFFFFFFF) / 90000
 
 
 def _str(args: dict, name: str) -> str:
@@ -111,7 +132,7 @@ class MediaNode:
         self._ops: dict[str, Callable[[dict], Any]] = {
             "open": self._open, "add_ssrc": self._add_ssrc, "connect": self._connect,
             "close": self._close, "forward": self._forward, "streams": self._streams,
-            "viewers": self._viewers, "load": lambda _args: self.load(),
+            "viewers": self._viewers, "mark": self._mark, "load": lambda _args: self.load(),
         }
 
     async def start(self) -> None:
@@ -171,8 +192,8 @@ class MediaNode:
             self._emit({"event": "idle", "stream": key})
 
         hub = Stream(key, on_idle=idle)
-        ingest = RtpIngest(hub.publish, expected_ssrc=ssrc)
-        ns = NodeStream(key, transport, ssrc, source_host, ingest, hub)
+        ns = NodeStream(key, transport, ssrc, source_host, hub)
+        ingest = ns.ingest
         try:
             if transport == "udp":
                 ns.handle = self.receiver.expect_udp(ssrc, ingest, source_host=source_host)
@@ -273,7 +294,7 @@ class MediaNode:
         return {"stream": ns.key, "transport": ns.transport, "ssrc": ns.ssrc,
                 "viewers": ns.hub.consumer_count, "media_from": handle.peer if handle else None,
                 "ssrcs": list(handle.ssrcs) if handle else [],
-                "health": ns.ingest.stats.as_dict(now),
+                "health": ns.ingest.stats.as_dict(now), "elapsed": ns.elapsed,
                 "forwards": [{"to": f"{fwd.transport}://{fwd.host}:{fwd.port}", "ssrc": fwd.ssrc,
                               "running": fwd.running, "packets_sent": fwd.packets_sent,
                               "frames_sent": fwd.frames_sent,
@@ -282,6 +303,11 @@ class MediaNode:
     def _streams(self, args: dict) -> dict:
         now = time.monotonic()
         return {"streams": {key: self.info(ns, now) for key, ns in self.streams.items()}}
+
+    def _mark(self, args: dict) -> dict:
+        """Count ``elapsed`` from the next packet (a playback was sought)."""
+        self.stream(_str(args, "stream")).mark_ts = None
+        return {}
 
     def _viewers(self, args: dict) -> dict:
         ns = self.streams.get(_str(args, "stream"))

@@ -1,0 +1,309 @@
+"""History on the device: playback dialogs and their control (GB/T 28181-2016 §9.8, Annex B).
+
+``PlaybackManager.open`` plays a recorded range of a channel: a ``Playback`` INVITE (Annex F:
+``s=Playback``, ``u=<channel>:0``, ``t=<start> <end>``, a history ``y=`` SSRC) into a stream of
+its own on a media node. Unlike live video a playback is never shared: each call gets a new
+stream ID, and its viewers fetch it like a live stream (HTTP-FLV, WS-FLV; the node's FLV
+timestamps run on across seeks and pauses).
+
+``control`` sends MANSRTSP in an INFO of the dialog (Annex B, ``mansrtsp``): pause, resume,
+seek (``Range: npt=`` seconds from the start of the range) and speed (``Scale``). Where the
+playback is, in recorded time, is the range start plus the last seek plus the media time the
+node has received since (its ``elapsed``: the device's timestamps run in recorded time, so a
+faster scale advances it faster). The device's MediaStatus 121 (§9.8.2) ends the playback:
+BYE, the node ends the stream for its viewers, and the API keeps the reason. A playback nobody
+watches for ``media.idle_grace`` seconds is closed, as a live stream is; one whose node is
+lost is opened again on another node from where it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from registry.channels import ChannelRegistry
+from registry.devices import DeviceRegistry
+
+from . import mansrtsp
+from .config import Config
+from .invite import History, InviteError, InviteManager, MediaSession
+from .nodes import MediaLeg, NodeCallError, NodeHandle, NodeManager
+from .registrar import BEIJING
+from .streams import TRANSPORTS, PlayError, play_error, resolve_channel
+
+__all__ = ["Playback", "PlaybackManager", "MAX_RANGE"]
+
+log = logging.getLogger("gb28181.playback")
+
+MAX_RANGE = 7 * 86400  # seconds one playback may span
+_RECENT = 200  # ended playbacks the API still describes (with why they ended)
+ACTIONS = ("pause", "resume", "seek", "speed")
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, BEIJING).isoformat(timespec="seconds")
+
+
+@dataclass(slots=True, eq=False)
+class Playback:
+    stream_id: str
+    channel_id: str
+    device_id: str
+    transport: str
+    start: int  # the recorded range, Unix seconds
+    end: int
+    leg: MediaLeg
+    kind: str = "Playback"
+    session: MediaSession | None = None
+    created_at: float = field(default_factory=time.time)
+    state: str = "opening"  # opening | playing | paused | ended
+    scale: float = 1.0
+    offset: float = 0.0  # seconds into the range where the node's elapsed count starts
+    cseq: int = 0  # MANSRTSP CSeq of the last control (Annex B.2.1: numbered per dialog)
+    ended_reason: str = ""
+    ended_at: float = 0.0
+    grace: asyncio.TimerHandle | None = None
+    moves: int = 0
+
+    def position(self, elapsed: float | None) -> float:
+        """Recorded time (Unix seconds) of the newest frame received."""
+        return min(float(self.end), self.start + self.offset + (elapsed or 0.0))
+
+    def as_dict(self, on_node: dict | None = None) -> dict:
+        on_node = on_node or {}
+        elapsed = on_node.get("elapsed")
+        return {
+            "stream_id": self.stream_id, "kind": self.kind.lower(), "channel_id": self.channel_id,
+            "device_id": self.device_id, "transport": self.transport,
+            "start": _iso(self.start), "end": _iso(self.end), "state": self.state,
+            "scale": self.scale, "position": _iso(self.position(elapsed)),
+            "position_offset": round(self.position(elapsed) - self.start, 3),
+            "viewers": on_node.get("viewers", 0), "node": self.leg.node.name,
+            "created_at": self.created_at, "ended_reason": self.ended_reason or None,
+            "session": self.session.as_dict() if self.session else None,
+            "health": on_node.get("health"),
+        }
+
+
+class PlaybackManager:
+    """See the module docstring."""
+
+    def __init__(self, *, config: Config, registry: DeviceRegistry, channels: ChannelRegistry,
+                 invites: InviteManager, nodes: NodeManager) -> None:
+        self.config = config
+        self.registry = registry
+        self.channels = channels
+        self.invites = invites
+        self.nodes = nodes
+        self.active: dict[str, Playback] = {}
+        self.recent: OrderedDict[str, Playback] = OrderedDict()
+        self._tasks: set[asyncio.Task] = set()
+
+    def get(self, stream_id: str) -> Playback | None:
+        return self.active.get(stream_id) or self.recent.get(stream_id)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*(self.close(sid, "server stopping", bye_timeout=1.0)
+                               for sid in list(self.active)), return_exceptions=True)
+
+    # -- opening -----------------------------------------------------------------------------------
+    async def open(self, channel_id: str, start: float, end: float, transport: str | None) -> Playback:
+        start_s, end_s = int(start), int(end)
+        if end_s <= start_s:
+            raise PlayError("end must be after start", 400)
+        if end_s - start_s > MAX_RANGE:
+            raise PlayError(f"a playback spans at most {MAX_RANGE // 86400} days; ask a shorter range", 400)
+        channel, device = resolve_channel(self.channels, self.registry, channel_id)
+        chosen = transport or device.extra.get("media_transport") or self.config.media.default_transport
+        if chosen not in TRANSPORTS:
+            raise PlayError(f"unknown transport {chosen!r}; use one of {', '.join(TRANSPORTS)}", 400)
+        stream_id = f"{channel_id}-pb{secrets.token_hex(4)}"
+        try:
+            leg = await self.nodes.allocate(stream_id, self)
+        except NodeCallError as exc:
+            raise PlayError(str(exc), 503) from None
+        pb = Playback(stream_id, channel.channel_id, device.device_id, chosen, start_s, end_s, leg)
+        self.active[stream_id] = pb
+        try:
+            await self._invite(pb, start_s)
+        except PlayError:
+            self.active.pop(stream_id, None)
+            raise
+        self._idle(pb)  # nobody watches yet: the grace period runs until the first viewer
+        return pb
+
+    async def _invite(self, pb: Playback, from_time: int) -> None:
+        channel, device = resolve_channel(self.channels, self.registry, pb.channel_id)
+        try:
+            session = await self.invites.open(channel, device, pb.transport, pb.leg,
+                                              History(pb.kind, from_time, pb.end))
+        except InviteError as exc:
+            raise play_error(exc) from None
+        session.on_close = lambda s, sid=pb.stream_id: self._session_closed(sid, s)
+        session.on_file_end = lambda s, sid=pb.stream_id: self._file_end(sid, s)
+        pb.session = session
+        pb.state = "playing"
+        pb.cseq = 0
+
+    # -- control (Annex B) ---------------------------------------------------------------------------
+    async def control(self, stream_id: str, action: str, *, offset: float | None = None,
+                      scale: float | None = None) -> Playback:
+        pb = self.active.get(stream_id)
+        if pb is None or pb.session is None:
+            ended = self.recent.get(stream_id)
+            if ended is not None:
+                raise PlayError(f"playback {stream_id} has ended: {ended.ended_reason}", 409)
+            raise PlayError(f"no playback {stream_id}", 404)
+        if action not in ACTIONS:
+            raise PlayError(f"action must be one of {', '.join(ACTIONS)}", 400)
+        pb.cseq += 1
+        if action == "pause":
+            control = mansrtsp.Control("PAUSE", pb.cseq)
+        elif action == "resume":
+            control = mansrtsp.Control("PLAY", pb.cseq, resume=True)
+        elif action == "seek":
+            if offset is None or not 0 <= offset < pb.end - pb.start:
+                raise PlayError(f"seek needs an offset in seconds from 0 to {pb.end - pb.start}", 400)
+            control = mansrtsp.Control("PLAY", pb.cseq, npt=offset)
+        else:
+            if scale is None or not mansrtsp.SCALE_MIN <= scale <= mansrtsp.SCALE_MAX:
+                raise PlayError(f"speed needs a scale from {mansrtsp.SCALE_MIN:g} to "
+                                f"{mansrtsp.SCALE_MAX:g}", 400)
+            control = mansrtsp.Control("PLAY", pb.cseq, scale=scale)
+        if action == "seek":
+            # Count the position from the first packet after the seek (the node's mark).
+            try:
+                await pb.leg.call("mark")
+            except NodeCallError as exc:
+                raise PlayError(str(exc), 503) from None
+        try:
+            resp = await self.invites.info(pb.session, mansrtsp.build(control), mansrtsp.CONTENT_TYPE)
+        except InviteError as exc:
+            raise play_error(exc) from None
+        if resp.status >= 300:
+            raise PlayError(f"{pb.device_id} refused {action}: {resp.status} {resp.reason}", 502)
+        if action == "pause":
+            pb.state = "paused"
+        elif action in ("resume", "seek"):
+            pb.state = "playing"
+            if action == "seek":
+                pb.offset = float(offset or 0.0)
+        else:
+            pb.scale = float(scale or 1.0)
+        return pb
+
+    # -- ending ----------------------------------------------------------------------------------------
+    def _file_end(self, stream_id: str, session: MediaSession) -> None:
+        pb = self.active.get(stream_id)
+        if pb is not None and pb.session is session:
+            self._spawn(self.close(stream_id, "end of the recording (MediaStatus 121)"))
+
+    def _session_closed(self, stream_id: str, session: MediaSession) -> None:
+        pb = self.active.get(stream_id)
+        if pb is not None and pb.session is session and pb.state != "ended":
+            self._spawn(self.close(stream_id, session.close_reason))
+
+    async def close(self, stream_id: str, reason: str, *, bye_timeout: float = 5.0) -> bool:
+        pb = self.active.pop(stream_id, None)
+        if pb is None:
+            return False
+        pb.state = "ended"
+        pb.ended_reason = reason
+        pb.ended_at = time.time()
+        if pb.grace is not None:
+            pb.grace.cancel()
+        self.recent[stream_id] = pb
+        while len(self.recent) > _RECENT:
+            self.recent.popitem(last=False)
+        if pb.session is not None:
+            await self.invites.close(pb.session, reason, bye_timeout=bye_timeout)
+        else:
+            await pb.leg.release(reason)
+        log.info("playback %s of %s ended: %s", stream_id, pb.channel_id, reason)
+        return True
+
+    def _idle(self, pb: Playback) -> None:
+        if pb.grace is None and pb.state != "ended":
+            pb.grace = asyncio.get_running_loop().call_later(
+                self.config.media.idle_grace, self._grace_over, pb.stream_id)
+
+    def viewer_joined(self, stream_id: str) -> None:
+        pb = self.active.get(stream_id)
+        if pb is not None and pb.grace is not None:
+            pb.grace.cancel()
+            pb.grace = None
+
+    def _grace_over(self, stream_id: str) -> None:
+        pb = self.active.get(stream_id)
+        if pb is None:
+            return
+        pb.grace = None
+
+        async def check() -> None:
+            try:
+                viewers = (await pb.leg.call("viewers")).get("viewers", 0)
+            except NodeCallError:
+                viewers = 0
+            if viewers == 0 and pb.grace is None and self.active.get(stream_id) is pb:
+                await self.close(stream_id, "no viewers")
+        self._spawn(check())
+
+    # -- what the nodes say (nodes.LegOwner) -----------------------------------------------------------
+    def leg_idle(self, leg: MediaLeg) -> None:
+        pb = self.active.get(leg.key)
+        if pb is not None and pb.leg is leg:
+            self._idle(pb)
+
+    def leg_stopped(self, leg: MediaLeg, why: str) -> None:
+        pb = self.active.get(leg.key)
+        if pb is not None and pb.leg is leg and pb.state != "paused":
+            self._spawn(self.close(leg.key, why))
+
+    def legs_lost(self, node: NodeHandle, legs: list[MediaLeg]) -> None:
+        for leg in legs:
+            pb = self.active.get(leg.key)
+            if pb is not None and pb.leg is leg:
+                self._spawn(self._move(pb, node))
+
+    async def _move(self, pb: Playback, lost: NodeHandle) -> None:
+        """Open the playback again on another node, from where it was (a new INVITE)."""
+        where = int(pb.position(None))
+        old = pb.session
+        pb.session = None
+        if old is not None:
+            await self.invites.close(old, f"media node {lost.name} was lost", bye_timeout=2.0)
+        if self.active.get(pb.stream_id) is not pb:
+            return
+        try:
+            pb.leg = await self.nodes.allocate(pb.stream_id, self, exclude=lost)
+            pb.offset = float(where - pb.start)
+            await self._invite(pb, where)
+        except (PlayError, NodeCallError) as exc:
+            await self.close(pb.stream_id, f"media node {lost.name} was lost and the playback could "
+                                           f"not be moved: {exc}")
+            return
+        pb.moves += 1
+
+    async def describe(self, pbs: list[Playback]) -> list[dict]:
+        reports: dict[int, dict] = {}
+        for pb in pbs:
+            node = pb.leg.node
+            if id(node) in reports or pb.state == "ended":
+                continue
+            try:
+                reports[id(node)] = (await node.call("streams", {})).get("streams", {})
+            except NodeCallError:
+                reports[id(node)] = {}
+        return [pb.as_dict(reports.get(id(pb.leg.node), {}).get(pb.stream_id)) for pb in pbs]
