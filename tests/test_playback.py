@@ -178,3 +178,69 @@ def test_mansrtsp_bodies_round_trip_and_bad_ones_are_refused():
                 b"PLAY RTSP/1.0\r\nCSeq: 1\r\n" + b"X: y\r\n" * 400):
         with pytest.raises(mansrtsp.MansrtspError):
             mansrtsp.parse(bad)
+
+
+def ffprobe(path) -> tuple[float, int, str]:
+    """(duration, video frames, errors) as FFmpeg reads the file."""
+    import json
+    import subprocess
+    out = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-show_entries",
+                          "format=duration:stream=codec_name,nb_read_frames", "-of", "json", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    info = json.loads(out.stdout or "{}")
+    frames = int(info["streams"][0]["nb_read_frames"]) if info.get("streams") else 0
+    return float(info.get("format", {}).get("duration", 0)), frames, out.stderr.strip()
+
+
+def test_a_download_at_speed_4_is_an_mp4_of_the_range(served, sims, tmp_path):
+    import urllib.request
+
+    from .conftest import TOKEN
+    server = served(GB28181_MEDIA__DOWNLOADS_PER_DEVICE="2")
+    sims(server, "--devices", "1", *SIM_ARGS)
+    (channel,) = channels_of(server, 1)
+    t0 = int(time.time()) - 7200
+    began = time.monotonic()
+    status, dl = server.api(f"/api/v1/channels/{channel}/downloads", "POST",
+                            {"start": iso(t0), "end": iso(t0 + 60), "speed": 4, "transport": "tcp-passive"})
+    assert status == 201, dl
+    assert dl["state"] == "downloading" and dl["speed"] == 4
+    # A second download of the device is served, a third waits for one of them.
+    status, second = server.api(f"/api/v1/channels/{channel}/downloads", "POST",
+                                {"start": iso(t0 - 600), "end": iso(t0 - 590), "speed": 2})
+    assert status == 201, second
+    status, third = server.api(f"/api/v1/channels/{channel}/downloads", "POST",
+                               {"start": iso(t0 - 300), "end": iso(t0 - 290)})
+    assert status == 429 and "downloads_per_device" in third["error"], third
+    time.sleep(5)
+    midway = server.api(f"/api/v1/downloads/{dl['id']}")[1]
+    assert 0.1 < midway["progress"] < 0.9 and midway["state"] == "downloading", midway
+    status, early = server.api(f"/api/v1/downloads/{dl['id']}/file")
+    assert status == 409
+    done = wait_until(lambda: (d := server.api(f"/api/v1/downloads/{dl['id']}")[1])["state"] != "downloading" and d,
+                      40, "the download to finish", server.exited)
+    took = time.monotonic() - began
+    assert done["state"] == "done" and done["progress"] == 1.0, done
+    assert 10 <= took <= 30, f"60 s at speed 4 took {took:.1f} s"
+    # The file, through the API as a user fetches it, and a byte range of it.
+    req = urllib.request.Request(f"{server.base}/api/v1/downloads/{dl['id']}/file",
+                                 headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.headers["Content-Type"] == "video/mp4"
+        data = resp.read()
+    assert len(data) == done["bytes"] > 100_000
+    path = tmp_path / "download.mp4"
+    path.write_bytes(data)
+    duration, frames, errors = ffprobe(path)
+    assert not errors, errors
+    assert 59.0 <= duration <= 61.0 and 59 * 25 <= frames <= 61 * 25, (duration, frames)
+    print(f"download of 60 s at speed 4: {took:.1f} s, {duration:.2f} s in the MP4, {frames} frames")
+    req.add_header("Range", "bytes=100-199")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.status == 206 and resp.read() == data[100:200]
+    listed_ids = {d["id"] for d in server.api("/api/v1/downloads")[1]["downloads"]}
+    assert {dl["id"], second["id"]} <= listed_ids
+    status, body = server.api("/api/v1/audit?limit=50")
+    actions = [e["action"] for e in body["entries"]]
+    assert actions.count("download") == 2 and "download-failed" in actions and "export" in actions
+    assert not server.error_lines(), server.error_lines()

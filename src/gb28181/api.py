@@ -647,6 +647,75 @@ async def open_playback(request: web.Request) -> web.Response:
                               "urls": _play_urls(request, server, pb.leg)})
 
 
+class DownloadBody(PlaybackBody):
+    speed: int = Field(4, ge=1, le=32, description="a=downloadspeed: times real time")
+
+
+async def open_download(request: web.Request) -> web.Response:
+    """GB/T 28181-2016 §9.9: fetch a recorded range faster than real time into an MP4."""
+    server = _server(request)
+    channel_id = request.match_info["channel_id"]
+    body = await _body(request, DownloadBody)
+    assert isinstance(body, DownloadBody)
+    start, end = _range(body)
+    who, source = _who(request)
+    try:
+        pb = await server.playbacks.open(channel_id, start, end, body.transport, download_speed=body.speed)
+    except PlayError as exc:
+        server.audit.record("download-failed", who=who, source=source, target=channel_id, error=str(exc))
+        return _error(exc.http_status, str(exc))
+    server.audit.record("download", who=who, source=source, target=channel_id, id=pb.stream_id,
+                        start=_iso(pb.start), end=_iso(pb.end), speed=pb.speed)
+    (out,) = await server.playbacks.describe([pb])
+    return web.json_response(out, status=201)
+
+
+def _download_or_404(request: web.Request):
+    pb = _server(request).playbacks.get(request.match_info["download_id"])
+    if pb is None or pb.kind != "Download":
+        raise web.HTTPNotFound(text=json.dumps({"error": f"no download {request.match_info['download_id']}"}),
+                               content_type="application/json")
+    return pb
+
+
+async def list_downloads(request: web.Request) -> web.Response:
+    playbacks = _server(request).playbacks
+    mine = [p for p in [*playbacks.active.values(), *playbacks.recent.values()] if p.kind == "Download"]
+    return web.json_response({"downloads": await playbacks.describe(mine)})
+
+
+async def get_download(request: web.Request) -> web.Response:
+    pb = _download_or_404(request)
+    (out,) = await _server(request).playbacks.describe([pb])
+    return web.json_response(out)
+
+
+async def download_file(request: web.Request) -> web.StreamResponse:
+    """The finished MP4, with HTTP Range; from the node that wrote it when not on this host."""
+    from pathlib import Path
+    server = _server(request)
+    pb = _download_or_404(request)
+    (out,) = await server.playbacks.describe([pb])
+    if out["state"] != "done":
+        return _error(409, f"download {pb.stream_id} is {out['state']}"
+                           f"{': ' + str(out['ended_reason']) if out['ended_reason'] else ''}; "
+                           "its file is there once the state is done")
+    who, source = _who(request)
+    server.audit.record("export", who=who, source=source, target=pb.channel_id, id=pb.stream_id)
+    path = Path(str((pb.file or {}).get("path") or ""))
+    name = f"{pb.channel_id}_{pb.start}_{pb.end}.mp4"
+    if path.is_file():
+        return web.FileResponse(path, headers={"Content-Type": "video/mp4",
+                                               "Content-Disposition": f'attachment; filename="{name}"'})
+    host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
+    base = pb.leg.node.viewer_base(host)
+    if base is None or not pb.leg.node.alive:
+        return _error(410, f"the file of download {pb.stream_id} is gone (media node {pb.leg.node.name})")
+    expires = int(time.time()) + server.config.media.play_token_ttl
+    raise web.HTTPTemporaryRedirect(
+        f"{base}/downloads/{pb.stream_id}.mp4?{play_query(server.nodes.token, pb.stream_id, expires)}")
+
+
 class ControlBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     action: str = Field(pattern="^(pause|resume|seek|speed)$")
@@ -783,6 +852,10 @@ def make_app(server: GbServer) -> web.Application:
     app.router.add_get("/api/v1/nodes", list_nodes)
     app.router.add_post("/api/v1/channels/{channel_id}/playback", open_playback)
     app.router.add_post("/api/v1/streams/{stream_id}/control", control_stream)
+    app.router.add_post("/api/v1/channels/{channel_id}/downloads", open_download)
+    app.router.add_get("/api/v1/downloads", list_downloads)
+    app.router.add_get("/api/v1/downloads/{download_id}", get_download)
+    app.router.add_get("/api/v1/downloads/{download_id}/file", download_file)
     app.router.add_get(LINK_PATH, _server_nodes_link)
     app.router.add_get("/live/{channel_id}.flv", live_flv)
     return app

@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--tcp-port-range", metavar="LOW-HIGH",
                       help="ports for TCP-passive media, e.g. 30002-30999 (default: one per stream)")
     node.add_argument("--max-streams", type=int, default=500, help="streams carried at most (default 500)")
+    node.add_argument("--data-dir", default="media-node-data", metavar="DIR",
+                      help="where downloads are written (DIR/downloads; default ./media-node-data)")
     node.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     node.add_argument("--ready-file", metavar="FILE",
                       help="once listening, write the bound ports to FILE as JSON")
@@ -191,7 +193,8 @@ def _media_node(args: argparse.Namespace) -> int:
         server=args.server, token=token, name=args.name, http_host=args.http_host,
         http_port=args.http_port, public_url=args.public_url, media_host=args.media_host,
         media_address=args.media_address, rtp_port=args.rtp_port, tcp_port_range=span,
-        max_streams=args.max_streams, parent_pid=args.parent_pid, ready_file=args.ready_file))
+        max_streams=args.max_streams, parent_pid=args.parent_pid, ready_file=args.ready_file,
+        data_dir=args.data_dir))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -208,6 +208,8 @@ class MediaSection(_Section):
     node_http_port: int = Field(0, ge=0, le=65535, description="viewer HTTP port of the first "
                                 "local worker (worker i: + i); 0: any free port")
     node_max_streams: int = Field(500, ge=1, description="streams one media node carries at most")
+    downloads_per_device: int = Field(2, ge=1, le=64, description="downloads of recordings one "
+                                      "device serves at once (more get 429)")
 
     @field_validator("workers", mode="before")
     @classmethod

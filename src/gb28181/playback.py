@@ -1,4 +1,5 @@
-"""History on the device: playback dialogs and their control (GB/T 28181-2016 §9.8, Annex B).
+"""History on the device: playback and download dialogs, and their control (GB/T 28181-2016
+§9.8, §9.9, Annex B).
 
 ``PlaybackManager.open`` plays a recorded range of a channel: a ``Playback`` INVITE (Annex F:
 ``s=Playback``, ``u=<channel>:0``, ``t=<start> <end>``, a history ``y=`` SSRC) into a stream of
@@ -14,6 +15,11 @@ faster scale advances it faster). The device's MediaStatus 121 (§9.8.2) ends th
 BYE, the node ends the stream for its viewers, and the API keeps the reason. A playback nobody
 watches for ``media.idle_grace`` seconds is closed, as a live stream is; one whose node is
 lost is opened again on another node from where it was.
+
+A download (§9.9) is the same dialog with ``s=Download`` and ``a=downloadspeed``: the device
+sends the range that many times faster than real time, the node writes it to an MP4 file
+(``media.mp4``), and MediaStatus 121 finishes it. Progress is the media time written against
+the range; a device serves ``media.downloads_per_device`` downloads at once.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ log = logging.getLogger("gb28181.playback")
 
 MAX_RANGE = 7 * 86400  # seconds one playback may span
 _RECENT = 200  # ended playbacks the API still describes (with why they ended)
+END_SETTLE = 0.5  # seconds between MediaStatus 121 and the BYE: the last packets arrive
 ACTIONS = ("pause", "resume", "seek", "speed")
 
 
@@ -69,6 +76,9 @@ class Playback:
     ended_at: float = 0.0
     grace: asyncio.TimerHandle | None = None
     moves: int = 0
+    speed: int = 1  # a=downloadspeed
+    file: dict | None = None  # a download's MP4 once finished (path, bytes, frames, seconds)
+    written: float = 0.0  # a download's media seconds written, at the last look
 
     def position(self, elapsed: float | None) -> float:
         """Recorded time (Unix seconds) of the newest frame received."""
@@ -77,6 +87,8 @@ class Playback:
     def as_dict(self, on_node: dict | None = None) -> dict:
         on_node = on_node or {}
         elapsed = on_node.get("elapsed")
+        if self.kind == "Download":
+            return self._download_dict(on_node)
         return {
             "stream_id": self.stream_id, "kind": self.kind.lower(), "channel_id": self.channel_id,
             "device_id": self.device_id, "transport": self.transport,
@@ -87,6 +99,28 @@ class Playback:
             "created_at": self.created_at, "ended_reason": self.ended_reason or None,
             "session": self.session.as_dict() if self.session else None,
             "health": on_node.get("health"),
+        }
+
+
+    def _download_dict(self, on_node: dict) -> dict:
+        recording = on_node.get("recording") or {}
+        if recording:
+            self.written = float(recording.get("seconds") or 0.0)
+        span = self.end - self.start
+        done = self.file is not None and self.file.get("path") is not None and "MediaStatus" in self.ended_reason
+        state = ("done" if done else "failed") if self.state == "ended" else "downloading"
+        written = float(self.file["seconds"]) if self.file else self.written
+        return {
+            "id": self.stream_id, "stream_id": self.stream_id, "kind": "download",
+            "channel_id": self.channel_id, "device_id": self.device_id, "transport": self.transport,
+            "start": _iso(self.start), "end": _iso(self.end), "speed": self.speed, "state": state,
+            "progress": 1.0 if done else round(min(1.0, written / span), 4),
+            "seconds": round(written, 3),
+            "bytes": (self.file or {}).get("bytes") or recording.get("bytes_in", 0),
+            "frames": (self.file or {}).get("frames") or recording.get("frames", 0),
+            "node": self.leg.node.name, "created_at": self.created_at,
+            "ended_reason": self.ended_reason or None,
+            "error": (self.file or {}).get("error") or recording.get("error"),
         }
 
 
@@ -119,7 +153,9 @@ class PlaybackManager:
                                for sid in list(self.active)), return_exceptions=True)
 
     # -- opening -----------------------------------------------------------------------------------
-    async def open(self, channel_id: str, start: float, end: float, transport: str | None) -> Playback:
+    async def open(self, channel_id: str, start: float, end: float, transport: str | None,
+                   *, download_speed: int | None = None) -> Playback:
+        """A playback, or with ``download_speed`` a download, of the range [start, end)."""
         start_s, end_s = int(start), int(end)
         if end_s <= start_s:
             raise PlayError("end must be after start", 400)
@@ -129,26 +165,39 @@ class PlaybackManager:
         chosen = transport or device.extra.get("media_transport") or self.config.media.default_transport
         if chosen not in TRANSPORTS:
             raise PlayError(f"unknown transport {chosen!r}; use one of {', '.join(TRANSPORTS)}", 400)
-        stream_id = f"{channel_id}-pb{secrets.token_hex(4)}"
+        kind = "Playback" if download_speed is None else "Download"
+        if kind == "Download":
+            busy = sum(1 for p in self.active.values()
+                       if p.kind == "Download" and p.device_id == device.device_id)
+            limit = self.config.media.downloads_per_device
+            if busy >= limit:
+                raise PlayError(f"device {device.device_id} already serves {busy} downloads "
+                                "(media.downloads_per_device); wait for one to finish", 429)
+        stream_id = f"{channel_id}-{'dl' if download_speed else 'pb'}{secrets.token_hex(4)}"
         try:
             leg = await self.nodes.allocate(stream_id, self)
         except NodeCallError as exc:
             raise PlayError(str(exc), 503) from None
-        pb = Playback(stream_id, channel.channel_id, device.device_id, chosen, start_s, end_s, leg)
+        pb = Playback(stream_id, channel.channel_id, device.device_id, chosen, start_s, end_s, leg,
+                      kind=kind, speed=download_speed or 1)
         self.active[stream_id] = pb
         try:
             await self._invite(pb, start_s)
-        except PlayError:
-            self.active.pop(stream_id, None)
-            raise
-        self._idle(pb)  # nobody watches yet: the grace period runs until the first viewer
+            if kind == "Download":
+                await pb.leg.call("record", name=stream_id)
+        except (PlayError, NodeCallError) as exc:
+            await self.close(stream_id, str(exc))
+            self.recent.pop(stream_id, None)
+            raise exc if isinstance(exc, PlayError) else PlayError(str(exc), 503) from None
+        if kind == "Playback":
+            self._idle(pb)  # nobody watches yet: the grace period runs until the first viewer
         return pb
 
     async def _invite(self, pb: Playback, from_time: int) -> None:
         channel, device = resolve_channel(self.channels, self.registry, pb.channel_id)
         try:
             session = await self.invites.open(channel, device, pb.transport, pb.leg,
-                                              History(pb.kind, from_time, pb.end))
+                                              History(pb.kind, from_time, pb.end, pb.speed))
         except InviteError as exc:
             raise play_error(exc) from None
         session.on_close = lambda s, sid=pb.stream_id: self._session_closed(sid, s)
@@ -207,8 +256,14 @@ class PlaybackManager:
     # -- ending ----------------------------------------------------------------------------------------
     def _file_end(self, stream_id: str, session: MediaSession) -> None:
         pb = self.active.get(stream_id)
-        if pb is not None and pb.session is session:
-            self._spawn(self.close(stream_id, "end of the recording (MediaStatus 121)"))
+        if pb is None or pb.session is not session:
+            return
+
+        async def end() -> None:
+            # The device has sent the range; its last packets may still be on the way.
+            await asyncio.sleep(END_SETTLE)
+            await self.close(stream_id, "end of the recording (MediaStatus 121)")
+        self._spawn(end())
 
     def _session_closed(self, stream_id: str, session: MediaSession) -> None:
         pb = self.active.get(stream_id)
@@ -227,6 +282,12 @@ class PlaybackManager:
         self.recent[stream_id] = pb
         while len(self.recent) > _RECENT:
             self.recent.popitem(last=False)
+        if pb.kind == "Download" and pb.leg.node.alive:
+            # The node finishes the MP4 (its moov box) when the stream closes, and says what it holds.
+            try:
+                pb.file = (await pb.leg.call("close", reason=reason)).get("file")
+            except NodeCallError as exc:
+                pb.file = {"path": None, "error": str(exc)}
         if pb.session is not None:
             await self.invites.close(pb.session, reason, bye_timeout=bye_timeout)
         else:
@@ -274,7 +335,11 @@ class PlaybackManager:
     def legs_lost(self, node: NodeHandle, legs: list[MediaLeg]) -> None:
         for leg in legs:
             pb = self.active.get(leg.key)
-            if pb is not None and pb.leg is leg:
+            if pb is None or pb.leg is not leg:
+                continue
+            if pb.kind == "Download":  # its file was on that node
+                self._spawn(self.close(pb.stream_id, f"media node {node.name} was lost"))
+            else:
                 self._spawn(self._move(pb, node))
 
     async def _move(self, pb: Playback, lost: NodeHandle) -> None:

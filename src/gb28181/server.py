@@ -130,7 +130,7 @@ class GbServer:
             media = self.config.media
             await self.nodes.start_local(MediaNode(
                 media.host, udp_port=media.rtp_port, tcp_port_range=media.tcp_port_range,
-                max_streams=media.node_max_streams))
+                max_streams=media.node_max_streams, data_dir=self.config.data_dir))
         await self.endpoint.start()
         self.endpoint.addresses.warn_if_unreachable("SIP", "sip.external_host (GB28181_SIP__EXTERNAL_HOST)")
         self.invites.media_addresses.warn_if_unreachable(

@@ -74,6 +74,7 @@ class Workers:
                 "--media-host", media.host,
                 "--rtp-port", str(media.rtp_port + i if media.rtp_port else 0),
                 "--max-streams", str(media.node_max_streams), "--parent-pid", str(os.getpid()),
+                "--data-dir", str(cfg.data_dir),
                 "--log-level", cfg.log.level]
         span = _split(media.tcp_port_range, self.count, i)
         if span is not None:

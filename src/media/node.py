@@ -31,14 +31,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .forward import RtpForwarder
-from .hub import Stream
+from .hub import Stream, StreamClosed
 from .ingest import RtpIngest
+from .mp4 import Mp4Writer
 from .packet import MediaPacket
 from .receiver import MediaReceiver, TcpHandle, UdpHandle
 
@@ -47,6 +50,7 @@ __all__ = ["MediaNode", "NodeError", "NodeStream", "TRANSPORTS"]
 log = logging.getLogger("media.node")
 
 TRANSPORTS = ("udp", "tcp-passive", "tcp-active")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class NodeError(RuntimeError):
@@ -72,6 +76,7 @@ class NodeStream:
     # far a playback has come since its start or its last seek (``info`` "elapsed").
     last_ts: int | None = None
     mark_ts: int | None = None
+    recorder: Recorder | None = None  # a download being written to MP4
 
     def __post_init__(self) -> None:
         self.ingest = RtpIngest(self.publish, expected_ssrc=self.ssrc)
@@ -87,6 +92,40 @@ class NodeStream:
         if self.last_ts is None or self.mark_ts is None:
             return None
         return ((self.last_ts - self.mark_ts) & 0xFFFFFFFF) / 90000
+
+
+class Recorder:
+    """A hub consumer that writes the stream's video to an MP4 file (``record`` command)."""
+
+    def __init__(self, hub: Stream, path: Path) -> None:
+        self.writer = Mp4Writer(path)
+        self.consumer = hub.subscribe(f"mp4 {path.name}")
+        self.error = ""
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        consumer, writer = self.consumer, self.writer
+        try:
+            while True:
+                try:
+                    packet = await consumer.get()
+                except StreamClosed:
+                    return
+                writer.write(packet)
+        except Exception as exc:  # FFmpeg refused (a full disk, say): keep the reason, stop
+            self.error = str(exc)
+            log.warning("MP4 %s: %s", writer.path, exc)
+            consumer.close()
+
+    def progress(self) -> dict:
+        w = self.writer
+        return {"path": str(w.path), "frames": w.frames, "seconds": round(w.seconds, 3),
+                "bytes_in": w.bytes_in, "error": self.error or None}
+
+    async def finish(self) -> dict:
+        self.consumer.close()
+        await asyncio.gather(self.task, return_exceptions=True)
+        return {**self.writer.close(), "error": self.error or None}
 
 
 def _str(args: dict, name: str) -> str:
@@ -117,8 +156,10 @@ class MediaNode:
         max_streams: int = 1000,
         load_interval: float = 2.0,
         on_event: Callable[[dict], None] | None = None,
+        data_dir: str | Path = "media-node-data",
     ) -> None:
         self.name = name
+        self.data_dir = Path(data_dir)
         self.receiver = MediaReceiver(host, udp_port=udp_port, tcp_port_range=tcp_port_range)
         self.idle_timeout = idle_timeout
         self.max_streams = max_streams
@@ -132,7 +173,8 @@ class MediaNode:
         self._ops: dict[str, Callable[[dict], Any]] = {
             "open": self._open, "add_ssrc": self._add_ssrc, "connect": self._connect,
             "close": self._close, "forward": self._forward, "streams": self._streams,
-            "viewers": self._viewers, "mark": self._mark, "load": lambda _args: self.load(),
+            "viewers": self._viewers, "mark": self._mark, "record": self._record,
+            "load": lambda _args: self.load(),
         }
 
     async def start(self) -> None:
@@ -259,7 +301,13 @@ class MediaNode:
     async def _close(self, args: dict) -> dict:
         key = _str(args, "stream")
         reason = args.get("reason") or "closed by the server"
-        return {"closed": await self._drop(key, str(reason))}
+        ns = self.streams.get(key)
+        recorder = ns.recorder if ns is not None else None
+        closed = await self._drop(key, str(reason))
+        out: dict[str, Any] = {"closed": closed}
+        if recorder is not None:
+            out["file"] = await recorder.finish()
+        return out
 
     async def _drop(self, key: str, reason: str) -> bool:
         ns = self.streams.pop(key, None)
@@ -272,8 +320,21 @@ class MediaNode:
         ns.hub.close(reason)
         for fwd in ns.forwards:
             await fwd.stop()
+        if ns.recorder is not None:
+            await ns.recorder.finish()  # the file is finished (moov written) whoever ends it
         log.info("media node %s: stream %s closed: %s", self.name, key, reason)
         return True
+
+    def _record(self, args: dict) -> dict:
+        """Write the stream's video to ``DATA_DIR/downloads/<name>.mp4`` until it closes."""
+        ns = self.stream(_str(args, "stream"))
+        name = _str(args, "name")
+        if not _FILE_NAME.fullmatch(name):
+            raise NodeError("command argument 'name' must be 1-64 letters, digits, '-' or '_'")
+        if ns.recorder is not None:
+            raise NodeError(f"stream {ns.key} is already being recorded")
+        ns.recorder = Recorder(ns.hub, self.data_dir / "downloads" / f"{name}.mp4")
+        return {"path": str(ns.recorder.writer.path)}
 
     async def _forward(self, args: dict) -> dict:
         ns = self.stream(_str(args, "stream"))
@@ -295,6 +356,7 @@ class MediaNode:
                 "viewers": ns.hub.consumer_count, "media_from": handle.peer if handle else None,
                 "ssrcs": list(handle.ssrcs) if handle else [],
                 "health": ns.ingest.stats.as_dict(now), "elapsed": ns.elapsed,
+                "recording": ns.recorder.progress() if ns.recorder is not None else None,
                 "forwards": [{"to": f"{fwd.transport}://{fwd.host}:{fwd.port}", "ssrc": fwd.ssrc,
                               "running": fwd.running, "packets_sent": fwd.packets_sent,
                               "frames_sent": fwd.frames_sent,

@@ -57,6 +57,7 @@ class NodeSettings:
     max_streams: int = 1000
     parent_pid: int | None = None  # a worker of `gb28181 serve`: exit when it is gone
     ready_file: str | None = None
+    data_dir: str = "media-node-data"  # downloads are written under <data_dir>/downloads
 
 
 class NodeService:
@@ -67,7 +68,8 @@ class NodeService:
         self.name = settings.name or f"node-{os.getpid()}"
         self.node = MediaNode(settings.media_host, name=self.name, udp_port=settings.rtp_port,
                               tcp_port_range=settings.tcp_port_range,
-                              max_streams=settings.max_streams, on_event=self._event)
+                              max_streams=settings.max_streams, on_event=self._event,
+                              data_dir=settings.data_dir)
         self.http_port = settings.http_port
         self.linked = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -82,6 +84,7 @@ class NodeService:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/live/{stream}.flv", self._live)
+        app.router.add_get("/downloads/{name}.mp4", self._download)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.http_host, self.settings.http_port)
@@ -216,6 +219,18 @@ class NodeService:
         if websocket:
             return await serve_ws_flv(request, ns.hub)
         return await serve_http_flv(request, ns.hub)
+
+
+    async def _download(self, request: web.Request) -> web.StreamResponse:
+        """A finished download's MP4 (HTTP Range served by aiohttp), signed like a play URL."""
+        name = request.match_info["name"]
+        if not check_play(self.settings.token, name, request.query):
+            return web.json_response({"error": "download URL signature is wrong or expired: ask the "
+                                      "server (GET /api/v1/downloads/{id}/file) again"}, status=403)
+        path = self.node.data_dir / "downloads" / f"{name}.mp4"
+        if "/" in name or not path.is_file():
+            return web.json_response({"error": f"no file {name}.mp4 on media node {self.name}"}, status=404)
+        return web.FileResponse(path, headers={"Content-Type": "video/mp4"})
 
 
 def run_node(settings: NodeSettings) -> int:
