@@ -76,6 +76,11 @@ class RtpIngest:
         "_lost_ranges",
         "_lost_base",
         "_oversized_seen",
+        "_fast_seq",
+        "_fast_ts",
+        "_fast_room",
+        "_fast_chunks",
+        "_fast_run",
     )
 
     def __init__(
@@ -102,6 +107,12 @@ class RtpIngest:
         self._lost_ranges: deque[tuple[int, int]] = deque(maxlen=_LOST_RANGES)
         self._lost_base = 0  # `lost` of reorderers replaced after an SSRC change
         self._oversized_seen = 0
+        # The in-order fast path (see `feed`): armed while `_fast_seq` >= 0.
+        self._fast_seq = -1  # the sequence number it takes next
+        self._fast_ts = -1  # timestamp of the open frame, -1 if none is open
+        self._fast_room = 0  # payload bytes the open frame may still take (max_frame_size)
+        self._fast_chunks: list = []  # the assembler's list of the open frame's payloads
+        self._fast_run = 0  # packets taken since the stages were last brought up to date
 
     @property
     def learned_ssrc(self) -> int | None:
@@ -123,53 +134,88 @@ class RtpIngest:
             # Fast path, what a GB/T 28181 device sends almost always (C.1): a plain 12-byte
             # header (RFC 3550 5.1: V=2, no padding, extension or CSRC), the SSRC being
             # received, the very next sequence number with nothing held for reordering, and
-            # the timestamp of the open frame (or none open). Its effect is exactly that of
-            # the general path below (same counters and state), without building an
-            # RtpPacket or the lists the stages hand each other.
+            # the timestamp of the open frame (or none open). The payload goes straight into
+            # the assembler's frame; the reorderer's and assembler's counters are brought up
+            # to date (`_settle`) when the frame closes or another packet needs them, so the
+            # effect is exactly that of the general path below. Stats are kept per packet.
             b1, seq, ts, ssrc = _unpack_rest(rtp, 1)
-            r = self._reorderer
-            asm = self._assembler
-            open_ts = asm._ts
-            if (
-                seq == r._next
-                and ssrc == self._ssrc
-                and (open_ts == ts or open_ts is None)
-                and not r._buf
-                and not r._pending_gap
-                and not asm._discarding
-                and self._highest == (seq - 1) & 0xFFFF
-                and asm._size + n - 12 <= asm.max_frame_size
-            ):
-                stats = self.stats
-                stats.packets += 1
-                stats.bytes += n
-                stats.last_packet_at = now
-                if stats._cur_start <= now < stats._cur_end:
-                    stats._cur[1] += n
-                else:
-                    stats._bucket(now)[1] += n
-                self._highest = seq
-                r.received += 1
-                r.emitted += 1
-                r._next = (seq + 1) & 0xFFFF
-                r._probation = None
-                if open_ts is None:
-                    asm._ts = ts
-                    asm._first_seq = seq
-                asm._count += 1
-                asm._size += n - 12
-                asm._chunks.append(rtp[12:])
-                if b1 >= 0x80:  # marker: the frame is complete
-                    frame = asm._close(True)
-                    if frame is not None:
-                        self._frame(frame, seq, now)
-                return
+            open_ts = self._fast_ts
+            if seq == self._fast_seq and ssrc == self._ssrc and (ts == open_ts or open_ts < 0):
+                room = self._fast_room - n + 12
+                if room >= 0:
+                    self._fast_room = room
+                    self._fast_seq = (seq + 1) & 0xFFFF
+                    self._fast_run += 1
+                    stats = self.stats
+                    stats.packets += 1
+                    stats.bytes += n
+                    stats.last_packet_at = now
+                    if stats._cur_start <= now < stats._cur_end:
+                        stats._cur[1] += n
+                    else:
+                        stats._bucket(now)[1] += n
+                    if open_ts < 0:  # the first packet of a frame
+                        self._fast_ts = ts
+                        asm = self._assembler
+                        asm._ts = ts
+                        asm._first_seq = seq
+                    self._fast_chunks.append(rtp[12:])
+                    if b1 >= 0x80:  # marker: the frame is complete
+                        self._settle()
+                        asm = self._assembler
+                        frame = asm._close(True)
+                        self._fast_ts = -1
+                        self._fast_room = asm.max_frame_size
+                        self._fast_chunks = asm._chunks
+                        if frame is not None:
+                            self._frame(frame, seq, now)
+                    return
+        self._settle()
+        self._fast_seq = -1
         try:
             pkt = parse_rtp(rtp)
         except RtpError:
             self.stats.invalid += 1
-            return
-        self._general(pkt, n, now)
+        else:
+            self._general(pkt, n, now)
+        finally:
+            self._arm()
+
+    def _settle(self) -> None:
+        """Bring the reorderer and assembler up to date with what the fast path took."""
+        k = self._fast_run
+        if k:
+            self._fast_run = 0
+            nxt = self._fast_seq
+            r = self._reorderer
+            r.received += k
+            r.emitted += k
+            r._next = nxt
+            r._probation = None
+            self._highest = (nxt - 1) & 0xFFFF
+            asm = self._assembler
+            asm._count += k
+            asm._size = asm.max_frame_size - self._fast_room
+
+    def _arm(self) -> None:
+        """Enable the fast path if the stages are in the state it assumes (see `feed`)."""
+        r = self._reorderer
+        asm = self._assembler
+        nxt = r._next
+        if (
+            nxt is not None
+            and self._ssrc is not None
+            and not r._buf
+            and not r._pending_gap
+            and not asm._discarding
+            and self._highest == (nxt - 1) & 0xFFFF
+        ):
+            self._fast_seq = nxt
+            self._fast_ts = -1 if asm._ts is None else asm._ts
+            self._fast_room = asm.max_frame_size - asm._size
+            self._fast_chunks = asm._chunks
+        else:
+            self._fast_seq = -1
 
     def _general(self, pkt: RtpPacket, size: int, now: float) -> None:
         """Any packet: SSRC change, reordering, loss and duplicate accounting."""
@@ -204,12 +250,17 @@ class RtpIngest:
 
     def flush(self) -> None:
         """End of stream: hand over everything held (holes count as lost)."""
+        self._settle()
+        self._fast_seq = -1  # `_arm` below, once the stages are flushed
         now = self._clock()
-        self._ordered(self._reorderer.flush(), now)
-        self.stats.lost = self._lost_base + self._reorderer.lost
-        self._prev_marker = False
-        for frame in self._assembler.flush():
-            self._frame(frame, None, now)
+        try:
+            self._ordered(self._reorderer.flush(), now)
+            self.stats.lost = self._lost_base + self._reorderer.lost
+            self._prev_marker = False
+            for frame in self._assembler.flush():
+                self._frame(frame, None, now)
+        finally:
+            self._arm()
 
     # -- stages --
 
