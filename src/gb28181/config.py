@@ -210,6 +210,8 @@ class MediaSection(_Section):
     node_max_streams: int = Field(500, ge=1, description="streams one media node carries at most")
     downloads_per_device: int = Field(2, ge=1, le=64, description="downloads of recordings one "
                                       "device serves at once (more get 429)")
+    iframe_after_ack: bool = Field(True, description="send IFameCmd (Annex A.2.3) to the channel right "
+                                   "after a live INVITE's ACK, so it starts on an IDR at once")
 
     @field_validator("workers", mode="before")
     @classmethod
@@ -219,6 +221,11 @@ class MediaSection(_Section):
         if isinstance(v, int) and not 0 <= v <= 256:
             raise ValueError("need 0 (relay in the server process), 1 to 256, or auto")
         return v
+
+
+class PtzSection(_Section):
+    auto_stop: float = Field(60.0, ge=0, description="a pan/tilt/zoom/focus/iris move not stopped "
+                             "within this many seconds is stopped by the server (0: never)")
 
 
 class ReportsSection(_Section):
@@ -255,6 +262,7 @@ class Config(BaseSettings):
     tiers: TiersSection = TiersSection()
     reports: ReportsSection = ReportsSection()
     media: MediaSection = MediaSection()
+    ptz: PtzSection = PtzSection()
     database: DatabaseSection = DatabaseSection()
     log: LogSection = LogSection()
 
