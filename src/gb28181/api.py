@@ -858,4 +858,6 @@ def make_app(server: GbServer) -> web.Application:
     app.router.add_get("/api/v1/downloads/{download_id}/file", download_file)
     app.router.add_get(LINK_PATH, _server_nodes_link)
     app.router.add_get("/live/{channel_id}.flv", live_flv)
+    from .api_control import add_control_routes  # PTZ, device control and config (§9.3)
+    add_control_routes(app)
     return app

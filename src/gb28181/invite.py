@@ -287,6 +287,10 @@ class InviteManager:
                                  via=self.endpoint.via(target.transport, peer=target.addr[0]))
         session.ack = ack.serialize()
         self._send_ack(session)
+        if session.kind == "Play" and self.config.media.iframe_after_ack:
+            # A.2.3 IFameCmd: an IDR now rather than at the camera's next GOP; never awaited.
+            from .control import iframe_after_ack
+            self._spawn(iframe_after_ack(self.endpoint, self.config, device, session.channel_id))
         session.established_at = time.time()
         if not resp.body.strip():
             raise InviteError(f"{session.device_id} answered 200 without SDP", 488)

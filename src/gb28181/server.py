@@ -26,6 +26,7 @@ from .api import make_app
 from .audit import AuditLog
 from .catalog import CatalogCollector
 from .config import Config, ensure_api_token, ensure_node_token
+from .control import DeviceControl
 from .invite import InviteManager
 from .messages import MessageHandler
 from .metrics import ServerCollector, make_registry
@@ -90,6 +91,8 @@ class GbServer:
         self.playbacks = PlaybackManager(config=config, registry=self.registry, channels=self.channels,
                                          invites=self.invites, nodes=self.nodes)
         self.audit = AuditLog(config.data_dir / "audit.log")
+        self.control = DeviceControl(config=config, registry=self.registry, queries=self.queries,
+                                     presence=self.presence, audit=self.audit)
         self.registrar = Registrar(config=config, registry=self.registry, presence=self.presence,
                                    endpoint=self.endpoint, counters=self.counters,
                                    on_registered=self.sync.on_registered)
@@ -189,6 +192,7 @@ class GbServer:
             await self._runner.cleanup()
             self._runner = None
         await self.nodes.stop()
+        await self.control.stop()
         await self.sync.stop()
         await self.subscriptions.stop()
         await self.endpoint.close()
