@@ -78,10 +78,10 @@ from .catalog import (
     catalog_item,
     device_info_fields,
     group_item,
-    presets,
 )
 from .media import MediaSender, SimStream, check_video_codec, format_line, parse_video_size
 from .playback import PlaybackSender
+from .ptz import DeviceControls
 from .records import RecordIndex, parts_within, record_bodies
 from .vendors import Personality, personality
 
@@ -328,6 +328,9 @@ class SimDevice:
         self.subscriptions: dict[str, CatalogSubscription] = {}
         #: Live-video calls by Call-ID.
         self.calls: dict[str, LiveCall] = {}
+        #: PTZ heads, record/guard flags and command counts that DeviceControl changes (ptz.py).
+        self.controls = DeviceControls(device_id, self.catalog,
+                                       config_needs_device_id=self.vendor.config_needs_device_id)
 
     @property
     def channels(self) -> list[Channel]:
@@ -578,11 +581,15 @@ class SimDevice:
                            ("LoginName", "admin"), ("Password", "******")]
             response("DeviceInfo", self.device_id, fields)
         elif cmd == "DeviceStatus":
-            alarms = [("Item", [("DeviceID", a), ("DutyStatus", "ONDUTY")]) for a in self.catalog.alarm_inputs]
+            ctl = self.controls
+            alarms = [("Item", [("DeviceID", a), ("DutyStatus", ctl.guard_status(a))])
+                      for a in self.catalog.alarm_inputs]
             fields = [("Result", "OK"), ("Online", "ONLINE"), ("Status", "OK"),
                       ("DeviceTime", manscdp.format_time(datetime.now(manscdp.BEIJING))),
-                      ("Encode", "ON"), ("Record", "OFF"),
+                      ("Encode", "ON"), ("Record", ctl.record_status(target)),
                       ("Alarmstatus", manscdp.Node({v.alarm_num_attr: len(alarms)}, alarms))]
+            if v.ptz_position:
+                fields += ctl.position_fields(target)
             response("DeviceStatus", self.device_id, fields)
         elif cmd == "Catalog":
             to_uri = v.catalog_to_uri(self.device_id)
@@ -598,6 +605,7 @@ class SimDevice:
                         ("HeartBeatInterval", max(1, round(cfg.keepalive_interval))),
                         ("HeartBeatCount", cfg.keepalive_misses), ("PositionCapability", 0),
                         ("Longitude", round(lon, 6)), ("Latitude", round(lat, 6))]
+                    param = self.controls.basic_param(param)
                     response("ConfigDownload", target, [("Result", "OK"), ("BasicParam", param)])
                 elif kind == "VideoParamOpt":
                     response("ConfigDownload", target, [("Result", "OK"), ("VideoParamOpt", [
@@ -605,14 +613,14 @@ class SimDevice:
                 elif kind:
                     response("ConfigDownload", target, [("Result", "ERROR")])
         elif cmd == "PresetQuery":
-            items = [("Item", [("PresetID", pid), ("PresetName", name)]) for pid, name in presets(target)]
+            items = [("Item", [("PresetID", pid), ("PresetName", name)]) for pid, name in self.controls.presets(target)]
             response("PresetQuery", target, [("PresetList", manscdp.Node({"Num": len(items)}, items))])
-        elif cmd == "DeviceControl":
-            # §9.3.1: these commands are confirmed by a Response; PTZ and the rest are not.
-            if any(query.element.find(tag) is not None for tag in _CONFIRMED_CONTROLS):
-                response("DeviceControl", target, [("Result", "OK")])
-        elif cmd == "DeviceConfig":
-            response("DeviceConfig", target, [("Result", "OK")])
+        elif cmd in ("DeviceControl", "DeviceConfig"):
+            # §9.3.1: confirmed commands get a Response with their Result; PTZ, TeleBoot,
+            # IFameCmd and DragZoom only the 200 (ptz.py obeys them all).
+            result = self.controls.apply(query)
+            if result is not None:
+                response(cmd, target, [("Result", result)])
         elif cmd == "RecordInfo":
             out += [(body, None) for body in self._record_bodies(query, sn)]
         return out
@@ -1163,8 +1171,6 @@ _ANSWERED = frozenset({
     ("Query", "ConfigDownload"), ("Query", "PresetQuery"), ("Query", "RecordInfo"),
     ("Control", "DeviceControl"), ("Control", "DeviceConfig"),
 })
-#: DeviceControl commands that get a Response (§9.3.1).
-_CONFIRMED_CONTROLS = ("RecordCmd", "GuardCmd", "AlarmCmd", "HomePosition")
 
 
 def _check_media_config(cfg: FleetConfig) -> tuple[int, int]:

@@ -122,6 +122,12 @@ class Personality:
     pads_content_length = False
     #: A provisional (status, reason) sent with the dialog's To tag before the 200 to an INVITE.
     invite_provisional: tuple[int, str] | None = None
+    #: Answer a DeviceConfig addressed to a channel ID with Result ERROR (WVP: Dahua needs the
+    #: device ID there).
+    config_needs_device_id = False
+    #: Report a camera's PTZ position (``<PTZPosition>``) in a DeviceStatus about it: a
+    #: simulator extension, the 2016 schema has none.
+    ptz_position = True
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -278,6 +284,8 @@ class Dahua(Personality):
     camera_model = "DH-IPC-HFW2433M"
     pads_content_length = True
     invite_provisional = (101, "Dialog Establishement")  # DH-CAP, spelling included
+    config_needs_device_id = True  # WVP: Dahua requires the device ID in DeviceConfig
+    ptz_position = False  # the simulator's choice: one brand keeps its position to itself
 
     def server_uri(self) -> str:
         return f"sip:{self.cfg.server_id}@{self.cfg.server_host}:{self.cfg.server_port}"
