@@ -196,7 +196,7 @@ def test_a_download_at_speed_4_is_an_mp4_of_the_range(served, sims, tmp_path):
     import urllib.request
 
     from .conftest import TOKEN
-    server = served(GB28181_MEDIA__DOWNLOADS_PER_DEVICE="2")
+    server = served(GB28181_MEDIA__DOWNLOADS_PER_DEVICE="3")
     sims(server, "--devices", "1", *SIM_ARGS)
     (channel,) = channels_of(server, 1)
     t0 = int(time.time()) - 7200
@@ -205,13 +205,17 @@ def test_a_download_at_speed_4_is_an_mp4_of_the_range(served, sims, tmp_path):
                             {"start": iso(t0), "end": iso(t0 + 60), "speed": 4, "transport": "tcp-passive"})
     assert status == 201, dl
     assert dl["state"] == "downloading" and dl["speed"] == 4
-    # A second download of the device is served, a third waits for one of them.
-    status, second = server.api(f"/api/v1/channels/{channel}/downloads", "POST",
-                                {"start": iso(t0 - 600), "end": iso(t0 - 590), "speed": 2})
-    assert status == 201, second
-    status, third = server.api(f"/api/v1/channels/{channel}/downloads", "POST",
-                               {"start": iso(t0 - 300), "end": iso(t0 - 290)})
-    assert status == 429 and "downloads_per_device" in third["error"], third
+    # More downloads of the device over the other transports are served, up to its limit.
+    others = []
+    for transport in ("udp", "tcp-active"):
+        status, other = server.api(f"/api/v1/channels/{channel}/downloads", "POST",
+                                   {"start": iso(t0 - 600), "end": iso(t0 - 590), "speed": 2,
+                                    "transport": transport})
+        assert status == 201, other
+        others.append(other)
+    status, refused = server.api(f"/api/v1/channels/{channel}/downloads", "POST",
+                                 {"start": iso(t0 - 300), "end": iso(t0 - 290)})
+    assert status == 429 and "downloads_per_device" in refused["error"], refused
     time.sleep(5)
     midway = server.api(f"/api/v1/downloads/{dl['id']}")[1]
     assert 0.1 < midway["progress"] < 0.9 and midway["state"] == "downloading", midway
@@ -238,9 +242,12 @@ def test_a_download_at_speed_4_is_an_mp4_of_the_range(served, sims, tmp_path):
     req.add_header("Range", "bytes=100-199")
     with urllib.request.urlopen(req, timeout=30) as resp:
         assert resp.status == 206 and resp.read() == data[100:200]
+    for other in others:  # 10 s at speed 2, over udp and tcp-active
+        d = server.api(f"/api/v1/downloads/{other['id']}")[1]
+        assert d["state"] == "done" and 9.0 <= d["seconds"] <= 11.0, d
     listed_ids = {d["id"] for d in server.api("/api/v1/downloads")[1]["downloads"]}
-    assert {dl["id"], second["id"]} <= listed_ids
+    assert {dl["id"], *(o["id"] for o in others)} <= listed_ids
     status, body = server.api("/api/v1/audit?limit=50")
     actions = [e["action"] for e in body["entries"]]
-    assert actions.count("download") == 2 and "download-failed" in actions and "export" in actions
+    assert actions.count("download") == 3 and "download-failed" in actions and "export" in actions
     assert not server.error_lines(), server.error_lines()
