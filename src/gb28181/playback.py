@@ -68,7 +68,7 @@ class Playback:
     kind: str = "Playback"
     session: MediaSession | None = None
     created_at: float = field(default_factory=time.time)
-    state: str = "opening"  # opening | playing | paused | ended
+    state: str = "opening"  # opening | playing | paused | closing | ended
     scale: float = 1.0
     offset: float = 0.0  # seconds into the range where the node's elapsed count starts
     cseq: int = 0  # MANSRTSP CSeq of the last control (Annex B.2.1: numbered per dialog)
@@ -274,7 +274,7 @@ class PlaybackManager:
         pb = self.active.pop(stream_id, None)
         if pb is None:
             return False
-        pb.state = "ended"
+        pb.state = "closing"  # a download is not done (nor failed) before its file is finished
         pb.ended_reason = reason
         pb.ended_at = time.time()
         if pb.grace is not None:
@@ -288,6 +288,7 @@ class PlaybackManager:
                 pb.file = (await pb.leg.call("close", reason=reason)).get("file")
             except NodeCallError as exc:
                 pb.file = {"path": None, "error": str(exc)}
+        pb.state = "ended"
         if pb.session is not None:
             await self.invites.close(pb.session, reason, bye_timeout=bye_timeout)
         else:
