@@ -363,6 +363,60 @@ async def test_cancelled_get_leaves_no_waiter() -> None:
     assert len(s._waiters) <= 1
 
 
+def test_listener_takes_packets_as_they_are_published(caplog: pytest.LogCaptureFixture) -> None:
+    s = Stream("listen", max_lag_packets=8, gop_cache_packets=0)
+    pk = synthetic(40, gop=10)
+    s.publish(pk[0])
+    c = s.subscribe()
+    got: list[int] = []
+    calls = [0]
+    paused = [False]
+
+    def on_publish() -> None:
+        calls[0] += 1
+        while not paused[0] and not c.closed and (p := c.get_nowait()) is not None:
+            got.append(p.timestamp)
+
+    c.listen(on_publish)
+    for p in pk[1:20]:
+        s.publish(p)
+    assert got == list(range(10, 20)) and calls[0] == 19  # from the first keyframe, one call each
+    paused[0] = True  # a listener that stops taking packets lags like any reader
+    for p in pk[20:35]:
+        s.publish(p)
+    paused[0] = False
+    s.publish(pk[35])
+    assert got[10:] == [30, 31, 32, 33, 34, 35] and c.dropped == 10
+    c.listen(None)
+    s.publish(pk[36])
+    assert got[-1] == 35 and calls[0] == 35
+    c.listen(on_publish)
+    c.close()  # called once more when the consumer closes, and never again
+    assert calls[0] == 36
+    s.publish(pk[37])
+    assert calls[0] == 36
+
+    # A listener that raises is dropped; the publisher and the other readers go on.
+    bad, good = s.subscribe("bad"), s.subscribe("good")
+    bad_calls = [0]
+
+    def fails() -> None:
+        bad_calls[0] += 1
+        raise RuntimeError("listener bug")
+
+    bad.listen(fails)
+    s.publish(pk[38])
+    s.publish(pk[39])
+    assert bad_calls[0] == 1 and "listener of consumer bad" in caplog.text
+    assert not bad.closed and good.get_nowait() is None  # waits for a keyframe, as before
+
+    # Closing the stream calls the listeners, which see their consumer closed.
+    seen_closed: list[bool] = []
+    good.listen(lambda: seen_closed.append(good.closed))
+    s.close("done")
+    assert seen_closed == [True]
+
+
 async def test_wait_for_keyframe(packets: list[MediaPacket]) -> None:
     s = Stream("key")
     assert await s.wait_for_keyframe(0.01) is False

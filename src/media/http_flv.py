@@ -20,6 +20,7 @@ import contextlib
 import logging
 
 from aiohttp import WSMsgType, web
+from aiohttp.abc import AbstractStreamWriter
 
 from .flv import FlvMuxer
 from .hub import Consumer, Stream, StreamClosed
@@ -73,6 +74,57 @@ async def _next_parts(consumer: Consumer, muxer_box: list, stream: Stream, audio
     return parts, size
 
 
+class _PushWriter:
+    """A consumer's listener (`Consumer.listen`): muxes what the hub has for it and writes
+    it to the HTTP transport inside `Stream.publish`, so no task switch per frame.
+
+    Each write is one HTTP/1.1 chunk (RFC 9112 7.1: size line, data, CRLF) handed to the
+    transport as the muxer's parts (no joined copy of the frame). When the transport is
+    paused (the client reads too slowly), closing, or something failed, it resolves `kick`
+    and stops: the handler's task takes over (drains, ends the response).
+    """
+
+    __slots__ = ("consumer", "muxer", "transport", "writer", "kick", "high", "error")
+
+    def __init__(self, consumer: Consumer, muxer: FlvMuxer, transport: asyncio.Transport,
+                 writer: AbstractStreamWriter, kick: asyncio.Future) -> None:
+        self.consumer = consumer
+        self.muxer = muxer
+        self.transport = transport
+        self.writer = writer
+        self.kick = kick
+        self.high = transport.get_write_buffer_limits()[1]  # paused above this
+        self.error: BaseException | None = None
+
+    def __call__(self) -> None:
+        kick = self.kick
+        if kick.done():
+            return
+        consumer = self.consumer
+        transport = self.transport
+        try:
+            while not (consumer.closed or transport.is_closing()
+                       or transport.get_write_buffer_size() > self.high):
+                pkt = consumer.get_nowait()
+                if pkt is None:
+                    return  # caught up
+                parts: list = [b""]
+                size = self.muxer.mux_parts(pkt, parts)
+                while size < _COALESCE_BYTES:
+                    pkt = consumer.get_nowait()
+                    if pkt is None:
+                        break
+                    size += self.muxer.mux_parts(pkt, parts)
+                if size:
+                    parts[0] = b"%x\r\n" % size
+                    parts.append(b"\r\n")
+                    transport.writelines(parts)
+                    self.writer.output_size += size
+        except Exception as exc:
+            self.error = exc
+        kick.set_result(None)
+
+
 async def _next_chunk(consumer: Consumer, muxer_box: list, stream: Stream, audio: bool | None) -> bytes:
     """`_next_parts` joined into one chunk."""
     parts, _ = await _next_parts(consumer, muxer_box, stream, audio)
@@ -104,32 +156,18 @@ async def serve_http_flv(
         await resp.prepare(request)
         watchdog = asyncio.create_task(_watch_http_client(request, consumer))
         muxer_box: list[FlvMuxer | None] = [None]
-        writer = request.writer
-        started = False
         while True:
+            # The first chunk goes through aiohttp, which sends the response head with it.
             try:
                 parts, size = await _next_parts(consumer, muxer_box, stream, audio)
             except StreamClosed:
                 break
-            if not size:
-                continue
-            if not started:
-                # aiohttp holds the response head back until the first body write.
+            if size:
                 await resp.write(b"".join(parts))
-                started = True
-                continue
-            # Then each chunk (RFC 9112 7.1: size line, data, CRLF) goes straight to the
-            # transport as the muxer's parts: no joined copy of the frame, no per-write
-            # layers. aiohttp's writer is still the one that drains and ends the body.
-            transport = request.transport
-            if transport is None or transport.is_closing():
-                raise ConnectionResetError("HTTP-FLV client transport closed")
-            parts.insert(0, b"%x\r\n" % size)
-            parts.append(b"\r\n")
-            transport.writelines(parts)
-            writer.output_size += size
-            if transport.get_write_buffer_size():
-                await writer.drain()  # waits only while the transport is paused
+                muxer = muxer_box[0]
+                assert muxer is not None  # made with the first chunk
+                await _push(request, consumer, muxer)
+                break
         if stream.closed:
             # The stream ended: finish the chunked body so the client sees a clean end.
             with contextlib.suppress(*_CLIENT_GONE):
@@ -142,6 +180,34 @@ async def serve_http_flv(
         consumer.close()
         if watchdog is not None:
             watchdog.cancel()
+
+
+async def _push(request: web.Request, consumer: Consumer, muxer: FlvMuxer) -> None:
+    """Write the consumer's packets as they are published (`_PushWriter`) until it closes.
+
+    Raises ConnectionResetError when the client has gone.
+    """
+    transport = request.transport
+    writer = request.writer
+    loop = asyncio.get_running_loop()
+    while True:
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("HTTP-FLV client transport closed")
+        kick = loop.create_future()
+        pusher = _PushWriter(consumer, muxer, transport, writer, kick)
+        consumer.listen(pusher)
+        try:
+            pusher()  # what was published since
+            await kick
+        finally:
+            consumer.listen(None)
+        if pusher.error is not None:
+            raise pusher.error
+        if consumer.closed:
+            return
+        if transport.is_closing():
+            raise ConnectionResetError("HTTP-FLV client transport closed")
+        await writer.drain()  # paused: the client reads slower than the stream comes
 
 
 async def _watch_http_client(request: web.Request, consumer: Consumer) -> None:

@@ -20,6 +20,9 @@ How it works — one ring of packet references shared by all consumers:
   reading inside the current cached GOP is never dropped: those packets are held anyway.
 * `publish` never awaits: it appends to the ring, trims it (amortised O(1)) and wakes the
   consumers waiting in `get()` — O(waiting consumers).
+* A consumer may instead `listen`: publish then calls its callback at once, and the callback
+  takes what it can with `get_nowait()` (the HTTP-FLV writer muxes and writes it in the same
+  call). That saves a task switch per packet; lag handling is the same.
 
 Everything runs on one event loop; `publish` and `close` must be called from it.
 """
@@ -90,6 +93,8 @@ class Stream:
         self._consumers: dict[Consumer, None] = {}  # insertion-ordered set
         self._waiters: list[asyncio.Future] = []
         self._key_waiters: list[asyncio.Future] = []
+        self._listeners: dict[Consumer, Callable[[], None]] = {}
+        self._notify: tuple[tuple[Consumer, Callable[[], None]], ...] = ()  # snapshot of _listeners
 
     def __repr__(self) -> str:
         state = f"closed {self.close_reason!r}" if self.closed else f"{len(self._consumers)} consumers"
@@ -128,11 +133,29 @@ class Stream:
         elif self._gop is not None and seq - self._gop >= self.gop_cache_packets:
             self._gop = None  # GOP longer than the cache: new consumers start live
         self._trim()
+        if self._notify:
+            self._call_listeners()
         if self._waiters:
             waiters, self._waiters = self._waiters, []
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(None)
+
+    def _call_listeners(self) -> None:
+        for c, callback in self._notify:
+            try:
+                callback()
+            except Exception:
+                # The publisher must not fail for a consumer's sake: that listener is dropped.
+                log.exception("listener of consumer %s on stream %s failed", c.name, self.key)
+                self._set_listener(c, None)
+
+    def _set_listener(self, c: Consumer, callback: Callable[[], None] | None) -> None:
+        if callback is None:
+            self._listeners.pop(c, None)
+        elif c in self._consumers:
+            self._listeners[c] = callback
+        self._notify = tuple(self._listeners.items())
 
     def _trim(self) -> None:
         """Drop ring entries that are neither in the GOP cache nor in the lag window."""
@@ -174,6 +197,10 @@ class Stream:
         for c in list(self._consumers):
             c._closed = True
         self._consumers.clear()
+        if self._notify:
+            self._call_listeners()
+            self._listeners.clear()
+            self._notify = ()
         waiters, self._waiters = self._waiters, []
         for fut in waiters:
             if not fut.done():
@@ -351,6 +378,16 @@ class Consumer:
         """Packets published but not yet read by this consumer."""
         return 0 if self._closed else max(0, self._stream._head - self._cursor)
 
+    def listen(self, callback: Callable[[], None] | None) -> None:
+        """Have `callback()` called by every `publish`, synchronously, and once when the
+        consumer or the stream closes; None stops it.
+
+        For a reader that can take packets at once (`get_nowait`) without a task switch per
+        packet. The callback must not raise (one that does is dropped) nor block.
+        """
+        if not self._closed:
+            self._stream._set_listener(self, callback)
+
     def get_nowait(self) -> MediaPacket | None:
         """The next packet if one is ready, else None; raises StreamClosed once closed."""
         if self._closed:
@@ -400,6 +437,13 @@ class Consumer:
         fut = self._waiter  # wake a get() that is waiting, so that it sees the close
         if fut is not None and not fut.done():
             fut.set_result(None)
+        callback = stream._listeners.get(self)
+        if callback is not None:
+            stream._set_listener(self, None)
+            try:
+                callback()  # ... and a listener
+            except Exception:
+                log.exception("listener of consumer %s on stream %s failed", self.name, stream.key)
         stream._leave(self)
 
     def __enter__(self) -> Consumer:

@@ -33,9 +33,11 @@ __all__ = [
 ]
 
 _START = b"\x00\x00\x01"
-# The regex engine scans for the start code about 1.6x faster than bytes.find (CPython
-# 3.11) on slice data, which has many 00 bytes; whole-AU scans use it.
-_finditer_start = re.compile(_START).finditer
+# Whole-AU scans use the regex engine: it looks for the start code's 01 byte, which is
+# rarer than 00 in slice data, then checks the two bytes before; ~1.25x bytes.find
+# (CPython 3.11). A match ends where the NAL unit begins and starts 2 bytes after the
+# start code does.
+_finditer_start = re.compile(b"\x01(?<=\x00\x00\x01)").finditer
 
 # H.264 Table 7-1.
 H264_NAL_SLICE = 1
@@ -99,7 +101,7 @@ def nal_spans(au: bytes) -> list[tuple[int, int]]:
     for m in _finditer_start(au):
         if start >= 0:
             # Strip zero bytes that belong to this start code (a 4-byte one).
-            e = m.start()
+            e = m.start() - 2
             while e > start and au[e - 1] == 0:
                 e -= 1
             if e > start:
