@@ -46,7 +46,7 @@ import random
 import socket
 import statistics
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -648,7 +648,7 @@ class SimDevice:
         items = self.catalog.items()
         total = len(items)
 
-        def render(chunk: list[Channel | Group]) -> bytes:
+        def render(chunk: Sequence[Channel | Group]) -> bytes:
             part = [("Item", self._item(x)) for x in chunk]
             fields = [("SumNum", total), ("DeviceList", manscdp.Node({"Num": len(part)}, part))]
             return v.body("Response", "Catalog", sn, self.device_id, fields)
@@ -938,8 +938,14 @@ class SimDevice:
             stream=stream, answer=answer, invite=ev)
         if history is not None:
             call.kind = history[0]
+            spans = None
+            if cfg.records_days > 0:  # play what the index says was recorded, gaps skipped
+                index = RecordIndex(ch.channel_id, cfg.records_days, time.time())
+                spans = [(seg.start.timestamp(), seg.end.timestamp())
+                         for seg in index.segments(history[1], history[2])]
             call.playback = PlaybackSender(fleet.media, start=history[1], end=history[2],
-                                           scale=history[3], on_end=partial(self._file_end, call))
+                                           scale=history[3], on_end=partial(self._file_end, call),
+                                           spans=spans)
             self.stats.playbacks += 1
         assert ev.transaction is not None
         ev.transaction.context = call  # CANCEL and Timer L find the call through it

@@ -12,6 +12,10 @@ starts at the keyframe at or before the asked time, sends ``fps × scale`` frame
 (``control``): PAUSE, PLAY to resume, PLAY with ``Range: npt=`` to seek (to the keyframe at or
 before the target), PLAY with ``Scale``, TEARDOWN (stops sending), and calls ``on_end`` once
 the range is sent, when the device reports MediaStatus 121 (§9.8.2 / A.2.5).
+
+With a recording index (``--records``: ``spans`` are its files in the range, Unix seconds) the
+device plays only what it recorded, as an NVR does: a gap between files is skipped to the next
+file's first keyframe, a seek into a gap lands there too, and a range with no file left ends.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ class PlaybackSender:
     """One playback/download stream's pacing; the ``sender`` a ``SimStream`` starts with."""
 
     def __init__(self, media: MediaSender, *, start: int, end: int, scale: float = 1.0,
-                 on_end: Callable[[], None] | None = None) -> None:
+                 on_end: Callable[[], None] | None = None,
+                 spans: list[tuple[float, float]] | None = None) -> None:
         self.media = media
         self.fps = media.fps
         self.start_frame = start * self.fps
@@ -54,6 +59,8 @@ class PlaybackSender:
         self._stream: SimStream | None = None
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        self.spans = sorted(spans) if spans is not None else None
+        self.skipped = 0  # gaps jumped over
 
     # -- the SimStream sender interface ----------------------------------------------------------
     def add(self, stream: SimStream) -> None:
@@ -89,6 +96,23 @@ class PlaybackSender:
         return None if self.frame is None else self.frame / self.fps
 
     # -- pacing ------------------------------------------------------------------------------------
+    def _recorded(self, clip: VideoClip, frame: int) -> int | None:
+        """``frame`` if it was recorded, else the first keyframe of the next file (None: no
+        file left in the range)."""
+        if self.spans is None:
+            return frame
+        t = frame / self.fps
+        for lo, hi in self.spans:
+            if lo <= t < hi:
+                return frame
+            if lo > t:
+                self.skipped += 1
+                first = int(lo * self.fps)
+                count = len(clip)
+                ahead = next((n for n in range(count) if clip.keyframes[(first + n) % count]), 0)
+                return first + ahead
+        return None
+
     @staticmethod
     def _keyframe_at_or_before(clip: VideoClip, frame: int) -> int:
         count = len(clip)
@@ -116,6 +140,11 @@ class PlaybackSender:
                 await self._wake.wait()
                 due = loop.time()
                 continue
+            recorded = self._recorded(clip, self.frame)
+            if recorded is None or recorded >= self.end_frame:
+                self.frame = self.end_frame
+            else:
+                self.frame = recorded
             if self.frame >= self.end_frame:
                 self.ended = True
                 if self.on_end is not None:

@@ -251,3 +251,29 @@ def test_a_download_at_speed_4_is_an_mp4_of_the_range(served, sims, tmp_path):
     actions = [e["action"] for e in body["entries"]]
     assert actions.count("download") == 3 and "download-failed" in actions and "export" in actions
     assert not server.error_lines(), server.error_lines()
+
+
+def test_playback_skips_what_the_device_did_not_record(served, sims):
+    from simulators.records import RecordIndex
+    server = served()
+    sims(server, "--devices", "1", "--records", "2", *SIM_ARGS)
+    (channel,) = channels_of(server, 1)
+    files = RecordIndex(channel, 2, time.time()).segments()
+    # The first gap between two files yesterday or today.
+    gap = next((a.end.timestamp(), b.start.timestamp()) for a, b in zip(files, files[1:])
+               if b.start > a.end)
+    t0, t1 = int(gap[0]) - 3, int(gap[1]) + 3
+    status, body = server.api(f"/api/v1/channels/{channel}/playback", "POST",
+                              {"start": iso(t0), "end": iso(t1)})
+    assert status == 200, body
+    frames = video_timeline(read_stream(body["urls"]["http_flv"], 12.0, None))
+    times = [recorded(f) for f in frames]
+    assert not [t for t in times if gap[0] <= t < gap[1]], "frames from inside the gap"
+    before = [t for t in times if t < gap[0]]
+    after = [f for f in frames if recorded(f) >= gap[1]]
+    assert before and after, (len(before), len(after))
+    assert after[0][1] and recorded(after[0]) - gap[1] < GOP_S, "the next file starts at its first keyframe"
+    assert max(times) >= t1 - 0.2, "the range was played to its end"
+    ended = wait_until(lambda: (s := stream(server, body["stream_id"]))["state"] == "ended" and s, 10,
+                       "the playback ended", server.exited)
+    assert "MediaStatus 121" in ended["ended_reason"]
