@@ -255,6 +255,16 @@ def test_fuzz_nal_units_match_a_find_walk(pieces: list[bytes]) -> None:
     for codec, wanted in (("h264", 7), ("h264", 8), ("h265", 33), ("h265", 32)):
         first = next((u for u in units if nal.nal_type(u, codec) == wanted), None)
         assert nal.find_nal(au, codec, wanted) == first
+    # is_keyframe: the type of the first VCL unit, header bytes read after every start code.
+    headers = []
+    i = au.find(SC[1:])
+    while 0 <= i and i + 3 < len(au):
+        headers.append(au[i + 3])
+        i = au.find(SC[1:], i + 3)
+    vcl264 = next((h & 0x1F for h in headers if h & 0x1F in (1, 2, 3, 4, 5)), None)
+    vcl265 = next(((h >> 1) & 0x3F for h in headers if (h >> 1) & 0x3F <= 31), None)
+    assert nal.is_keyframe(au, "h264") == (vcl264 == 5)
+    assert nal.is_keyframe(au, "h265") == (vcl265 is not None and 16 <= vcl265 <= 23)
 
 
 @settings(max_examples=300, deadline=None)

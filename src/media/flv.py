@@ -28,6 +28,7 @@ discontinuity, and each track is kept monotonic.
 from __future__ import annotations
 
 import struct
+from collections import deque
 
 from . import nal
 from .packet import MediaPacket
@@ -71,14 +72,18 @@ def flv_header(video: bool = True, audio: bool = False) -> bytes:
 # Parsed AUs, shared by every muxer in the process: N viewers of a stream mux the same
 # AU objects (the hub hands out shared packets), so the start-code scan — most of the
 # cost — is done once per AU instead of once per viewer. Keyed by id(au) with the AU
-# itself held, so an id cannot be reused while its entry lives; FIFO-evicted.
+# itself held, so an id cannot be reused while its entry lives; FIFO-evicted through a
+# deque of keys (taking a dict's first key costs a walk over the slots of every entry
+# deleted before it, until the dict is rebuilt).
 _PARSE_CACHE: dict[int, tuple] = {}
+_PARSE_ORDER: deque[int] = deque()
 _PARSE_CACHE_SIZE = 512
 
 
 def clear_parse_cache() -> None:
     """Forget the shared parsed-AU cache (benchmarks measure the cold cost with it)."""
     _PARSE_CACHE.clear()
+    _PARSE_ORDER.clear()
 
 
 def _parse_au(au: bytes, hevc: bool) -> tuple[list[tuple[int, int]], dict[int, list[bytes]] | None]:
@@ -110,8 +115,10 @@ def _parse_au(au: bytes, hevc: bool) -> tuple[list[tuple[int, int]], dict[int, l
         if unit not in units and len(units) < 31:
             units.append(unit)
     cache = _PARSE_CACHE
-    if len(cache) >= _PARSE_CACHE_SIZE:
-        del cache[next(iter(cache))]
+    if key not in cache:
+        if len(cache) >= _PARSE_CACHE_SIZE:
+            del cache[_PARSE_ORDER.popleft()]
+        _PARSE_ORDER.append(key)
     cache[key] = (au, hevc, keep, found)
     return keep, found
 

@@ -167,20 +167,25 @@ def is_keyframe(au: bytes, codec: str) -> bool:
     Scanning stops at the first VCL NAL unit, which in practice sits right after
     AUD/SPS/PPS/SEI at the start of the AU, so cost does not grow with AU size.
     """
+    if codec != "h264" and codec != "h265":
+        return False
+    find = au.find
+    last = len(au) - 4  # a start code needs its NAL header byte after it
+    i = find(_START)
     if codec == "h265":
-        for off in _nal_header_offsets(au):
-            t = (au[off] >> 1) & 0x3F
+        while 0 <= i <= last:
+            t = (au[i + 3] >> 1) & 0x3F
             if t <= H265_NAL_VCL_LAST:
                 return H265_NAL_IRAP_FIRST <= t <= H265_NAL_IRAP_LAST
+            i = find(_START, i + 3)
         return False
-    if codec == "h264":
-        for off in _nal_header_offsets(au):
-            t = au[off] & 0x1F
-            if t == H264_NAL_IDR:
-                return True
-            if 1 <= t <= 4:  # non-IDR slice / data partitions A-C
-                return False
-        return False
+    while 0 <= i <= last:
+        t = au[i + 3] & 0x1F
+        if t == H264_NAL_IDR:
+            return True
+        if 1 <= t <= 4:  # non-IDR slice / data partitions A-C
+            return False
+        i = find(_START, i + 3)
     return False
 
 
