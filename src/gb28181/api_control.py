@@ -164,16 +164,18 @@ async def _run(request: web.Request, what: str, target: str, call: Awaitable[Con
     """Await the command, audit it, and answer: 200, 502 for Result ERROR, 4xx/504 for failures."""
     server = _server(request)
     who, source = _who(request)
+    # The audit record's own "action" is ``what``; a body's action is the command there.
+    audited = {"command" if k == "action" else k: v for k, v in detail.items()}
     try:
         result = await call
     except ControlError as exc:
         server.audit.record(what, who=who, source=source, target=target, result="failed",
-                            error=str(exc), **detail)
+                            error=str(exc), **audited)
         return _error(exc.status, str(exc))
     except ptz.PtzError as exc:
         return _error(400, str(exc))
     out = result.as_json()
-    server.audit.record(what, who=who, source=source, target=target, result=out["result"], **detail)
+    server.audit.record(what, who=who, source=source, target=target, result=out["result"], **audited)
     if not result.ok:
         return web.json_response({"error": f"the device answered {result.result} to {what}",
                                   **detail, **out}, status=502)

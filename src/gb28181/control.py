@@ -76,7 +76,7 @@ class ControlResult:
                                "confirmed": self.confirmed,
                                "result": self.result if self.confirmed else "delivered"}
         if self.ptzcmd:
-            out["ptzcmd"] = self.ptzcmd[0] if len(self.ptzcmd) == 1 else self.ptzcmd
+            out["ptzcmd"] = list(self.ptzcmd)  # a stop may take two (PTZ and FI, A.3.2/A.3.3)
         return out
 
 
@@ -101,11 +101,13 @@ class DeviceControl:
         self.audit = audit
         self.moving: dict[str, _Moving] = {}  # by channel ID
         self.auto_stops = 0
+        #: How long a confirmed command waits for the device's Response, seconds.
+        self.response_timeout = RESPONSE_TIMEOUT
         self._tasks: set[asyncio.Task] = set()
 
     async def send(self, device: Device, target: str, fields: Sequence[tuple[str, Any]], *,
                    cmd_type: str = "DeviceControl", confirmed: bool | None = None,
-                   timeout: float = RESPONSE_TIMEOUT) -> ControlResult:
+                   timeout: float | None = None) -> ControlResult:
         """Deliver one ``<Control>`` to ``target`` (the device or one of its channels) and, for a
         confirmed command (§9.3.1), wait for the device's Result. ControlError if that fails."""
         if confirmed is None:
@@ -114,6 +116,7 @@ class DeviceControl:
             raise ControlError(f"device {device.device_id} is offline", 409)
         queries = self.queries
         sn = queries.next_sn()
+        timeout = self.response_timeout if timeout is None else timeout
         if not confirmed:
             try:
                 await queries.send(device, cmd_type, fields, sn=sn, root="Control", target=target)

@@ -195,23 +195,23 @@ def encode(cmd: PtzCommand, *, address: int = DEFAULT_ADDRESS) -> str:
         return _frame(code, _byte("focus_speed", cmd.focus_speed), _byte("iris_speed", cmd.iris_speed),
                       0, address)
     if isinstance(cmd, Preset):
-        code = next((c for c, a in _PRESET.items() if a == cmd.action), None)
-        if code is None:
+        preset = next((c for c, a in _PRESET.items() if a == cmd.action), None)
+        if preset is None:
             raise PtzError(f"preset action must be set, call or delete, not {cmd.action!r}")
-        return _frame(code, 0, _byte("preset index", cmd.index, 255, 1), 0, address)
+        return _frame(preset, 0, _byte("preset index", cmd.index, 255, 1), 0, address)
     if isinstance(cmd, Cruise):
-        code = next((c for c, a in _CRUISE.items() if a == cmd.action), None)
-        if code is None:
+        cruise = next((c for c, a in _CRUISE.items() if a == cmd.action), None)
+        if cruise is None:
             raise PtzError(f"cruise action must be one of {', '.join(_CRUISE.values())}, not {cmd.action!r}")
         group = _byte("cruise group", cmd.group)
         if cmd.action == "add":
-            return _frame(code, group, _byte("preset", cmd.preset, 255, 1), 0, address)
+            return _frame(cruise, group, _byte("preset", cmd.preset, 255, 1), 0, address)
         if cmd.action == "delete":
-            return _frame(code, group, _byte("preset", cmd.preset), 0, address)
+            return _frame(cruise, group, _byte("preset", cmd.preset), 0, address)
         if cmd.action == "start":
-            return _frame(code, group, 0, 0, address)
+            return _frame(cruise, group, 0, 0, address)
         low, high = _twelve_bits(f"cruise {cmd.action}", cmd.value)
-        return _frame(code, group, low, high, address)
+        return _frame(cruise, group, low, high, address)
     if isinstance(cmd, Scan):
         group = _byte("scan group", cmd.group)
         if cmd.action == "speed":
