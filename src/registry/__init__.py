@@ -8,11 +8,12 @@ hot path and write changes behind it, in batches, to one shared `Store`
 
 from .channels import ChannelRegistry
 from .devices import DeviceRegistry
-from .models import CHANNEL_STATES, Channel, ChannelEvent, Device, FaultEvent, StatusEvent
+from .models import CHANNEL_STATES, AlarmEvent, Channel, ChannelEvent, Device, FaultEvent, StatusEvent
 from .sqlite import SqliteStore
 from .store import Store, StoreError
 
 __all__ = [
+    "AlarmEvent",
     "CHANNEL_STATES",
     "Channel",
     "ChannelEvent",

@@ -103,6 +103,7 @@ class ChannelRegistry:
         self.persistence = persistence or Persistence(store, flush_interval=flush_interval)
         self.persistence.add(self._pending)
         self._started = False
+        self._listeners: list[Callable[[Channel, ChannelEvent], None]] = []
 
     @property
     def store(self) -> Store:
@@ -210,7 +211,7 @@ class ChannelRegistry:
             self._order.add(channel_id)
             self._removed.pop(channel_id, None)
             self._pending.added(channel_id, channel)
-            self._pending.event(ChannelEvent(channel_id, state, at, reason))
+            self._event(channel, ChannelEvent(channel_id, state, at, reason))
             return channel, True
 
         old_device = stored.device_id
@@ -285,7 +286,7 @@ class ChannelRegistry:
                 del self._by_device[channel.device_id]
         self._order.discard(channel_id)
         self._pending.removed(channel_id)
-        self._pending.event(ChannelEvent(channel_id, "OFF", at, REMOVED))
+        self._event(channel, ChannelEvent(channel_id, "OFF", at, REMOVED))
         self._removed[channel_id] = (channel.tier, channel.area_code, channel.kind)
         if len(self._removed) > self._max_removed:
             self._removed.popitem(last=False)
@@ -295,6 +296,23 @@ class ChannelRegistry:
         """Forget every channel of a device; how many there were."""
         at = self._clock() if at is None else at
         return sum(self.remove(channel_id, at=at) for channel_id in list(self._by_device.get(device_id, ())))
+
+    def add_listener(self, fn: Callable[[Channel, ChannelEvent], None]) -> None:
+        """Call ``fn(channel, event)`` synchronously on every change of a channel's effective
+        state (removal included: an OFF event with reason "removed")."""
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable[[Channel, ChannelEvent], None]) -> None:
+        self._listeners.remove(fn)
+
+    def _event(self, channel: Channel, event: ChannelEvent) -> None:
+        self._pending.event(event)
+        for listener in self._listeners:
+            try:
+                listener(channel, event)
+            except Exception:
+                # A broken event feed must not fail catalog handling.
+                log.exception("channel state listener %r failed", listener)
 
     def counts(self) -> dict[str, int]:
         """Channels per effective state (every state present, zeros included)."""
@@ -316,7 +334,7 @@ class ChannelRegistry:
         channel.state = state
         channel.state_changed_at = at
         self._pending.changed(channel.channel_id, channel)
-        self._pending.event(ChannelEvent(channel.channel_id, state, at, reason))
+        self._event(channel, ChannelEvent(channel.channel_id, state, at, reason))
         return True
 
     def _reindex(self, channel: Channel, old_device: str) -> None:

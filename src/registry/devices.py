@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 
-from .models import Device, FaultEvent, StatusEvent
+from .models import AlarmEvent, Device, FaultEvent, StatusEvent
 from .store import Store, StoreError
 from .writebehind import Persistence, SortedIds, WriteBehind
 
@@ -53,7 +53,7 @@ class DeviceRegistry:
         self._listeners: list[Listener] = []
         # Device IDs for paging, sorted lazily by `query` so `add` stays O(1).
         self._order = SortedIds(self._devices)
-        self._pending: WriteBehind[Device, StatusEvent | FaultEvent] = WriteBehind(
+        self._pending: WriteBehind[Device, StatusEvent | FaultEvent | AlarmEvent] = WriteBehind(
             kind="devices",
             lookup=self._devices.get,
             copy=Device.copy,
@@ -191,6 +191,18 @@ class DeviceRegistry:
         """Fault history from the store, newest first, including reports just made."""
         await self.flush()
         return await self._store.fault_events(device_id, limit=limit, newest_first=True)
+
+    def record_alarm(self, alarm: AlarmEvent) -> None:
+        """Keep an alarm in the device history; written with the next flush (``after_commit``
+        tells when it is on disk)."""
+        self._pending.event(alarm)
+
+    async def alarm_events(self, device_id: str | None = None, since: float | None = None,
+                           priorities: tuple[int, int] | None = None,
+                           limit: int = 100) -> list[AlarmEvent]:
+        """Stored alarms, newest first, including those just recorded."""
+        await self.flush()
+        return await self._store.alarm_events(device_id, since, priorities, limit)
 
     def _check_current(self, device: Device) -> None:
         # A device never added, or removed meanwhile, would otherwise be

@@ -82,6 +82,28 @@ class FaultEvent:
     devices: tuple[str, ...] = ()   # the faulty sub-devices (channels, alarm inputs) named
 
 
+@dataclass(slots=True, frozen=True)
+class AlarmEvent:
+    """An alarm a device reported (GB/T 28181-2016 §9.4, Annex A.2.5 Notify Alarm), as stored.
+
+    ``device_id`` is the device that sent it, ``channel_id`` the body's DeviceID (a camera or
+    alarm input of it; the device itself for device alarms). ``alarm_time`` is the device's
+    AlarmTime (unix time, None when absent or unreadable), ``received_at`` ours. ``info``
+    holds what else the body said (AlarmTypeParam, vendor extras)."""
+
+    device_id: str
+    channel_id: str
+    priority: int | None      # AlarmPriority: 1 first-level (most urgent) .. 4 fourth-level
+    method: int | None        # AlarmMethod: 1 phone .. 7 other
+    alarm_type: int | None    # Info/AlarmType, read against the method
+    alarm_time: float | None
+    description: str
+    longitude: float | None
+    latitude: float | None
+    received_at: float
+    info: dict = field(default_factory=dict, hash=False, compare=False)
+
+
 CHANNEL_STATES: tuple[str, ...] = ("ON", "OFF", "VLOST", "DEFECT")
 """A channel's status as a catalog Item (A.2.1g `Status`) or a catalog NOTIFY
 `Event` (§4, Annex P) reports it: ON, OFF, video lost, defect."""

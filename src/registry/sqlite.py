@@ -26,6 +26,7 @@ import aiosqlite
 from .models import (
     CHANNEL_FIELDS,
     DEVICE_FIELDS,
+    AlarmEvent,
     Channel,
     ChannelEvent,
     Device,
@@ -137,6 +138,25 @@ _MIGRATIONS: list[str] = [
     );
     CREATE INDEX device_faults_device_at ON device_faults (device_id, at);
     """,
+    # 4: alarms devices reported (GB/T 28181-2016 §9.4, A.2.5); `at` is when we received one
+    """
+    CREATE TABLE alarms (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id   TEXT    NOT NULL,
+        channel_id  TEXT    NOT NULL DEFAULT '',
+        priority    INTEGER,
+        method      INTEGER,
+        alarm_type  INTEGER,
+        alarm_time  REAL,
+        description TEXT    NOT NULL DEFAULT '',
+        longitude   REAL,
+        latitude    REAL,
+        at          REAL    NOT NULL,
+        info        TEXT    NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX alarms_device_at ON alarms (device_id, at);
+    CREATE INDEX alarms_at ON alarms (at);
+    """,
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -151,6 +171,9 @@ _UPSERT_DEVICE = (
 _DELETE_DEVICE = "DELETE FROM devices WHERE device_id = ?"
 _INSERT_EVENT = "INSERT INTO status_events (device_id, online, at, reason) VALUES (?, ?, ?, ?)"
 _INSERT_FAULT = "INSERT INTO device_faults (device_id, at, status, devices) VALUES (?, ?, ?, ?)"
+_ALARM_COLUMNS = ("device_id, channel_id, priority, method, alarm_type, alarm_time, description, "
+                  "longitude, latitude, at, info")
+_INSERT_ALARM = f"INSERT INTO alarms ({_ALARM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 _ONLINE = DEVICE_FIELDS.index("online")
 _EXTRA = DEVICE_FIELDS.index("extra")
@@ -239,12 +262,19 @@ def _event_row(event: StatusEvent) -> tuple:
     return (event.device_id, int(event.online), event.at, event.reason)
 
 
-def _split_events(events: Sequence) -> tuple[list[StatusEvent], list[FaultEvent]]:
-    """A device batch carries both kinds of device history; each has its table."""
+def _split_events(events: Sequence) -> tuple[list[StatusEvent], list[FaultEvent], list[AlarmEvent]]:
+    """A device batch carries every kind of device history; each has its table."""
     status = [e for e in events if type(e) is StatusEvent]
     if len(status) == len(events):
-        return status, []
-    return status, [e for e in events if type(e) is FaultEvent]
+        return status, [], []
+    return (status, [e for e in events if type(e) is FaultEvent],
+            [e for e in events if type(e) is AlarmEvent])
+
+
+def _alarm_row(event: AlarmEvent) -> tuple:
+    return (event.device_id, event.channel_id, event.priority, event.method, event.alarm_type,
+            event.alarm_time, event.description, event.longitude, event.latitude,
+            event.received_at, _json(event.info))
 
 
 def _fault_row(event: FaultEvent) -> tuple:
@@ -502,7 +532,7 @@ class SqliteStore(Store):
         self,
         devices: Sequence[Device],
         deleted_ids: Sequence[str],
-        events: Sequence[StatusEvent | FaultEvent],
+        events: Sequence[StatusEvent | FaultEvent | AlarmEvent],
     ) -> None:
         await self.write_all([StoreBatch("devices", devices, deleted_ids, events)])
 
@@ -526,11 +556,12 @@ class SqliteStore(Store):
         steps: list[tuple[str, Sequence, Callable[[Any], tuple]]] = []
         for batch in batches:
             if batch.kind == "devices":
-                status, faults = _split_events(batch.events)
+                status, faults, alarms = _split_events(batch.events)
                 steps += [(_DELETE_DEVICE, batch.deleted_ids, _id_row),
                           (_UPSERT_DEVICE, batch.records, _device_row),
                           (_INSERT_EVENT, status, _event_row),
-                          (_INSERT_FAULT, faults, _fault_row)]
+                          (_INSERT_FAULT, faults, _fault_row),
+                          (_INSERT_ALARM, alarms, _alarm_row)]
             elif batch.kind == "channels":
                 steps += [(_DELETE_CHANNEL, batch.deleted_ids, _id_row),
                           (_UPSERT_CHANNEL, batch.records, _channel_row),
@@ -597,6 +628,40 @@ class SqliteStore(Store):
         )
         return [FaultEvent(d, at, status, tuple(json.loads(devices) if devices else ()))
                 for d, at, status, devices in rows]
+
+    async def alarm_events(
+        self,
+        device_id: str | None = None,
+        since: float | None = None,
+        priorities: tuple[int, int] | None = None,
+        limit: int = 1000,
+    ) -> list[AlarmEvent]:
+        if limit < 0:
+            raise ValueError(f"limit must not be negative, got {limit}")
+        where: list[str] = []
+        params: list[object] = []
+        if device_id is not None:
+            where.append("device_id = ?")
+            params.append(device_id)
+        if since is not None:
+            where.append("at >= ?")
+            params.append(since)
+        if priorities is not None:
+            where.append("priority BETWEEN ? AND ?")
+            params += priorities
+        sql = f"SELECT {_ALARM_COLUMNS} FROM alarms"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY at DESC, id DESC LIMIT ?"
+        params.append(limit)
+        try:
+            rows = await self._conn().execute_fetchall(sql, params)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read alarms from {self.path}: {e}") from e
+        return [AlarmEvent(device_id=d, channel_id=c, priority=p, method=m, alarm_type=t,
+                           alarm_time=when, description=text, longitude=lon, latitude=lat,
+                           received_at=at, info=json.loads(info) if info else {})
+                for d, c, p, m, t, when, text, lon, lat, at, info in rows]
 
     async def channel_events(
         self,

@@ -14,7 +14,7 @@ import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .models import Channel, ChannelEvent, Device, FaultEvent, StatusEvent
+from .models import AlarmEvent, Channel, ChannelEvent, Device, FaultEvent, StatusEvent
 
 
 @dataclass(slots=True)
@@ -113,6 +113,17 @@ class Store(abc.ABC):
     ) -> list[FaultEvent]:
         """Keepalive fault reports, ordered as `status_events` orders them."""
         raise NotImplementedError(f"{type(self).__name__} does not store device faults")
+
+    async def alarm_events(
+        self,
+        device_id: str | None = None,
+        since: float | None = None,
+        priorities: tuple[int, int] | None = None,
+        limit: int = 1000,
+    ) -> list[AlarmEvent]:
+        """Stored alarms received at or after `since` with a priority in the inclusive range
+        `priorities`, newest first (by when they were received), at most `limit`."""
+        raise NotImplementedError(f"{type(self).__name__} does not store alarms")
 
     def snapshots_needed(self, records: int) -> bool:
         """Whether a flush of ``records`` records must hand over detached copies. A store that
