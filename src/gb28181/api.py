@@ -860,4 +860,6 @@ def make_app(server: GbServer) -> web.Application:
     app.router.add_get("/live/{channel_id}.flv", live_flv)
     from .api_control import add_control_routes  # PTZ, device control and config (§9.3)
     add_control_routes(app)
+    from .api_events import add_event_routes  # alarms, SSE event feed, webhooks (§9.4)
+    add_event_routes(app)
     return app

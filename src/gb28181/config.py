@@ -228,6 +228,32 @@ class PtzSection(_Section):
                              "within this many seconds is stopped by the server (0: never)")
 
 
+class Webhook(_Section):
+    """One receiver of events: a JSON POST per event, signed when ``secret`` is set."""
+
+    url: str = Field(min_length=1, description="http:// or https:// URL the events are POSTed to")
+    secret: str = Field("", description="HMAC-SHA256 key of the X-GB28181-Signature header "
+                        "(empty: unsigned)")
+    events: list[Literal["alarm", "device", "channel"]] = Field(
+        [], description="kinds of event sent (alarm, device on/offline, channel state); empty: all")
+
+
+class EventsSection(_Section):
+    webhooks: list[Webhook] = Field([], description="receivers of every event (JSON POST, retried)")
+    history: int = Field(1000, ge=10, le=1_000_000, description="recent events kept in memory "
+                         "for SSE clients that resume with Last-Event-ID")
+    sse_keepalive: float = Field(15.0, gt=0, description="seconds between SSE keep-alive comments")
+    sse_backlog: int = Field(1000, ge=1, description="events queued for one SSE client; a client "
+                             "further behind is disconnected (it resumes with Last-Event-ID)")
+    webhook_queue: int = Field(10000, ge=1, description="events queued per webhook URL; beyond, "
+                               "the oldest are dropped (and counted)")
+    webhook_concurrency: int = Field(4, ge=1, le=64, description="POSTs in flight per webhook URL")
+    webhook_timeout: float = Field(5.0, gt=0, description="seconds a POST may take")
+    webhook_retry_min: float = Field(1.0, gt=0, description="first retry after this many seconds; "
+                                     "doubled on each failure")
+    webhook_retry_max: float = Field(60.0, gt=0, description="longest wait between retries")
+
+
 class ReportsSection(_Section):
     civil_code_digits: int = Field(6, ge=2, le=8, description="civil-code prefix length for rates")
 
@@ -263,6 +289,7 @@ class Config(BaseSettings):
     reports: ReportsSection = ReportsSection()
     media: MediaSection = MediaSection()
     ptz: PtzSection = PtzSection()
+    events: EventsSection = EventsSection()
     database: DatabaseSection = DatabaseSection()
     log: LogSection = LogSection()
 

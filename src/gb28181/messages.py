@@ -12,7 +12,8 @@ until a keepalive says OK again. After a server restart, devices whose
 registration is still valid are online again with their next keepalive, without
 re-registering. Catalog Responses go to the ``CatalogCollector`` (they come in parts), other
 Responses to ``DeviceQueries``; ``Notify/Catalog`` MESSAGEs (catalog changes sent without a
-subscription) to the sync's ``apply_notify``.
+subscription) to the sync's ``apply_notify``; ``Notify/Alarm`` MESSAGEs to ``on_alarm``
+(alarms.py), which answers them itself (§9.4.2).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class MessageHandler:
         #: (Call-ID, NotifyType) of a MediaStatus Notify → True when it belongs to one of our
         #: playback dialogs (set by the server).
         self.on_media_status: Callable[[str, str], bool] | None = None
+        #: (device, Notify/Alarm body, reply) → answers it itself (§9.4.2; set by the server).
+        self.on_alarm: Callable[..., None] | None = None
         self.clock = clock
 
     def handle(self, ev: RequestReceived) -> None:
@@ -114,6 +117,9 @@ class MessageHandler:
                                 f": faulty {', '.join(faulty)}" if faulty else "")
             return
         device.last_seen = now
+        if msg.root == "Notify" and msg.cmd_type == "Alarm" and self.on_alarm is not None:
+            self.on_alarm(device, msg, reply)  # 200 (400 for garbage), then the Response MESSAGE
+            return
         reply(200)
         if msg.root == "Response":
             if msg.cmd_type == "Catalog" and self.collector.feed(sender, msg):

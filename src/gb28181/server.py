@@ -18,15 +18,17 @@ from aiohttp import web
 from media.node import MediaNode
 from registry.channels import ChannelRegistry
 from registry.devices import DeviceRegistry
-from registry.models import Device, StatusEvent
+from registry.models import Channel, ChannelEvent, Device, StatusEvent
 from registry.sqlite import SqliteStore
 from registry.writebehind import Persistence
 
+from .alarms import AlarmService
 from .api import make_app
 from .audit import AuditLog
 from .catalog import CatalogCollector
 from .config import Config, ensure_api_token, ensure_node_token
 from .control import DeviceControl
+from .events import EventBus
 from .invite import InviteManager
 from .messages import MessageHandler
 from .metrics import ServerCollector, make_registry
@@ -81,6 +83,13 @@ class GbServer:
                                                  registry=self.registry, queries=self.queries,
                                                  sync=self.sync)
         self.sync.subscriptions = self.subscriptions
+        # Alarms (§9.4) and the event feed; alarm subscriptions (§9.11.1) reuse the dialogs above.
+        self.events = EventBus(config.events)
+        self.alarms = AlarmService(registry=self.registry, queries=self.queries, bus=self.events)
+        self.alarm_subscriptions = SubscriptionManager(
+            config=config, endpoint=self.endpoint, registry=self.registry, queries=self.queries,
+            sync=self.sync, kind="Alarm", on_notify=self.alarms.on_notify)
+        self.channels.add_listener(self._channel_state)
         self.nodes = NodeManager(token="", idle_timeout=config.media.idle_timeout)
         self.nodes.on_viewer = self._viewer
         self.workers: Workers | None = None
@@ -102,6 +111,7 @@ class GbServer:
                                        counters=self.counters, collector=self.collector,
                                        on_catalog_notify=self.sync.apply_notify)
         self.messages.on_media_status = self.invites.media_status
+        self.messages.on_alarm = self.alarms.on_message
         self.metrics_registry = make_registry(ServerCollector(
             counters=self.counters, endpoint=self.endpoint, registry=self.registry,
             extra=self._channel_metrics))
@@ -141,6 +151,8 @@ class GbServer:
         self.presence.start()
         self.sync.start()
         self.subscriptions.start()
+        self.alarm_subscriptions.start()
+        self.events.start()
         app = make_app(self)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -188,6 +200,7 @@ class GbServer:
         await self.streams.stop()
         if self.workers is not None:
             await self.workers.stop()
+        self.events.close_clients()  # SSE streams end, or the HTTP server waits for them
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -195,11 +208,14 @@ class GbServer:
         await self.control.stop()
         await self.sync.stop()
         await self.subscriptions.stop()
+        await self.alarm_subscriptions.stop()
+        await self.alarms.stop()
         await self.endpoint.close()
         self.audit.close()
         await self.presence.stop()
         await self.channels.stop()
         await self.registry.stop()
+        await self.events.stop()
 
     # -- SIP dispatch --------------------------------------------------------------------
     def _on_request(self, ev: RequestReceived) -> None:
@@ -209,7 +225,10 @@ class GbServer:
         elif method == "MESSAGE":
             self.messages.handle(ev)
         elif method == "NOTIFY":
-            self.subscriptions.handle_notify(ev)
+            if self.alarm_subscriptions.owns(ev.request.call_id):
+                self.alarm_subscriptions.handle_notify(ev)
+            else:
+                self.subscriptions.handle_notify(ev)
         elif method == "BYE":
             self.invites.handle_bye(ev)
         elif ev.transaction is None:
@@ -244,6 +263,8 @@ class GbServer:
         subs = GaugeMetricFamily("gb28181_catalog_subscriptions", "Live catalog subscriptions")
         subs.add_metric([], len(self.subscriptions.by_device))
         yield subs
+        yield from self.alarms.metrics()
+        yield from self.events.metrics()
         yield from self._node_metrics()
 
     def _node_metrics(self):
@@ -281,3 +302,10 @@ class GbServer:
 
     def _device_status(self, device: Device, event: StatusEvent) -> None:
         self.channels.set_device_online(device.device_id, event.online, at=event.at)
+        self.events.publish("device.online" if event.online else "device.offline",
+                            {"device_id": device.device_id, "reason": event.reason}, at=event.at)
+
+    def _channel_state(self, channel: Channel, event: ChannelEvent) -> None:
+        self.events.publish("channel.state", {"channel_id": channel.channel_id,
+                                              "device_id": channel.device_id, "state": event.state,
+                                              "reason": event.reason}, at=event.at)

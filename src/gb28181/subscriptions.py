@@ -9,6 +9,10 @@ itself, RFC 6665 §4.1.2.4), checked against the dialog (CSeq order; a new Conta
 target), answered 200, and their catalog changes handed to ``DeviceSync.apply_notify`` at
 once. A NOTIFY for no subscription of ours gets 481 so the device stops sending it.
 
+The same machinery carries alarm subscriptions (§9.11.1, J.18): a second manager with
+``kind="Alarm"`` sends ``Event: presence`` and a ``Query/Alarm`` body with the filter fields
+it is given, and hands each NOTIFY to ``on_notify`` (alarms.py) instead of the catalog sync.
+
 Subscriptions die with the device's registration: when it goes offline they are forgotten
 (the next registration's sync subscribes again). Some NVRs drop subscriptions silently
 (PROTOCOL.md §4, #553), which is why periodic Catalog queries stay on.
@@ -20,7 +24,9 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from registry.devices import DeviceRegistry
 from registry.models import Device, StatusEvent
@@ -53,6 +59,8 @@ class Subscription:
     #: The dialog, once the 200 (or a NOTIFY overtaking it) has arrived.
     dialog: Dialog | None = None
     notifies: int = 0
+    #: Fields of the Query body after DeviceID (an alarm subscription's filter, A.2.4).
+    fields: tuple[tuple[str, Any], ...] = ()
 
     @property
     def transport(self) -> str:
@@ -63,8 +71,12 @@ class SubscriptionManager:
     """See the module docstring."""
 
     def __init__(self, *, config: Config, endpoint: SipEndpoint, registry: DeviceRegistry,
-                 queries: DeviceQueries, sync: DeviceSync) -> None:
+                 queries: DeviceQueries, sync: DeviceSync, kind: str = "Catalog",
+                 on_notify: Callable[[Device, manscdp.Manscdp], None] | None = None) -> None:
         self.config = config
+        #: The CmdType of the Query body and of the NOTIFYs: "Catalog" or "Alarm".
+        self.kind = kind
+        self.on_notify = on_notify or self._catalog_notify
         self.endpoint = endpoint
         self.registry = registry
         self.queries = queries
@@ -103,13 +115,21 @@ class SubscriptionManager:
         s = self.config.server
         return f"sip:{s.id}@{s.domain}"
 
-    async def subscribe(self, device: Device) -> Subscription:
-        """Open (or replace) the catalog subscription of ``device``."""
+    def owns(self, call_id: str) -> bool:
+        """Whether a NOTIFY with this Call-ID belongs to one of this manager's subscriptions."""
+        return call_id in self._by_call
+
+    async def subscribe(self, device: Device, fields: Sequence[tuple[str, Any]] = (),
+                        expires: int | None = None) -> Subscription:
+        """Open (or replace) the subscription of ``device``; ``fields`` follow DeviceID in the
+        Query body."""
         # A previous dialog simply lapses at the device; we stop listening to it.
         self._forget(device.device_id)
-        expires = self.config.catalog.subscribe_expires
-        event = f"Catalog;id={next(self._event_ids)}"
-        body = manscdp.build("Query", "Catalog", self.queries.next_sn(), device.device_id,
+        if expires is None:
+            expires = self.config.catalog.subscribe_expires
+        # J.18 subscribes to alarms with Event: presence; catalogs name their package (P.4.1).
+        event = f"{'Catalog' if self.kind == 'Catalog' else 'presence'};id={next(self._event_ids)}"
+        body = manscdp.build("Query", self.kind, self.queries.next_sn(), device.device_id, fields,
                              encoding=self.queries.charset(device))
         local_tag = new_tag()
         target = device_target(device)
@@ -123,7 +143,7 @@ class SubscriptionManager:
             body=body, content_type=MANSCDP_CONTENT_TYPE, user_agent="gb28181")
         now = time.monotonic()
         sub = Subscription(device.device_id, request.call_id, local_tag, event, target,
-                           expires, now + expires, now + expires * 0.8)
+                           expires, now + expires, now + expires * 0.8, fields=tuple(fields))
         # Known before the request leaves: the first NOTIFY may overtake the 200.
         self._by_call[sub.call_id] = sub
         self.by_device[device.device_id] = sub
@@ -135,7 +155,7 @@ class SubscriptionManager:
             raise QueryError(f"SUBSCRIBE to {device.device_id} not delivered: {exc}") from None
         if resp.status >= 300:
             self._forget(device.device_id)
-            raise QueryError(f"{device.device_id} refused the catalog subscription: "
+            raise QueryError(f"{device.device_id} refused the {self.kind.lower()} subscription: "
                              f"{resp.status} {resp.reason}")
         if sub.dialog is None:
             try:
@@ -197,17 +217,23 @@ class SubscriptionManager:
         try:
             await self._in_dialog(sub, sub.expires)
         except (QueryError, SipTimeoutError, SipTransportError) as exc:
-            log.info("catalog subscription to %s lost (%s); subscribing anew", sub.device_id, exc)
+            log.info("%s subscription to %s lost (%s); subscribing anew", self.kind.lower(),
+                     sub.device_id, exc)
             device = self.registry.get(sub.device_id)
             if self.by_device.get(sub.device_id) is sub:
                 self._forget(sub.device_id)
             if device is not None and device.online:
                 try:
-                    await self.subscribe(device)
+                    await self.subscribe(device, sub.fields,
+                                         None if self.kind == "Catalog" else sub.expires)
                 except QueryError as exc2:
                     log.info("resubscribe to %s: %s", sub.device_id, exc2)
 
     # -- NOTIFY ------------------------------------------------------------------------------
+    def _catalog_notify(self, device: Device, msg: manscdp.Manscdp) -> None:
+        if msg.cmd_type == "Catalog":
+            self.sync.apply_notify(device, msg)
+
     def handle_notify(self, ev: RequestReceived) -> None:
         req = ev.request
         txn = ev.transaction
@@ -250,8 +276,8 @@ class SubscriptionManager:
                 return
         reply(200)
         sub.notifies += 1
-        if msg is not None and device is not None and msg.cmd_type == "Catalog":
-            self.sync.apply_notify(device, msg)
+        if msg is not None and device is not None:
+            self.on_notify(device, msg)
         if state.startswith("terminated"):
             if self.by_device.get(sub.device_id) is sub:
                 self._forget(sub.device_id)
