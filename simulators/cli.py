@@ -177,6 +177,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--query-mode", choices=QUERY_MODES, default="answer",
                    help="answer: answer the platform's queries; silent: accept them with 200 and "
                         "never send the data (a device overwhelmed after a power cut) (default answer)")
+    p.add_argument("--alarm-interval", type=float, default=0.0, metavar="SECONDS",
+                   help="each device raises an alarm (GB/T 28181-2016 §9.4) about this often, "
+                        "expects the platform's Response and answers alarm SUBSCRIBEs (default 0: none)")
+    p.add_argument("--alarm-seed", type=int, default=1,
+                   help="seed of the alarms' priority, method and type (default 1)")
     p.add_argument("--duration", type=float, default=0.0, metavar="SECONDS",
                    help="stop after this long (default: run until Ctrl-C)")
     p.add_argument("--unregister", action="store_true", help="unregister every device on exit")
@@ -211,7 +216,8 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
         start_variants=args.start_variants,
         media_mode=args.media_mode, loss=args.loss, reorder=args.reorder,
         answer_delay=args.answer_delay, own_ssrc=args.own_ssrc, query_mode=args.query_mode,
-        records_days=args.records)
+        records_days=args.records, alarm_interval=max(0.0, args.alarm_interval),
+        alarm_seed=args.alarm_seed)
     try:
         id_blocks(cfg)  # the channel, group and alarm-input IDs must fit too
     except ValueError as exc:
@@ -239,7 +245,9 @@ async def _run(cfg: FleetConfig, args: argparse.Namespace) -> dict:
             print(f"[{s['elapsed_s']:7.1f}s] registered {s['registered']}/{s['devices']}  "
                   f"register failures {s['register_failures']}  keepalives ok {s['keepalives_ok']} "
                   f"failed {s['keepalives_failed']}  queries answered {s['queries_answered']}  "
-                  f"streams {s['streams']}",
+                  f"streams {s['streams']}"
+                  + (f"  alarms sent {s['alarms_sent']} responses {s['alarm_responses']} "
+                     f"notifies {s['alarm_notifies']}" if cfg.alarm_interval > 0 else ""),
                   file=sys.stderr, flush=True)
         if deadline is not None and time.monotonic() >= deadline:
             break

@@ -69,6 +69,7 @@ from gb28181.sip.message import (
 )
 from gb28181.sip.transaction import CancelReceived, RequestReceived, ServerTransaction
 
+from .alarms import DeviceAlarms, alarm_summary
 from .catalog import (
     CHANNEL_STATUSES,
     Channel,
@@ -176,6 +177,10 @@ class FleetConfig:
     query_mode: str = "answer"
     #: Days of recordings each channel holds (``records.py``; RecordInfo answers); 0: none.
     records_days: int = 0
+    #: Mean seconds between a device's alarms (alarms.py; §9.4); 0: none. ``alarm_seed`` makes
+    #: what each device raises reproducible.
+    alarm_interval: float = 0.0
+    alarm_seed: int = 1
 
     @property
     def domain(self) -> str:
@@ -264,6 +269,8 @@ class CatalogSubscription(DialogIds):
     query_id: str
     notifies_sent: int = 0
     terminated: bool = False
+    #: "Catalog", or "Alarm" for an alarm subscription (alarms.py: §9.11.1).
+    kind: str = "Catalog"
     queue: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
@@ -331,6 +338,8 @@ class SimDevice:
         #: PTZ heads, record/guard flags and command counts that DeviceControl changes (ptz.py).
         self.controls = DeviceControls(device_id, self.catalog,
                                        config_needs_device_id=self.vendor.config_needs_device_id)
+        #: Alarms it raises, their Responses, its alarm subscriptions (alarms.py).
+        self.alarms = DeviceAlarms(self)
 
     @property
     def channels(self) -> list[Channel]:
@@ -555,6 +564,9 @@ class SimDevice:
             self._reply(ev, 400, f"Bad Request: {exc}"[:120])
             return
         self._reply(ev, 200)
+        if msg.root == "Response" and msg.cmd_type == "Alarm":
+            self.alarms.on_response(msg)  # §9.4.2 step 3
+            return
         if (msg.root, msg.cmd_type) in _ANSWERED and self.cfg.query_mode == "answer":
             self.fleet.spawn(self._answer(msg))
 
@@ -682,7 +694,7 @@ class SimDevice:
             return
         event = (req.get("event") or "").strip()
         package = event.partition(";")[0].strip().lower()
-        if package not in ("catalog", "presence"):  # J.20 shows a catalog under "presence"
+        if package not in ("catalog", "presence", "alarm"):  # J.20 shows a catalog under "presence"
             self._reply(ev, 489, "Bad Event: only Catalog subscriptions", headers={"Allow-Events": "Catalog"})
             return
         sn, query_id = 0, self.device_id
@@ -691,6 +703,10 @@ class SimDevice:
                 msg = manscdp.parse(req.body)
             except manscdp.ManscdpError as exc:
                 self._reply(ev, 400, f"Bad Request: {exc}"[:120])
+                return
+            if msg.cmd_type == "Alarm" and self.cfg.alarm_interval > 0:  # §9.11.1, J.18 (a device
+                # that raises no alarms refuses to be subscribed to them, below)
+                self.alarms.on_subscribe(ev, msg, event, _expires_of(req))
                 return
             if msg.cmd_type != "Catalog":
                 self._reply(ev, 489, f"Bad Event: {msg.cmd_type} subscriptions are not supported")
@@ -785,9 +801,10 @@ class SimDevice:
         fields = [("SumNum", len(items)),
                   ("DeviceList", manscdp.Node({"Num": len(items)}, [("Item", x) for x in items]))]
         body = self.vendor.body("Notify", "Catalog", self._next_sn(), self.device_id, fields)
-        for sub in self.subscriptions.values():
+        subs = [sub for sub in self.subscriptions.values() if sub.kind == "Catalog"]
+        for sub in subs:
             sub.queue.put_nowait(body)
-        return len(self.subscriptions)
+        return len(subs)
 
     def channel_changed(self, ch: Channel, event: str) -> int:
         """Tell subscribers about ``ch``: ON/OFF/VLOST/DEFECT/DEL carry DeviceID and Event,
@@ -1345,6 +1362,8 @@ class Fleet:
             if self.stopping:
                 return
             self.spawn(device.run())
+            if self.cfg.alarm_interval > 0:
+                self.spawn(device.alarms.run())
             if interval and (n + 1) % batch == 0:
                 await asyncio.sleep(interval * batch)
 
@@ -1506,6 +1525,7 @@ class Fleet:
             "keepalives_ok": sum(d.stats.keepalives_ok for d in devs),
             "keepalives_failed": sum(d.stats.keepalives_failed for d in devs),
             "queries_answered": sum(d.stats.queries_answered for d in devs),
+            **alarm_summary([d.alarms for d in devs]),
             "streams": len(self._calls),
             "stream_frames_sent": sum(c.stream.frames_sent for c in self._calls.values()),
             "register_latency_ms": {"p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99),
