@@ -13,7 +13,8 @@ An alarm goes as a MESSAGE ``Notify/Alarm`` to the platform (§9.4.2 step 1), wh
 ``Response/Alarm`` with the same SN (step 3) is counted with its delay; alarms matching the
 filter of an alarm subscription the platform opened go as NOTIFYs in that dialog instead (the
 subscription is the platform's request to get them that way). SUBSCRIBEs with a ``Query/Alarm``
-body are accepted here when the fleet raises alarms (``alarm_interval`` > 0; otherwise 489); refreshes, expiry, unsubscription and the NOTIFY queue are the catalog
+body are accepted here when the fleet raises alarms (``alarm_interval`` > 0; otherwise 489);
+refreshes, expiry, unsubscription and the NOTIFY queue are the catalog
 subscriptions' (fleet.py), marked ``kind="Alarm"``.
 """
 
