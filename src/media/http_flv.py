@@ -1,9 +1,13 @@
 """HTTP-FLV and WebSocket-FLV outputs (aiohttp handlers) over a hub `Stream`.
 
 Each viewer is one hub consumer with its own `FlvMuxer`: it starts at the cached GOP's
-keyframe, so playback begins at once. Awaiting the socket write is the viewer's pace; a
-viewer that falls behind is skipped to a keyframe by the hub, so a slow client costs a
-bounded amount of memory (the hub's shared ring plus the transport's write buffer).
+keyframe, so playback begins at once. An HTTP-FLV viewer is written to from `publish`
+itself (`Consumer.listen`, `_PushWriter`): each frame is muxed and handed to the socket
+in the call that published it, with no task switch. The socket's flow control is the
+viewer's pace: while the transport is paused, the handler's task waits for it to drain
+and the viewer reads nothing; one that falls behind is skipped to a keyframe by the hub,
+so a slow client costs a bounded amount of memory (the hub's shared ring plus the
+transport's write buffer). WS-FLV viewers read in their own task.
 
 The FLV header is written with the first packet, so that `audio=None` can decide from the
 stream's stats whether to announce an audio track (the cached GOP usually tells).
@@ -201,10 +205,10 @@ async def _push(request: web.Request, consumer: Consumer, muxer: FlvMuxer) -> No
             await kick
         finally:
             consumer.listen(None)
-        if pusher.error is not None:
-            raise pusher.error
         if consumer.closed:
             return
+        if pusher.error is not None:
+            raise pusher.error
         if transport.is_closing():
             raise ConnectionResetError("HTTP-FLV client transport closed")
         await writer.drain()  # paused: the client reads slower than the stream comes
