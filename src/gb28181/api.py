@@ -862,4 +862,6 @@ def make_app(server: GbServer) -> web.Application:
     add_control_routes(app)
     from .api_events import add_event_routes  # alarms, SSE event feed, webhooks (§9.4)
     add_event_routes(app)
+    from .api_broadcast import add_broadcast_routes  # voice broadcast (§9.12.1)
+    add_broadcast_routes(app)
     return app

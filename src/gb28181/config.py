@@ -228,6 +228,19 @@ class PtzSection(_Section):
                              "within this many seconds is stopped by the server (0: never)")
 
 
+class BroadcastSection(_Section):
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="largest audio file a "
+                                  "broadcast accepts, bytes (400 beyond)")
+    max_duration: float = Field(600.0, gt=0, description="longest audio file a broadcast "
+                                "accepts, seconds (400 beyond)")
+    response_timeout: float = Field(10.0, gt=0, description="seconds to wait for the device's "
+                                    "Response to the Broadcast notify (A.2.6)")
+    invite_timeout: float = Field(10.0, gt=0, description="seconds to wait for the device's "
+                                  "audio INVITE after its Response OK (§9.12.1.2)")
+    ws_buffer: float = Field(2.0, gt=0, le=60, description="seconds of push-to-talk audio held "
+                             "for a WebSocket talker; beyond, the oldest is dropped")
+
+
 class Webhook(_Section):
     """One receiver of events: a JSON POST per event, signed when ``secret`` is set."""
 
@@ -289,6 +302,7 @@ class Config(BaseSettings):
     reports: ReportsSection = ReportsSection()
     media: MediaSection = MediaSection()
     ptz: PtzSection = PtzSection()
+    broadcast: BroadcastSection = BroadcastSection()
     events: EventsSection = EventsSection()
     database: DatabaseSection = DatabaseSection()
     log: LogSection = LogSection()

@@ -25,6 +25,7 @@ from registry.writebehind import Persistence
 from .alarms import AlarmService
 from .api import make_app
 from .audit import AuditLog
+from .broadcast import BroadcastManager
 from .catalog import CatalogCollector
 from .config import Config, ensure_api_token, ensure_node_token
 from .control import DeviceControl
@@ -102,6 +103,11 @@ class GbServer:
         self.audit = AuditLog(config.data_dir / "audit.log")
         self.control = DeviceControl(config=config, registry=self.registry, queries=self.queries,
                                      presence=self.presence, audit=self.audit)
+        # Voice broadcast (§9.12.1): the notify, the device's audio INVITE and the G.711 sender.
+        self.broadcasts = BroadcastManager(config=config, endpoint=self.endpoint, queries=self.queries,
+                                           media_addresses=self.invites.media_addresses,
+                                           ssrcs=self.invites.ssrcs, audit=self.audit)
+        self.broadcasts.registry = self.registry
         self.registrar = Registrar(config=config, registry=self.registry, presence=self.presence,
                                    endpoint=self.endpoint, counters=self.counters,
                                    on_registered=self.sync.on_registered)
@@ -196,6 +202,7 @@ class GbServer:
 
     async def stop(self) -> None:
         self.nodes.stopping = True  # streams are ending, not moving
+        await self.broadcasts.stop_all()
         await self.playbacks.stop()
         await self.streams.stop()
         if self.workers is not None:
@@ -229,13 +236,15 @@ class GbServer:
                 self.alarm_subscriptions.handle_notify(ev)
             else:
                 self.subscriptions.handle_notify(ev)
+        elif method == "INVITE" or self.broadcasts.owns(ev.request.call_id):
+            self.broadcasts.handle(ev)  # devices INVITE us only for voice (§9.12.1.2)
         elif method == "BYE":
             self.invites.handle_bye(ev)
         elif ev.transaction is None:
             return  # an ACK that belongs to no dialog of ours
         elif method == "OPTIONS":
             resp = make_response(ev.request, 200)
-            resp.set("Allow", "REGISTER, MESSAGE, NOTIFY, BYE, OPTIONS")
+            resp.set("Allow", "REGISTER, MESSAGE, NOTIFY, INVITE, ACK, BYE, OPTIONS")
             self.endpoint.respond(ev.transaction, resp)
         else:
             resp = make_response(ev.request, 405, f"Method Not Allowed: {method} is not supported yet")
@@ -264,6 +273,7 @@ class GbServer:
         subs.add_metric([], len(self.subscriptions.by_device))
         yield subs
         yield from self.alarms.metrics()
+        yield from self.broadcasts.metrics()
         yield from self.events.metrics()
         yield from self._node_metrics()
 
