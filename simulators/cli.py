@@ -24,6 +24,7 @@ except ModuleNotFoundError as _missing:  # the simulator's own dependencies are 
         raise
     sys.exit(f"gb28181-sim: {_missing.name} is not installed; the simulator needs the 'sim' "
              "extra: pip install 'gb28181[sim]' (scripts/run.sh installs it)")
+from .broadcast import BROADCAST_FORMATS, BROADCAST_TRANSPORTS
 from .vendors import VENDORS
 
 __all__ = ["main"]
@@ -182,6 +183,23 @@ def parser() -> argparse.ArgumentParser:
                         "expects the platform's Response and answers alarm SUBSCRIBEs (default 0: none)")
     p.add_argument("--alarm-seed", type=int, default=1,
                    help="seed of the alarms' priority, method and type (default 1)")
+    talk = p.add_argument_group(
+        "voice broadcast", "a Broadcast notify (GB/T 28181-2016 §9.12.1) is answered, then the device "
+                           "INVITEs the platform for the audio and decodes what it receives")
+    talk.add_argument("--broadcast-transport", choices=BROADCAST_TRANSPORTS, default=None,
+                      help="media of the device's audio INVITE, in the device's terms: udp, "
+                           "tcp-active (the device connects), tcp-passive (it listens) (default: "
+                           "the vendor's: dahua tcp-active, others udp)")
+    talk.add_argument("--broadcast-format", choices=BROADCAST_FORMATS, default=None,
+                      help="pcma: bare G.711A, PT 8; ps: G.711A in PS, PT 96 (default: the "
+                           "vendor's: hikvision ps, others pcma)")
+    talk.add_argument("--broadcast-result", choices=("OK", "ERROR"), default="OK",
+                      help="Result of the Response to a Broadcast notify (default OK)")
+    talk.add_argument("--broadcast-dir", metavar="DIR",
+                      help="write what each device heard as DIR/<device ID>-<n>.wav (8 kHz mono) "
+                           "with a .json beside it, when the broadcast ends")
+    talk.add_argument("--broadcast-hangup-after", type=float, default=0.0, metavar="SECONDS",
+                      help="a device hangs up (BYE) after this much audio (default 0: never)")
     p.add_argument("--duration", type=float, default=0.0, metavar="SECONDS",
                    help="stop after this long (default: run until Ctrl-C)")
     p.add_argument("--unregister", action="store_true", help="unregister every device on exit")
@@ -216,6 +234,9 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
         start_variants=args.start_variants,
         media_mode=args.media_mode, loss=args.loss, reorder=args.reorder,
         answer_delay=args.answer_delay, own_ssrc=args.own_ssrc, query_mode=args.query_mode,
+        broadcast_transport=args.broadcast_transport, broadcast_format=args.broadcast_format,
+        broadcast_result=args.broadcast_result, broadcast_dir=args.broadcast_dir,
+        broadcast_hangup_after=max(0.0, args.broadcast_hangup_after),
         records_days=args.records, alarm_interval=max(0.0, args.alarm_interval),
         alarm_seed=args.alarm_seed)
     try:

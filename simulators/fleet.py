@@ -70,6 +70,7 @@ from gb28181.sip.message import (
 from gb28181.sip.transaction import CancelReceived, RequestReceived, ServerTransaction
 
 from .alarms import DeviceAlarms, alarm_summary
+from .broadcast import DeviceBroadcasts, broadcast_summary
 from .catalog import (
     CHANNEL_STATUSES,
     Channel,
@@ -181,6 +182,15 @@ class FleetConfig:
     #: what each device raises reproducible.
     alarm_interval: float = 0.0
     alarm_seed: int = 1
+    #: Voice broadcast (broadcast.py; §9.12.1): the audio INVITE's transport in the device's terms
+    #: (udp, tcp-active: it connects, tcp-passive: it listens) and format (pcma, ps), None: the
+    #: vendor's; the Result it answers a notify with; where WAVs of what it heard are written;
+    #: seconds of audio after which it hangs up itself (0: never).
+    broadcast_transport: str | None = None
+    broadcast_format: str | None = None
+    broadcast_result: str = "OK"
+    broadcast_dir: str | None = None
+    broadcast_hangup_after: float = 0.0
 
     @property
     def domain(self) -> str:
@@ -340,6 +350,8 @@ class SimDevice:
                                        config_needs_device_id=self.vendor.config_needs_device_id)
         #: Alarms it raises, their Responses, its alarm subscriptions (alarms.py).
         self.alarms = DeviceAlarms(self)
+        #: Voice broadcasts it received, decoded (broadcast.py).
+        self.broadcasts = DeviceBroadcasts(self)
 
     @property
     def channels(self) -> list[Channel]:
@@ -543,6 +555,9 @@ class SimDevice:
             return
         if ev.transaction is None:
             return
+        if self.broadcasts.owns(req.call_id):  # our audio INVITE's dialog (§9.12.1.2)
+            self.broadcasts.on_request(ev)
+            return
         if req.method == "SUBSCRIBE":
             self._on_subscribe(ev)
             return
@@ -566,6 +581,9 @@ class SimDevice:
         self._reply(ev, 200)
         if msg.root == "Response" and msg.cmd_type == "Alarm":
             self.alarms.on_response(msg)  # §9.4.2 step 3
+            return
+        if msg.root == "Notify" and msg.cmd_type == "Broadcast":  # §9.12.1.2 steps 1-5
+            self.broadcasts.on_notify(msg)
             return
         if (msg.root, msg.cmd_type) in _ANSWERED and self.cfg.query_mode == "answer":
             self.fleet.spawn(self._answer(msg))
@@ -1526,6 +1544,7 @@ class Fleet:
             "keepalives_failed": sum(d.stats.keepalives_failed for d in devs),
             "queries_answered": sum(d.stats.queries_answered for d in devs),
             **alarm_summary([d.alarms for d in devs]),
+            **broadcast_summary([d.broadcasts for d in devs]),
             "streams": len(self._calls),
             "stream_frames_sent": sum(c.stream.frames_sent for c in self._calls.values()),
             "register_latency_ms": {"p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99),

@@ -128,6 +128,13 @@ class Personality:
     #: Report a camera's PTZ position (``<PTZPosition>``) in a DeviceStatus about it: a
     #: simulator extension, the 2016 schema has none.
     ptz_position = True
+    #: Voice broadcast (simulators/broadcast.py, §9.12.1): the audio INVITE's transport in the
+    #: device's terms (udp, tcp-active: it connects, tcp-passive: it listens) and format (pcma:
+    #: PT 8 as §9.12.3.2's example, ps: PT 96), unless the config says; and whether it opens its
+    #: TCP connection on the 200, before its ACK.
+    broadcast_transport = "udp"
+    broadcast_format = "pcma"
+    broadcast_connect_before_ack = False
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -228,6 +235,7 @@ class Hikvision(Personality):
     models = ("DS-2CD3T46WDV3-I3", "DS-7932N-R4")
     camera_model = "IP Camera"
     pads_content_length = True
+    broadcast_format = "ps"  # the simulator's choice, so that the PS path has a vendor
 
     def _host(self) -> str:
         return f"{self.cfg.domain}.spvmn.cn"
@@ -286,6 +294,8 @@ class Dahua(Personality):
     invite_provisional = (101, "Dialog Establishement")  # DH-CAP, spelling included
     config_needs_device_id = True  # WVP: Dahua requires the device ID in DeviceConfig
     ptz_position = False  # the simulator's choice: one brand keeps its position to itself
+    broadcast_transport = "tcp-active"
+    broadcast_connect_before_ack = True  # AKStream #58, WVP: Dahua talk connects on the 200
 
     def server_uri(self) -> str:
         return f"sip:{self.cfg.server_id}@{self.cfg.server_host}:{self.cfg.server_port}"
