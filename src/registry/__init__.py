@@ -8,7 +8,16 @@ hot path and write changes behind it, in batches, to one shared `Store`
 
 from .channels import ChannelRegistry
 from .devices import DeviceRegistry
-from .models import CHANNEL_STATES, AlarmEvent, Channel, ChannelEvent, Device, FaultEvent, StatusEvent
+from .models import (
+    CHANNEL_STATES,
+    AlarmEvent,
+    Channel,
+    ChannelEvent,
+    Device,
+    FaultEvent,
+    PositionEvent,
+    StatusEvent,
+)
 from .sqlite import SqliteStore
 from .store import Store, StoreError
 
@@ -21,6 +30,7 @@ __all__ = [
     "Device",
     "DeviceRegistry",
     "FaultEvent",
+    "PositionEvent",
     "SqliteStore",
     "StatusEvent",
     "Store",

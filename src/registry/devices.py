@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 
-from .models import AlarmEvent, Device, FaultEvent, StatusEvent
+from .models import AlarmEvent, Device, FaultEvent, PositionEvent, StatusEvent
 from .store import Store, StoreError
 from .writebehind import Persistence, SortedIds, WriteBehind
 
@@ -53,7 +53,7 @@ class DeviceRegistry:
         self._listeners: list[Listener] = []
         # Device IDs for paging, sorted lazily by `query` so `add` stays O(1).
         self._order = SortedIds(self._devices)
-        self._pending: WriteBehind[Device, StatusEvent | FaultEvent | AlarmEvent] = WriteBehind(
+        self._pending: WriteBehind[Device, StatusEvent | FaultEvent | AlarmEvent | PositionEvent] = WriteBehind(
             kind="devices",
             lookup=self._devices.get,
             copy=Device.copy,
@@ -203,6 +203,21 @@ class DeviceRegistry:
         """Stored alarms, newest first, including those just recorded."""
         await self.flush()
         return await self._store.alarm_events(device_id, since, priorities, limit)
+
+    def record_position(self, position: PositionEvent) -> None:
+        """Add a fix to the device's track; written with the next flush, like alarms."""
+        self._pending.event(position)
+
+    async def position_events(self, device_id: str, since: float | None = None,
+                              until: float | None = None, limit: int = 1000) -> list[PositionEvent]:
+        """A device's track, oldest first, including fixes just recorded."""
+        await self.flush()
+        return await self._store.position_events(device_id, since, until, limit)
+
+    async def prune_positions(self, before: float) -> int:
+        """Forget stored fixes received before ``before``; returns how many."""
+        await self.flush()
+        return await self._store.prune_positions(before)
 
     def _check_current(self, device: Device) -> None:
         # A device never added, or removed meanwhile, would otherwise be

@@ -104,6 +104,27 @@ class AlarmEvent:
     info: dict = field(default_factory=dict, hash=False, compare=False)
 
 
+@dataclass(slots=True, frozen=True)
+class PositionEvent:
+    """A position fix a mobile device reported (GB/T 28181-2016 §9.11.2, Annex A.2.5
+    Notify MobilePosition), as stored in its track.
+
+    ``device_id`` is the device that sent it, ``target_id`` the body's DeviceID (the device
+    itself, or one of its channels). ``time`` is the device's Time (unix time, None when absent
+    or unreadable), ``received_at`` ours; the track is ordered by ``received_at``. ``speed`` is
+    in km/h, ``direction`` in degrees clockwise from north, ``altitude`` in metres."""
+
+    device_id: str
+    target_id: str
+    time: float | None
+    longitude: float
+    latitude: float
+    speed: float | None
+    direction: float | None
+    altitude: float | None
+    received_at: float
+
+
 CHANNEL_STATES: tuple[str, ...] = ("ON", "OFF", "VLOST", "DEFECT")
 """A channel's status as a catalog Item (A.2.1g `Status`) or a catalog NOTIFY
 `Event` (§4, Annex P) reports it: ON, OFF, video lost, defect."""

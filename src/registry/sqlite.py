@@ -31,6 +31,7 @@ from .models import (
     ChannelEvent,
     Device,
     FaultEvent,
+    PositionEvent,
     StatusEvent,
     channel_values,
     device_values,
@@ -157,6 +158,24 @@ _MIGRATIONS: list[str] = [
     CREATE INDEX alarms_device_at ON alarms (device_id, at);
     CREATE INDEX alarms_at ON alarms (at);
     """,
+    # 5: mobile device positions (GB/T 28181-2016 §9.11.2, A.2.5 MobilePosition); `at` is when
+    # we received a fix, `time` the device's Time; pruned by `at` (positions.keep_days)
+    """
+    CREATE TABLE positions (
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id TEXT    NOT NULL,
+        target_id TEXT    NOT NULL DEFAULT '',
+        time      REAL,
+        longitude REAL    NOT NULL,
+        latitude  REAL    NOT NULL,
+        speed     REAL,
+        direction REAL,
+        altitude  REAL,
+        at        REAL    NOT NULL
+    );
+    CREATE INDEX positions_device_at ON positions (device_id, at);
+    CREATE INDEX positions_at ON positions (at);
+    """,
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -174,6 +193,11 @@ _INSERT_FAULT = "INSERT INTO device_faults (device_id, at, status, devices) VALU
 _ALARM_COLUMNS = ("device_id, channel_id, priority, method, alarm_type, alarm_time, description, "
                   "longitude, latitude, at, info")
 _INSERT_ALARM = f"INSERT INTO alarms ({_ALARM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_POSITION_COLUMNS = "device_id, target_id, time, longitude, latitude, speed, direction, altitude, at"
+_INSERT_POSITION = f"INSERT INTO positions ({_POSITION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+#: Rows one prune statement deletes at most: a week of a big fleet's fixes is not one long
+#: transaction that holds up the group commit.
+_PRUNE_CHUNK = 20_000
 
 _ONLINE = DEVICE_FIELDS.index("online")
 _EXTRA = DEVICE_FIELDS.index("extra")
@@ -262,13 +286,20 @@ def _event_row(event: StatusEvent) -> tuple:
     return (event.device_id, int(event.online), event.at, event.reason)
 
 
-def _split_events(events: Sequence) -> tuple[list[StatusEvent], list[FaultEvent], list[AlarmEvent]]:
+def _split_events(events: Sequence) -> tuple[list[StatusEvent], list[FaultEvent], list[AlarmEvent],
+                                             list[PositionEvent]]:
     """A device batch carries every kind of device history; each has its table."""
     status = [e for e in events if type(e) is StatusEvent]
     if len(status) == len(events):
-        return status, [], []
+        return status, [], [], []
     return (status, [e for e in events if type(e) is FaultEvent],
-            [e for e in events if type(e) is AlarmEvent])
+            [e for e in events if type(e) is AlarmEvent],
+            [e for e in events if type(e) is PositionEvent])
+
+
+def _position_row(event: PositionEvent) -> tuple:
+    return (event.device_id, event.target_id, event.time, event.longitude, event.latitude,
+            event.speed, event.direction, event.altitude, event.received_at)
 
 
 def _alarm_row(event: AlarmEvent) -> tuple:
@@ -532,7 +563,7 @@ class SqliteStore(Store):
         self,
         devices: Sequence[Device],
         deleted_ids: Sequence[str],
-        events: Sequence[StatusEvent | FaultEvent | AlarmEvent],
+        events: Sequence[StatusEvent | FaultEvent | AlarmEvent | PositionEvent],
     ) -> None:
         await self.write_all([StoreBatch("devices", devices, deleted_ids, events)])
 
@@ -556,12 +587,13 @@ class SqliteStore(Store):
         steps: list[tuple[str, Sequence, Callable[[Any], tuple]]] = []
         for batch in batches:
             if batch.kind == "devices":
-                status, faults, alarms = _split_events(batch.events)
+                status, faults, alarms, positions = _split_events(batch.events)
                 steps += [(_DELETE_DEVICE, batch.deleted_ids, _id_row),
                           (_UPSERT_DEVICE, batch.records, _device_row),
                           (_INSERT_EVENT, status, _event_row),
                           (_INSERT_FAULT, faults, _fault_row),
-                          (_INSERT_ALARM, alarms, _alarm_row)]
+                          (_INSERT_ALARM, alarms, _alarm_row),
+                          (_INSERT_POSITION, positions, _position_row)]
             elif batch.kind == "channels":
                 steps += [(_DELETE_CHANNEL, batch.deleted_ids, _id_row),
                           (_UPSERT_CHANNEL, batch.records, _channel_row),
@@ -662,6 +694,38 @@ class SqliteStore(Store):
                            alarm_time=when, description=text, longitude=lon, latitude=lat,
                            received_at=at, info=json.loads(info) if info else {})
                 for d, c, p, m, t, when, text, lon, lat, at, info in rows]
+
+    async def position_events(
+        self,
+        device_id: str,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 1000,
+    ) -> list[PositionEvent]:
+        rows = await self._events(
+            f"SELECT {_POSITION_COLUMNS} FROM positions",
+            "device_id", device_id, since, until, limit, False, "positions",
+        )
+        return [PositionEvent(*row) for row in rows]
+
+    async def prune_positions(self, before: float) -> int:
+        # A chunk per statement (each its own transaction), the write lock released in
+        # between, so flushes go on while a long backlog is pruned.
+        db = self._conn()
+        total = 0
+        while True:
+            async with self._write_lock:
+                try:
+                    cursor = await db.execute(
+                        "DELETE FROM positions WHERE id IN (SELECT id FROM positions "
+                        "WHERE at < ? ORDER BY at LIMIT ?)", (before, _PRUNE_CHUNK))
+                except sqlite3.Error as e:
+                    raise StoreError(f"cannot prune positions in {self.path}: {e}") from e
+                deleted = cursor.rowcount
+                await cursor.close()
+            total += deleted
+            if deleted < _PRUNE_CHUNK:
+                return total
 
     async def channel_events(
         self,

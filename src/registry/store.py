@@ -14,7 +14,7 @@ import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .models import AlarmEvent, Channel, ChannelEvent, Device, FaultEvent, StatusEvent
+from .models import AlarmEvent, Channel, ChannelEvent, Device, FaultEvent, PositionEvent, StatusEvent
 
 
 @dataclass(slots=True)
@@ -124,6 +124,21 @@ class Store(abc.ABC):
         """Stored alarms received at or after `since` with a priority in the inclusive range
         `priorities`, newest first (by when they were received), at most `limit`."""
         raise NotImplementedError(f"{type(self).__name__} does not store alarms")
+
+    async def position_events(
+        self,
+        device_id: str,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 1000,
+    ) -> list[PositionEvent]:
+        """The track of a device: fixes received with `since` <= at < `until`, oldest first,
+        at most `limit`."""
+        raise NotImplementedError(f"{type(self).__name__} does not store positions")
+
+    async def prune_positions(self, before: float) -> int:
+        """Forget the fixes received before `before`; returns how many."""
+        raise NotImplementedError(f"{type(self).__name__} does not store positions")
 
     def snapshots_needed(self, records: int) -> bool:
         """Whether a flush of ``records`` records must hand over detached copies. A store that
