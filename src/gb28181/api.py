@@ -62,6 +62,7 @@ def device_json(d: Device) -> dict[str, Any]:
         "fault": _fault_json(d),
         "heartbeat": {"interval": d.extra["heartbeat_interval"],
                       "count": d.extra.get("heartbeat_count")} if "heartbeat_interval" in d.extra else None,
+        "position": d.extra.get("position"),  # the latest mobile position fix (positions.py)
     }
 
 
@@ -864,4 +865,6 @@ def make_app(server: GbServer) -> web.Application:
     add_event_routes(app)
     from .api_broadcast import add_broadcast_routes  # voice broadcast (§9.12.1)
     add_broadcast_routes(app)
+    from .api_positions import add_position_routes  # tracks, position subscriptions (§9.11.2)
+    add_position_routes(app)
     return app

@@ -247,8 +247,9 @@ class Webhook(_Section):
     url: str = Field(min_length=1, description="http:// or https:// URL the events are POSTed to")
     secret: str = Field("", description="HMAC-SHA256 key of the X-GB28181-Signature header "
                         "(empty: unsigned)")
-    events: list[Literal["alarm", "device", "channel"]] = Field(
-        [], description="kinds of event sent (alarm, device on/offline, channel state); empty: all")
+    events: list[Literal["alarm", "device", "channel", "position"]] = Field(
+        [], description="kinds of event sent (alarm, device on/offline, channel state, mobile "
+        "position); empty: all")
 
 
 class EventsSection(_Section):
@@ -265,6 +266,13 @@ class EventsSection(_Section):
     webhook_retry_min: float = Field(1.0, gt=0, description="first retry after this many seconds; "
                                      "doubled on each failure")
     webhook_retry_max: float = Field(60.0, gt=0, description="longest wait between retries")
+
+
+class PositionsSection(_Section):
+    """Mobile positions (GB/T 28181-2016 §9.11.2, A.2.5 MobilePosition): the stored tracks."""
+
+    keep_days: float = Field(7.0, gt=0, description="fixes are kept this many days, then pruned")
+    prune_interval: float = Field(3600.0, gt=0, description="seconds between prunings of old fixes")
 
 
 class ReportsSection(_Section):
@@ -304,6 +312,7 @@ class Config(BaseSettings):
     ptz: PtzSection = PtzSection()
     broadcast: BroadcastSection = BroadcastSection()
     events: EventsSection = EventsSection()
+    positions: PositionsSection = PositionsSection()
     database: DatabaseSection = DatabaseSection()
     log: LogSection = LogSection()
 

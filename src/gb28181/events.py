@@ -1,8 +1,9 @@
 """The live event feed: alarms, device and channel state changes, to SSE clients and webhooks.
 
 What happens on the platform is published here: alarms (GB/T 28181-2016 §9.4, Annex A.2.5;
-``alarms.py`` publishes each once it is stored), devices going online or offline (the device
-registry's listener) and channels changing effective state (the channel registry's listener).
+``alarms.py`` publishes each once it is stored), mobile position fixes (§9.11.2; ``positions.py``,
+likewise), devices going online or offline (the device registry's listener) and channels
+changing effective state (the channel registry's listener).
 ``EventBus.publish`` stamps an event with an ID and its time, keeps the last ``history`` events
 in a ring and hands the event on without waiting for anyone:
 
@@ -49,7 +50,7 @@ log = logging.getLogger("gb28181.events")
 
 #: Event types, and the ``events`` category of a webhook each belongs to.
 TYPES = {"alarm": "alarm", "device.online": "device", "device.offline": "device",
-         "channel.state": "channel"}
+         "channel.state": "channel", "position": "position"}
 SIGNATURE_HEADER = "X-GB28181-Signature"
 TIMESTAMP_HEADER = "X-GB28181-Timestamp"
 

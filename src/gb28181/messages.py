@@ -13,7 +13,8 @@ registration is still valid are online again with their next keepalive, without
 re-registering. Catalog Responses go to the ``CatalogCollector`` (they come in parts), other
 Responses to ``DeviceQueries``; ``Notify/Catalog`` MESSAGEs (catalog changes sent without a
 subscription) to the sync's ``apply_notify``; ``Notify/Alarm`` MESSAGEs to ``on_alarm``
-(alarms.py), which answers them itself (§9.4.2).
+(alarms.py), which answers them itself (§9.4.2), and ``Notify/MobilePosition`` MESSAGEs
+(positions sent without a subscription, §9.11.2) to ``on_position`` (positions.py), likewise.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class MessageHandler:
         self.on_media_status: Callable[[str, str], bool] | None = None
         #: (device, Notify/Alarm body, reply) → answers it itself (§9.4.2; set by the server).
         self.on_alarm: Callable[..., None] | None = None
+        #: (device, Notify/MobilePosition body, reply) → answers it itself (§9.11.2; the server).
+        self.on_position: Callable[..., None] | None = None
         self.clock = clock
 
     def handle(self, ev: RequestReceived) -> None:
@@ -119,6 +122,9 @@ class MessageHandler:
         device.last_seen = now
         if msg.root == "Notify" and msg.cmd_type == "Alarm" and self.on_alarm is not None:
             self.on_alarm(device, msg, reply)  # 200 (400 for garbage), then the Response MESSAGE
+            return
+        if msg.root == "Notify" and msg.cmd_type == "MobilePosition" and self.on_position is not None:
+            self.on_position(device, msg, reply)  # sent unsubscribed: 200 (400 for garbage)
             return
         reply(200)
         if msg.root == "Response":

@@ -35,6 +35,7 @@ from .messages import MessageHandler
 from .metrics import ServerCollector, make_registry
 from .nodes import MediaLeg, NodeManager
 from .playback import PlaybackManager
+from .positions import PositionService
 from .presence import Presence
 from .queries import DeviceQueries
 from .registrar import Registrar, stateless_request
@@ -90,6 +91,12 @@ class GbServer:
         self.alarm_subscriptions = SubscriptionManager(
             config=config, endpoint=self.endpoint, registry=self.registry, queries=self.queries,
             sync=self.sync, kind="Alarm", on_notify=self.alarms.on_notify)
+        # Mobile positions (§9.11.2): their subscriptions are a third kind on the same machinery.
+        self.positions = PositionService(config=config.positions, registry=self.registry,
+                                         channels=self.channels, bus=self.events)
+        self.position_subscriptions = SubscriptionManager(
+            config=config, endpoint=self.endpoint, registry=self.registry, queries=self.queries,
+            sync=self.sync, kind="MobilePosition", on_notify=self.positions.on_notify)
         self.channels.add_listener(self._channel_state)
         self.nodes = NodeManager(token="", idle_timeout=config.media.idle_timeout)
         self.nodes.on_viewer = self._viewer
@@ -118,6 +125,7 @@ class GbServer:
                                        on_catalog_notify=self.sync.apply_notify)
         self.messages.on_media_status = self.invites.media_status
         self.messages.on_alarm = self.alarms.on_message
+        self.messages.on_position = self.positions.on_message
         self.metrics_registry = make_registry(ServerCollector(
             counters=self.counters, endpoint=self.endpoint, registry=self.registry,
             extra=self._channel_metrics))
@@ -158,6 +166,8 @@ class GbServer:
         self.sync.start()
         self.subscriptions.start()
         self.alarm_subscriptions.start()
+        self.position_subscriptions.start()
+        self.positions.start()
         self.events.start()
         app = make_app(self)
         self._runner = web.AppRunner(app, access_log=None)
@@ -216,6 +226,8 @@ class GbServer:
         await self.sync.stop()
         await self.subscriptions.stop()
         await self.alarm_subscriptions.stop()
+        await self.position_subscriptions.stop()
+        await self.positions.stop()
         await self.alarms.stop()
         await self.endpoint.close()
         self.audit.close()
@@ -234,6 +246,8 @@ class GbServer:
         elif method == "NOTIFY":
             if self.alarm_subscriptions.owns(ev.request.call_id):
                 self.alarm_subscriptions.handle_notify(ev)
+            elif self.position_subscriptions.owns(ev.request.call_id):
+                self.position_subscriptions.handle_notify(ev)
             else:
                 self.subscriptions.handle_notify(ev)
         elif method == "INVITE" or self.broadcasts.owns(ev.request.call_id):
@@ -274,6 +288,7 @@ class GbServer:
         yield subs
         yield from self.alarms.metrics()
         yield from self.broadcasts.metrics()
+        yield from self.positions.metrics()
         yield from self.events.metrics()
         yield from self._node_metrics()
 

@@ -12,6 +12,8 @@ once. A NOTIFY for no subscription of ours gets 481 so the device stops sending 
 The same machinery carries alarm subscriptions (§9.11.1, J.18): a second manager with
 ``kind="Alarm"`` sends ``Event: presence`` and a ``Query/Alarm`` body with the filter fields
 it is given, and hands each NOTIFY to ``on_notify`` (alarms.py) instead of the catalog sync.
+A third, ``kind="MobilePosition"``, carries mobile position subscriptions (§9.11.2, A.2.4 h):
+``Event: presence``, a ``Query/MobilePosition`` body with ``Interval``, NOTIFYs to positions.py.
 
 Subscriptions die with the device's registration: when it goes offline they are forgotten
 (the next registration's sync subscribes again). Some NVRs drop subscriptions silently
@@ -74,7 +76,7 @@ class SubscriptionManager:
                  queries: DeviceQueries, sync: DeviceSync, kind: str = "Catalog",
                  on_notify: Callable[[Device, manscdp.Manscdp], None] | None = None) -> None:
         self.config = config
-        #: The CmdType of the Query body and of the NOTIFYs: "Catalog" or "Alarm".
+        #: The CmdType of the Query body and of the NOTIFYs: "Catalog", "Alarm" or "MobilePosition".
         self.kind = kind
         self.on_notify = on_notify or self._catalog_notify
         self.endpoint = endpoint
