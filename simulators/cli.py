@@ -183,6 +183,14 @@ def parser() -> argparse.ArgumentParser:
                         "expects the platform's Response and answers alarm SUBSCRIBEs (default 0: none)")
     p.add_argument("--alarm-seed", type=int, default=1,
                    help="seed of the alarms' priority, method and type (default 1)")
+    p.add_argument("--mobile", type=float, default=0.0, metavar="SHARE|COUNT",
+                   help="devices that move (GB/T 28181-2016 §9.11.2): below 1 a share, from 1 a "
+                        "count; they drive a seeded loop and answer MobilePosition SUBSCRIBEs "
+                        "with a NOTIFY every Interval (default 0: none)")
+    p.add_argument("--mobile-seed", type=int, default=1, help="seed of the moving devices' loops")
+    p.add_argument("--mobile-interval", type=float, default=0.0, metavar="SECONDS",
+                   help="moving devices also report by MESSAGE this often while not subscribed "
+                        "(default 0: only when subscribed)")
     talk = p.add_argument_group(
         "voice broadcast", "a Broadcast notify (GB/T 28181-2016 §9.12.1) is answered, then the device "
                            "INVITEs the platform for the audio and decodes what it receives")
@@ -238,7 +246,8 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
         broadcast_result=args.broadcast_result, broadcast_dir=args.broadcast_dir,
         broadcast_hangup_after=max(0.0, args.broadcast_hangup_after),
         records_days=args.records, alarm_interval=max(0.0, args.alarm_interval),
-        alarm_seed=args.alarm_seed)
+        alarm_seed=args.alarm_seed, mobile=max(0.0, args.mobile), mobile_seed=args.mobile_seed,
+        mobile_interval=max(0.0, args.mobile_interval))
     try:
         id_blocks(cfg)  # the channel, group and alarm-input IDs must fit too
     except ValueError as exc:
@@ -268,7 +277,9 @@ async def _run(cfg: FleetConfig, args: argparse.Namespace) -> dict:
                   f"failed {s['keepalives_failed']}  queries answered {s['queries_answered']}  "
                   f"streams {s['streams']}"
                   + (f"  alarms sent {s['alarms_sent']} responses {s['alarm_responses']} "
-                     f"notifies {s['alarm_notifies']}" if cfg.alarm_interval > 0 else ""),
+                     f"notifies {s['alarm_notifies']}" if cfg.alarm_interval > 0 else "")
+                  + (f"  positions notifies {s['position_notifies']} messages "
+                     f"{s['position_messages']}" if cfg.mobile > 0 else ""),
                   file=sys.stderr, flush=True)
         if deadline is not None and time.monotonic() >= deadline:
             break

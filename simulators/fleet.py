@@ -82,6 +82,7 @@ from .catalog import (
     group_item,
 )
 from .media import MediaSender, SimStream, check_video_codec, format_line, parse_video_size
+from .mobile import DeviceMobility, mobile_summary
 from .playback import PlaybackSender
 from .ptz import DeviceControls
 from .records import RecordIndex, parts_within, record_bodies
@@ -191,6 +192,12 @@ class FleetConfig:
     broadcast_result: str = "OK"
     broadcast_dir: str | None = None
     broadcast_hangup_after: float = 0.0
+    #: Devices that move (mobile.py; §9.11.2): below 1 a share, from 1 a count; 0: none. They
+    #: drive a loop drawn from ``mobile_seed``, answer MobilePosition SUBSCRIBEs and, with
+    #: ``mobile_interval`` > 0, report by MESSAGE that often while nobody subscribes.
+    mobile: float = 0.0
+    mobile_seed: int = 1
+    mobile_interval: float = 0.0
 
     @property
     def domain(self) -> str:
@@ -352,6 +359,8 @@ class SimDevice:
         self.alarms = DeviceAlarms(self)
         #: Voice broadcasts it received, decoded (broadcast.py).
         self.broadcasts = DeviceBroadcasts(self)
+        #: Its loop and position reports when it moves (mobile.py), else None.
+        self.mobility = DeviceMobility.of(self)
 
     @property
     def channels(self) -> list[Channel]:
@@ -712,7 +721,7 @@ class SimDevice:
             return
         event = (req.get("event") or "").strip()
         package = event.partition(";")[0].strip().lower()
-        if package not in ("catalog", "presence", "alarm"):  # J.20 shows a catalog under "presence"
+        if package not in ("catalog", "presence", "alarm", "mobileposition"):  # J.20 shows a catalog under "presence"
             self._reply(ev, 489, "Bad Event: only Catalog subscriptions", headers={"Allow-Events": "Catalog"})
             return
         sn, query_id = 0, self.device_id
@@ -725,6 +734,9 @@ class SimDevice:
             if msg.cmd_type == "Alarm" and self.cfg.alarm_interval > 0:  # §9.11.1, J.18 (a device
                 # that raises no alarms refuses to be subscribed to them, below)
                 self.alarms.on_subscribe(ev, msg, event, _expires_of(req))
+                return
+            if msg.cmd_type == "MobilePosition" and self.mobility is not None:  # §9.11.2
+                self.mobility.on_subscribe(ev, msg, event, _expires_of(req))
                 return
             if msg.cmd_type != "Catalog":
                 self._reply(ev, 489, f"Bad Event: {msg.cmd_type} subscriptions are not supported")
@@ -1382,6 +1394,8 @@ class Fleet:
             self.spawn(device.run())
             if self.cfg.alarm_interval > 0:
                 self.spawn(device.alarms.run())
+            if device.mobility is not None and self.cfg.mobile_interval > 0:
+                self.spawn(device.mobility.run())
             if interval and (n + 1) % batch == 0:
                 await asyncio.sleep(interval * batch)
 
@@ -1545,6 +1559,7 @@ class Fleet:
             "queries_answered": sum(d.stats.queries_answered for d in devs),
             **alarm_summary([d.alarms for d in devs]),
             **broadcast_summary([d.broadcasts for d in devs]),
+            **mobile_summary([d.mobility for d in devs if d.mobility is not None]),
             "streams": len(self._calls),
             "stream_frames_sent": sum(c.stream.frames_sent for c in self._calls.values()),
             "register_latency_ms": {"p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99),
