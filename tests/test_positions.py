@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import sqlite3
 import statistics
 import time
@@ -321,6 +322,14 @@ def test_a_moving_device_is_tracked_at_the_subscribed_interval(served, sims, tmp
                                  f"&until={fixes[4]['received_at'].replace('+', '%2B')}")
     assert window == fixes[1:4]
     assert server.api(f"/api/v1/devices/{DEV}/positions?since=whenever")[0] == 400
+    # every stored fix goes on the event feed as a 'position' event (once its commit is reported)
+
+    def published() -> int:
+        text = server.api("/metrics")[1].decode()
+        found = re.search(r'gb28181_events_published_total\{type="position"\} (\d+)', text)
+        return int(found.group(1)) if found else 0
+
+    wait_until(lambda: published() >= len(fixes), 5, "position events")
     # a device that does not move refuses the subscription (489), and the API says so
     status, refused = server.api(f"/api/v1/devices/{DEV2}/position-subscription", "PUT", {"interval": 1})
     assert status == 502 and "489" in refused["error"]
