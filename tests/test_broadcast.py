@@ -402,3 +402,23 @@ def test_decode_refuses_what_is_not_audio():
         decode_audio_file(b"\x00\x01garbage" * 100, max_seconds=10)
     alaw = decode_audio_file(wav_bytes(chirp(1.0, 16000), 16000), max_seconds=10)
     assert len(alaw) == pytest.approx(RATE, abs=50)
+
+
+async def test_a_sub_device_answering_for_itself_is_its_device(make_server):
+    """A.2.6's example Broadcast Response comes From the audio output's ID, a channel of the
+    registered device: it is taken as the device's, where an unknown ID still gets 404."""
+    from registry.models import Channel
+
+    from .sipclient import RawSip
+    server = await make_server()
+    async with RawSip(server.sip_port) as dev:
+        assert (await dev.register()).status == 200
+        output = "34020000001370000001"  # type 137: an audio output of the device
+        server.channels.upsert(Channel(channel_id=output, device_id=dev.device_id))
+        body = ('<?xml version="1.0" encoding="GB2312"?>\r\n<Response>\r\n<CmdType>Broadcast</CmdType>\r\n'
+                f"<SN>77</SN>\r\n<DeviceID>{output}</DeviceID>\r\n<Result>OK</Result>\r\n</Response>\r\n")
+        dev.send(dev.message_bytes(body, device_id=output))
+        assert (await dev.recv()).status == 200
+        stranger = "34020000001370000999"
+        dev.send(dev.message_bytes(body.replace(output, stranger), device_id=stranger))
+        assert (await dev.recv()).status == 404

@@ -60,6 +60,8 @@ class MessageHandler:
         self.on_alarm: Callable[..., None] | None = None
         #: (device, Notify/MobilePosition body, reply) → answers it itself (§9.11.2; the server).
         self.on_position: Callable[..., None] | None = None
+        #: channel ID → the ID of the registered device it belongs to, or None (the server).
+        self.owner_of: Callable[[str], str | None] | None = None
         self.clock = clock
 
     def handle(self, ev: RequestReceived) -> None:
@@ -90,6 +92,14 @@ class MessageHandler:
             return
         sender = user_of(req.headers["from"][0]) or msg.device_id
         device = self.registry.get(sender)
+        if device is None and self.owner_of is not None:
+            # A sub-device of a registered device speaking for itself: an audio output's
+            # Broadcast Response comes From the output's ID (§9.12, A.2.6 example).
+            owner = self.owner_of(sender) or self.registry.get(msg.device_id) and msg.device_id \
+                or self.owner_of(msg.device_id)
+            device = self.registry.get(owner) if owner else None
+            if device is not None:
+                sender = device.device_id
         if device is None:
             counters.messages_rejected["unknown-device"] += 1
             reply(404, "Not Found: unknown device; REGISTER first")

@@ -124,6 +124,7 @@ class GbServer:
                                        counters=self.counters, collector=self.collector,
                                        on_catalog_notify=self.sync.apply_notify)
         self.messages.on_media_status = self.invites.media_status
+        self.messages.owner_of = lambda cid: (c := self.channels.get(cid)) and c.device_id or None
         self.messages.on_alarm = self.alarms.on_message
         self.messages.on_position = self.positions.on_message
         self.metrics_registry = make_registry(ServerCollector(
