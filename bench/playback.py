@@ -2,7 +2,7 @@
 """Playback and download of device recordings (GB/T 28181-2016 §9.8, §9.9), end to end.
 
 The server (``gb28181 serve`` with ``--workers`` media workers) and a simulator fleet
-(``gb28181-sim --records``) run as subprocesses on 127.0.0.1; this process is the client, over
+(``gb28181-sim``) run as subprocesses on 127.0.0.1; this process is the client, over
 the HTTP API and HTTP-FLV. Every simulated frame carries its recorded time in an SEI, read back
 with relay.py's FLV reader, so each figure is measured where a user would see it:
 
@@ -96,7 +96,7 @@ async def run(args: argparse.Namespace, work: Path) -> None:
                               stderr=subprocess.STDOUT, start_new_session=True)
     sim = subprocess.Popen([str(bin_dir / "gb28181-sim"), "--server", f"127.0.0.1:{sip}", "--devices",
                             str(args.devices), "--video-size", args.video_size, "--bitrate", str(args.bitrate),
-                            "--gop", "25", "--fps", "25", "--records", "1", "--progress", "0"],
+                            "--gop", "25", "--fps", "25", "--progress", "0"],
                            stdout=open(work / "sim.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{http}"
     try:

@@ -259,9 +259,9 @@ def test_playback_skips_what_the_device_did_not_record(served, sims):
     sims(server, "--devices", "1", "--records", "2", *SIM_ARGS)
     (channel,) = channels_of(server, 1)
     files = RecordIndex(channel, 2, time.time()).segments()
-    # The first gap between two files yesterday or today.
+    # The first gap of a minute or more between two files yesterday or today.
     gap = next((a.end.timestamp(), b.start.timestamp()) for a, b in zip(files, files[1:])
-               if b.start > a.end)
+               if (b.start - a.end).total_seconds() >= 60)
     t0, t1 = int(gap[0]) - 3, int(gap[1]) + 3
     status, body = server.api(f"/api/v1/channels/{channel}/playback", "POST",
                               {"start": iso(t0), "end": iso(t1)})
@@ -277,3 +277,9 @@ def test_playback_skips_what_the_device_did_not_record(served, sims):
     ended = wait_until(lambda: (s := stream(server, body["stream_id"]))["state"] == "ended" and s, 10,
                        "the playback ended", server.exited)
     assert "MediaStatus 121" in ended["ended_reason"]
+    # A range with nothing recorded in it: the device ends it at once, and so does the play.
+    asked = time.monotonic()
+    status, out = server.api(f"/api/v1/channels/{channel}/playback", "POST",
+                             {"start": iso(gap[0] + 10), "end": iso(gap[0] + 40)})
+    assert status == 404 and "nothing" in out["error"], out
+    assert time.monotonic() - asked < 5

@@ -99,6 +99,7 @@ class MediaSession:
     kind: str = "Play"  # Play | Playback | Download (Annex F s=)
     #: MediaStatus 121 arrived in this dialog (the device sent the whole range, §9.8.2).
     on_file_end: Callable[[MediaSession], None] | None = None
+    file_ended: bool = False
 
     @property
     def sip_transport(self) -> str:
@@ -221,6 +222,10 @@ class InviteManager:
             if leg.node_lost:
                 raise InviteError(f"media node {leg.node.name} was lost while {channel.channel_id} "
                                   "was being opened", NODE_LOST)
+            if session.file_ended and leg.peer is None:
+                raise InviteError(f"{device.device_id} reports the end of the range (MediaStatus 121) "
+                                  f"without sending any media: nothing of {channel.channel_id} is "
+                                  "recorded there", 404)
             return session
         except BaseException as exc:
             reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else str(exc)
@@ -417,6 +422,10 @@ class InviteManager:
         session = self.sessions.get(call_id)
         if session is None:
             return False
+        if notify_type.strip() == "121" and not session.leg.first_packet.is_set():
+            session.file_ended = True  # before any media: the INVITE gives up at once
+            session.leg.first_packet.set()
+            return True
         if notify_type.strip() == "121" and session.on_file_end is not None:
             try:
                 session.on_file_end(session)
