@@ -52,6 +52,8 @@ __all__ = ["GbServer"]
 
 log = logging.getLogger("gb28181.server")
 
+ALLOW = "REGISTER, MESSAGE, NOTIFY, INVITE, ACK, BYE, OPTIONS"  # what a device may send us
+
 
 class GbServer:
     """One GB/T 28181 platform instance; ``await start()``, ``await stop()``."""
@@ -259,11 +261,11 @@ class GbServer:
             return  # an ACK that belongs to no dialog of ours
         elif method == "OPTIONS":
             resp = make_response(ev.request, 200)
-            resp.set("Allow", "REGISTER, MESSAGE, NOTIFY, INVITE, ACK, BYE, OPTIONS")
+            resp.set("Allow", ALLOW)
             self.endpoint.respond(ev.transaction, resp)
         else:
             resp = make_response(ev.request, 405, f"Method Not Allowed: {method} is not supported yet")
-            resp.set("Allow", "REGISTER, MESSAGE, NOTIFY, BYE, OPTIONS")
+            resp.set("Allow", ALLOW)
             self.endpoint.respond(ev.transaction, resp)
 
     def _channel_metrics(self):
