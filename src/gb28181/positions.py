@@ -117,6 +117,8 @@ def parse_position(msg: manscdp.Manscdp, sender: str, received_at: float) -> Pos
     direction = _number(msg, "Direction")
     if direction is not None:
         direction %= 360.0  # A.2.5: 0-360° clockwise from north; -90 is 270
+        if direction >= 360.0:  # a tiny negative angle rounds up to 360.0: that is north
+            direction = 0.0
     return PositionEvent(
         device_id=sender, target_id=target, time=when.timestamp() if when is not None else None,
         longitude=longitude, latitude=latitude,
