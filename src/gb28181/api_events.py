@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
+
+from registry.models import Device
 
 from .alarms import alarm_json, subscription_fields
 from .api import _body, _device_or_404, _error, _int_param, _server
 from .events import TYPES, serve_sse
 from .queries import QueryError
-from .subscriptions import Subscription
+from .subscriptions import Subscription, SubscriptionManager
 from .timeparse import parse_when
 
 __all__ = ["add_event_routes"]
@@ -108,14 +111,28 @@ async def put_alarm_subscription(request: web.Request) -> web.Response:
     fields = subscription_fields(start_priority=body.start_priority, end_priority=body.end_priority,
                                  method=body.method, alarm_type=body.type, start_time=start,
                                  end_time=end)
-    manager = _server(request).alarm_subscriptions
+    return await subscribe_anew(_server(request).alarm_subscriptions, device, fields, body.expires,
+                                _subscription_json)
+
+
+async def subscribe_anew(manager: SubscriptionManager, device: Device, fields: list, expires: int,
+                         to_json: Callable[[Subscription], dict]) -> web.Response:
+    """Subscribe ``device`` (a running subscription of the same kind is ended first, §9.11);
+    502 when the device refuses. Shared by the alarm and position subscription APIs."""
     if device.device_id in manager.by_device:
         await manager.unsubscribe(device.device_id)
     try:
-        sub = await manager.subscribe(device, fields, body.expires)
+        sub = await manager.subscribe(device, fields, expires)
     except QueryError as exc:
         return _error(502, str(exc))
-    return web.json_response(_subscription_json(sub))
+    return web.json_response(to_json(sub))
+
+
+async def end_subscription(manager: SubscriptionManager, device: Device, what: str) -> web.Response:
+    """End ``device``'s subscription of ``manager``'s kind; 404 when there is none."""
+    if not await manager.unsubscribe(device.device_id):
+        return _error(404, f"no {what} subscription to {device.device_id}")
+    return web.json_response({"subscribed": False})
 
 
 async def get_alarm_subscription(request: web.Request) -> web.Response:
@@ -125,11 +142,7 @@ async def get_alarm_subscription(request: web.Request) -> web.Response:
 
 
 async def delete_alarm_subscription(request: web.Request) -> web.Response:
-    device = _device_or_404(request)
-    ended = await _server(request).alarm_subscriptions.unsubscribe(device.device_id)
-    if not ended:
-        return _error(404, f"no alarm subscription to {device.device_id}")
-    return web.json_response({"subscribed": False})
+    return await end_subscription(_server(request).alarm_subscriptions, _device_or_404(request), "alarm")
 
 
 def add_event_routes(app: web.Application) -> None:

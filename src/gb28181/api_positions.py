@@ -20,8 +20,8 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from .api import _body, _device_or_404, _error, _int_param, _server
+from .api_events import end_subscription, subscribe_anew
 from .positions import DEFAULT_INTERVAL, position_json
-from .queries import QueryError
 from .subscriptions import Subscription
 from .timeparse import parse_when
 
@@ -67,14 +67,8 @@ async def put_position_subscription(request: web.Request) -> web.Response:
     assert isinstance(body, PositionSubscriptionBody)
     if not device.online:
         return _error(409, f"device {device.device_id} is offline")
-    manager = _server(request).position_subscriptions
-    if device.device_id in manager.by_device:
-        await manager.unsubscribe(device.device_id)
-    try:
-        sub = await manager.subscribe(device, [("Interval", body.interval)], body.expires)
-    except QueryError as exc:
-        return _error(502, str(exc))
-    return web.json_response(_subscription_json(sub))
+    return await subscribe_anew(_server(request).position_subscriptions, device,
+                                [("Interval", body.interval)], body.expires, _subscription_json)
 
 
 async def get_position_subscription(request: web.Request) -> web.Response:
@@ -84,11 +78,8 @@ async def get_position_subscription(request: web.Request) -> web.Response:
 
 
 async def delete_position_subscription(request: web.Request) -> web.Response:
-    device = _device_or_404(request)
-    ended = await _server(request).position_subscriptions.unsubscribe(device.device_id)
-    if not ended:
-        return _error(404, f"no position subscription to {device.device_id}")
-    return web.json_response({"subscribed": False})
+    return await end_subscription(_server(request).position_subscriptions, _device_or_404(request),
+                                  "position")
 
 
 def add_position_routes(app: web.Application) -> None:
