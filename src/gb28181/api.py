@@ -120,8 +120,7 @@ def _device_or_404(request: web.Request) -> Device:
     device_id = request.match_info["device_id"]
     device = _server(request).registry.get(device_id)
     if device is None:
-        raise web.HTTPNotFound(text=json.dumps({"error": f"no device {device_id}"}),
-                               content_type="application/json")
+        raise _not_found(f"no device {device_id}")
     return device
 
 
@@ -276,13 +275,16 @@ def _channel_or_404(request: web.Request) -> Channel:
     channel_id = request.match_info["channel_id"]
     channel = _server(request).channels.get(channel_id)
     if channel is None:
-        raise web.HTTPNotFound(text=json.dumps({"error": f"no channel {channel_id}"}),
-                               content_type="application/json")
+        raise _not_found(f"no channel {channel_id}")
     return channel
 
 
 def _bad(text: str) -> web.HTTPBadRequest:
     return web.HTTPBadRequest(text=json.dumps({"error": text}), content_type="application/json")
+
+
+def _not_found(text: str) -> web.HTTPNotFound:
+    return web.HTTPNotFound(text=json.dumps({"error": text}), content_type="application/json")
 
 
 async def list_channels(request: web.Request, device_id: str | None = None) -> web.Response:

@@ -32,7 +32,7 @@ from aiohttp import BodyPartReader, WSMsgType, web
 
 from registry.models import Channel, Device
 
-from .api import _bad, _channel_or_404, _error, _server, _who
+from .api import _bad, _channel_or_404, _error, _not_found, _server, _who
 from .broadcast import AudioError, Broadcast, BroadcastError, FileSource, LiveSource, decode_audio_file
 
 __all__ = ["add_broadcast_routes"]
@@ -100,8 +100,7 @@ def _broadcast_or_404(request: web.Request) -> Broadcast:
     broadcast_id = request.match_info["broadcast_id"]
     b = _server(request).broadcasts.get(broadcast_id)
     if b is None:
-        raise web.HTTPNotFound(text=json.dumps({"error": f"no broadcast {broadcast_id}"}),
-                               content_type="application/json")
+        raise _not_found(f"no broadcast {broadcast_id}")
     return b
 
 

@@ -9,7 +9,6 @@ and export is audited.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from media.node_service import LINK_PATH
 from media.playurl import play_query
 
-from .api import _bad, _body, _error, _iso, _server, _who
+from .api import _bad, _body, _error, _iso, _not_found, _server, _who
 from .nodes import MediaLeg, NodeCallError
 from .streams import PlayError
 from .timeparse import parse_when
@@ -77,8 +76,7 @@ async def list_streams(request: web.Request) -> web.Response:
 def _stream_or_404(request: web.Request):
     live = _server(request).streams.live.get(request.match_info["stream_id"])
     if live is None:
-        raise web.HTTPNotFound(text=json.dumps({"error": f"no live stream {request.match_info['stream_id']}"}),
-                               content_type="application/json")
+        raise _not_found(f"no live stream {request.match_info['stream_id']}")
     return live
 
 
@@ -170,8 +168,7 @@ async def open_download(request: web.Request) -> web.Response:
 def _download_or_404(request: web.Request):
     pb = _server(request).playbacks.get(request.match_info["download_id"])
     if pb is None or pb.kind != "Download":
-        raise web.HTTPNotFound(text=json.dumps({"error": f"no download {request.match_info['download_id']}"}),
-                               content_type="application/json")
+        raise _not_found(f"no download {request.match_info['download_id']}")
     return pb
 
 
