@@ -15,15 +15,25 @@ Commands (``stream`` is the stream's key, the channel ID for live video):
   Annex F note 4 lets the callee choose its own). → ``{taken}``.
 - ``connect {stream, hosts, port, timeout}``: we are the TCP client (RFC 4145 ``setup:active``,
   or a device that answered passive to our passive offer). → ``{peer}``.
-- ``close {stream, reason}``, ``forward {stream, host, port, transport, ssrc}`` (RTP out, for
-  a cascade), ``streams`` (health of every stream; ``elapsed``: media seconds since the start
+- ``close {stream, reason}``.
+- ``forward {stream, host, port, transport, ssrc, accept_timeout}``: RTP out, for a cascade;
+  ``transport`` ``udp``, ``tcp`` (we connect: the upper platform offered RFC 4145
+  ``a=setup:passive``) or ``tcp-passive`` (we listen: it offered ``a=setup:active``; ``port``
+  is not used, and the first connection within ``accept_timeout`` seconds gets the stream).
+  → ``{forward, port}``: the forward's node-unique ID and, for ``tcp-passive``, the port we
+  listen on (what goes in our 200 answer), else null.
+- ``unforward {stream, forward}`` → ``{stopped, packets_sent, frames_sent, bytes_sent}``
+  (``{stopped: false}`` for a forward this node does not have, or no longer has).
+- ``streams`` (health of every stream; ``elapsed``: media seconds since the start
   or the last ``mark``), ``mark {stream}`` (a playback seeks), ``viewers {stream}``, ``load``.
 
 Events: ``first_packet {stream, peer}`` (the device's media arrived: the server's INVITE is
 done), ``idle {stream}`` (the last viewer left: the server starts its grace period),
 ``media_stopped {stream, age}`` (no RTP for ``idle_timeout``: GB/T 28181-2016 Annex M, the
-server ends the dialog), and ``load {...}`` every ``load_interval`` seconds (what the server
-allocates new streams by).
+server ends the dialog), ``forward_ended {stream, forward, reason}`` (a forward stopped by
+itself: the peer closed the TCP connection, nobody connected to a passive one, the UDP
+destination is unreachable; the node has forgotten it), and ``load {...}`` every
+``load_interval`` seconds (what the server allocates new streams by).
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .forward import RtpForwarder
+from .forward import FORWARD_TRANSPORTS, RtpForwarder
 from .hub import Stream, StreamClosed
 from .ingest import RtpIngest
 from .mp4 import Mp4Writer
@@ -68,7 +78,7 @@ class NodeStream:
     hub: Stream
     ingest: RtpIngest = field(init=False)  # RTP in, access units out to ``publish``
     handle: UdpHandle | TcpHandle | None = None
-    forwards: list[RtpForwarder] = field(default_factory=list)
+    forwards: dict[str, RtpForwarder] = field(default_factory=dict)  # by node-unique ID
     opened_at: float = field(default_factory=time.time)
     first_task: asyncio.Task | None = None
     bytes_seen: int = 0  # ingest bytes at the last load report, for the bitrate
@@ -161,6 +171,8 @@ class MediaNode:
         self.name = name
         self.data_dir = Path(data_dir)
         self.receiver = MediaReceiver(host, udp_port=udp_port, tcp_port_range=tcp_port_range)
+        self.tcp_port_range = tcp_port_range  # passive forwards listen there too (the open ports)
+        self._forwards_made = 0  # for the forward IDs "f1", "f2", ...
         self.idle_timeout = idle_timeout
         self.max_streams = max_streams
         self.load_interval = load_interval
@@ -172,7 +184,8 @@ class MediaNode:
         self.bitrate = 0.0  # bit/s received over the last load interval, all streams
         self._ops: dict[str, Callable[[dict], Any]] = {
             "open": self._open, "add_ssrc": self._add_ssrc, "connect": self._connect,
-            "close": self._close, "forward": self._forward, "streams": self._streams,
+            "close": self._close, "forward": self._forward, "unforward": self._unforward,
+            "streams": self._streams,
             "viewers": self._viewers, "mark": self._mark, "record": self._record,
             "load": lambda _args: self.load(),
         }
@@ -318,7 +331,9 @@ class MediaNode:
         if ns.handle is not None:
             ns.handle.close()
         ns.hub.close(reason)
-        for fwd in ns.forwards:
+        forwards = list(ns.forwards.values())
+        ns.forwards.clear()  # before stopping them: no forward_ended for these
+        for fwd in forwards:
             await fwd.stop()
         if ns.recorder is not None:
             await ns.recorder.finish()  # the file is finished (moov written) whoever ends it
@@ -339,16 +354,58 @@ class MediaNode:
     async def _forward(self, args: dict) -> dict:
         ns = self.stream(_str(args, "stream"))
         transport = args.get("transport", "udp")
-        if transport not in ("udp", "tcp"):
-            raise NodeError("command argument 'transport' must be 'udp' or 'tcp'")
-        fwd = RtpForwarder(ns.hub, _str(args, "host"), _int(args, "port", 1, 65535),
-                           transport=transport, ssrc=_int(args, "ssrc", 0, 0xFFFFFFFF))
+        if transport not in FORWARD_TRANSPORTS:
+            raise NodeError(f"command argument 'transport' must be one of {', '.join(FORWARD_TRANSPORTS)}, "
+                            f"not {transport!r}")
+        host = _str(args, "host")
+        ssrc = _int(args, "ssrc", 0, 0xFFFFFFFF)
+        passive = transport == "tcp-passive"
+        port = 0 if passive else _int(args, "port", 1, 65535)  # passive: the peer's port is not used
+        accept_timeout = args.get("accept_timeout", 20.0)
+        if not isinstance(accept_timeout, (int, float)) or isinstance(accept_timeout, bool) \
+                or not 0 < accept_timeout <= 300:
+            raise NodeError("command argument 'accept_timeout' must be seconds in (0, 300]")
+        self._forwards_made += 1
+        fid = f"f{self._forwards_made}"
+
+        def ended(fwd: RtpForwarder, reason: str) -> None:
+            if ns.forwards.get(fid) is not fwd:
+                return  # stopped by `unforward` or with its stream
+            del ns.forwards[fid]
+            self._emit({"event": "forward_ended", "stream": ns.key, "forward": fid, "reason": reason})
+
+        fwd = RtpForwarder(ns.hub, host, port, transport=transport, ssrc=ssrc,
+                           local_addr=(self.receiver.host, 0) if passive else None,
+                           port_range=self.tcp_port_range if passive else None,
+                           accept_timeout=float(accept_timeout), on_end=ended)
         try:
             await fwd.start()
         except OSError as exc:
-            raise NodeError(f"cannot forward to {fwd.host}:{fwd.port}: {exc}") from None
-        ns.forwards.append(fwd)
-        return {"forward": len(ns.forwards) - 1}
+            if passive:
+                fix = "free a port of the media TCP port range or widen it" if self.tcp_port_range \
+                    else "check the node's media host address"
+                raise NodeError(f"cannot listen for the tcp-passive forward of {ns.key} on "
+                                f"{self.receiver.host}: {exc}; {fix}") from None
+            raise NodeError(f"cannot forward {ns.key} over {transport} to {host}:{port}: {exc}; "
+                            f"check that the receiver listens there") from None
+        except StreamClosed as exc:
+            raise NodeError(f"cannot forward {ns.key}: its stream is closing ({exc})") from None
+        if self.streams.get(ns.key) is not ns:  # closed while connecting
+            await fwd.stop()
+            raise NodeError(f"stream {ns.key} was closed while its forward was starting")
+        ns.forwards[fid] = fwd
+        return {"forward": fid, "port": fwd.port if passive else None}
+
+    async def _unforward(self, args: dict) -> dict:
+        key = _str(args, "stream")
+        fid = _str(args, "forward")
+        ns = self.streams.get(key)
+        fwd = ns.forwards.pop(fid, None) if ns is not None else None
+        if fwd is None:
+            return {"stopped": False}
+        await fwd.stop()
+        return {"stopped": True, "packets_sent": fwd.packets_sent, "frames_sent": fwd.frames_sent,
+                "bytes_sent": fwd.bytes_sent}
 
     def info(self, ns: NodeStream, now: float) -> dict:
         handle = ns.handle
@@ -357,10 +414,12 @@ class MediaNode:
                 "ssrcs": list(handle.ssrcs) if handle else [],
                 "health": ns.ingest.stats.as_dict(now), "elapsed": ns.elapsed,
                 "recording": ns.recorder.progress() if ns.recorder is not None else None,
-                "forwards": [{"to": f"{fwd.transport}://{fwd.host}:{fwd.port}", "ssrc": fwd.ssrc,
+                "forwards": [{"id": fid, "to": f"{fwd.transport}://{fwd.host}:{fwd.port}",
+                              "transport": fwd.transport, "ssrc": fwd.ssrc, "peer": fwd.peer,
                               "running": fwd.running, "packets_sent": fwd.packets_sent,
-                              "frames_sent": fwd.frames_sent,
-                              "error": str(fwd.error) if fwd.error else None} for fwd in ns.forwards]}
+                              "frames_sent": fwd.frames_sent, "bytes_sent": fwd.bytes_sent,
+                              "error": str(fwd.error) if fwd.error else None}
+                             for fid, fwd in ns.forwards.items()]}
 
     def _streams(self, args: dict) -> dict:
         now = time.monotonic()
