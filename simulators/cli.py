@@ -275,7 +275,7 @@ async def _run(cfg: FleetConfig, args: argparse.Namespace) -> dict:
             print(f"[{s['elapsed_s']:7.1f}s] registered {s['registered']}/{s['devices']}  "
                   f"register failures {s['register_failures']}  keepalives ok {s['keepalives_ok']} "
                   f"failed {s['keepalives_failed']}  queries answered {s['queries_answered']}  "
-                  f"streams {s['streams']}"
+                  f"streams {s['streams']}  ptz {s['ptz_commands']}"
                   + (f"  alarms sent {s['alarms_sent']} responses {s['alarm_responses']} "
                      f"notifies {s['alarm_notifies']}" if cfg.alarm_interval > 0 else "")
                   + (f"  positions notifies {s['position_notifies']} messages "

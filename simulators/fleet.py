@@ -1561,6 +1561,7 @@ class Fleet:
             **broadcast_summary([d.broadcasts for d in devs]),
             **mobile_summary([d.mobility for d in devs if d.mobility is not None]),
             "streams": len(self._calls),
+            "ptz_commands": sum(d.controls.counts["PTZCmd"] for d in devs),
             "stream_frames_sent": sum(c.stream.frames_sent for c in self._calls.values()),
             "register_latency_ms": {"p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99),
                                     "mean": round(statistics.fmean(lat) * 1000, 2) if lat else None},

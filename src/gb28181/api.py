@@ -574,4 +574,6 @@ def make_app(server: GbServer) -> web.Application:
     add_broadcast_routes(app)
     from .api_positions import add_position_routes  # tracks, position subscriptions (§9.11.2)
     add_position_routes(app)
+    from .api_upstreams import add_upstream_routes  # cascade: the upper platforms (Annex J)
+    add_upstream_routes(app)
     return app

@@ -28,7 +28,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from .ids import IdError, parse_id
 
-__all__ = ["Config", "ConfigError", "load_config", "ensure_api_token"]
+__all__ = ["Config", "ConfigError", "UpstreamSection", "UpstreamShare", "load_config", "ensure_api_token"]
 
 ENV_PREFIX = "GB28181_"
 ENV_DELIMITER = "__"
@@ -290,6 +290,63 @@ class LogSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class UpstreamShare(_Section):
+    """Which channels an upper platform sees (GB/T 28181-2016 §9.5.3 catalog): a channel is
+    shared when it matches any rule."""
+
+    civil_codes: list[Annotated[str, Field(pattern=r"^[0-9]{2,8}$")]] = Field(
+        default_factory=list, description="civil-code prefixes (2-8 digits)")
+    business_groups: list[Annotated[str, Field(pattern=r"^[0-9]{20}$")]] = Field(
+        default_factory=list, description="business-group (215) or virtual-organisation (216) IDs")
+    channels: list[Annotated[str, Field(pattern=r"^[0-9]{20}$")]] = Field(
+        default_factory=list, description="channel IDs")
+
+
+class UpstreamSection(_Section):
+    """One upper platform this instance registers to as a lower platform (§9.1, Annex J.1)."""
+
+    id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                           description="name of this upstream in the API; defaults to server_id")
+    name: str = Field("", max_length=128)
+    server_id: str = Field(description="the upper platform's 20-digit ID (type code 200)")
+    domain: str | None = Field(None, description="its SIP domain; defaults to the first 10 digits of server_id")
+    host: str = Field(min_length=1, max_length=255)
+    port: int = Field(5060, ge=1, le=65535)
+    password: str = Field("", max_length=128)
+    transport: Literal["udp", "tcp"] = "udp"
+    local_id: str | None = Field(None, description="the ID we register with; defaults to server.id")
+    share: Literal["all"] | UpstreamShare = "all"
+    enabled: bool = True
+    expires: int = Field(3600, ge=60, le=86400, description="REGISTER Expires, seconds")
+    keepalive_interval: float = Field(60.0, ge=0.2, le=3600, description="seconds between keepalives")
+    keepalive_count: int = Field(3, ge=1, le=100, description="missed keepalives before re-registering")
+    retry_min: float = Field(5.0, ge=0.1, le=3600, description="first back-off after a failed REGISTER")
+    retry_max: float = Field(60.0, ge=0.1, le=86400, description="longest back-off")
+    catalog_items_per_message: int = Field(0, ge=0, le=100,
+                                           description="catalog items per MESSAGE (0: 4 over UDP, 20 over TCP)")
+
+    @field_validator("server_id", "local_id")
+    @classmethod
+    def _platform_id(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            parse_id(v)
+        except IdError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _defaults(self) -> UpstreamSection:
+        if self.id is None:
+            self.id = self.server_id
+        if self.domain is None:
+            self.domain = self.server_id[:10]
+        if self.retry_max < self.retry_min:
+            raise ValueError("retry_max must be at least retry_min")
+        return self
+
+
 class Config(BaseSettings):
     """The whole configuration; see configs/default.yaml for a commented example."""
 
@@ -313,6 +370,7 @@ class Config(BaseSettings):
     broadcast: BroadcastSection = BroadcastSection()
     events: EventsSection = EventsSection()
     positions: PositionsSection = PositionsSection()
+    upstreams: list[UpstreamSection] = Field(default_factory=list, description="upper platforms we register to")
     database: DatabaseSection = DatabaseSection()
     log: LogSection = LogSection()
 

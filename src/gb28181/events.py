@@ -258,6 +258,8 @@ class EventBus:
         self.clients: set[SseClient] = set()
         self.published: Counter[str] = Counter()
         self.clients_dropped = 0
+        #: Called with every event as it is published, in process (the cascade sends alarms up).
+        self.listeners: list[Callable[[Event], None]] = []
         self._session: Any = None
         for hook in config.webhooks:
             if urlsplit(hook.url).scheme not in ("http", "https"):
@@ -320,6 +322,11 @@ class EventBus:
                 log.info("SSE client dropped: more than %d events behind", client.limit)
         for sink in self.sinks:
             sink.offer(event)
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("event listener %r", listener)
         return event
 
     # -- SSE ----------------------------------------------------------------------------------

@@ -248,6 +248,8 @@ class NodeManager:
         self.joined = asyncio.Condition()
         # Set by the server: views on a node are audited there.
         self.on_viewer: Callable[[MediaLeg, dict], None] | None = None
+        #: Set by the server: a forward ended by itself (its receiver went away): (leg, forward ID, reason).
+        self.on_forward_ended: Callable[[MediaLeg, str, str], None] | None = None
         self.stopping = False  # the server is stopping: lost nodes' streams are not moved
         self._ids = itertools.count(1)
         self.lost_total = 0
@@ -342,6 +344,8 @@ class NodeManager:
             leg.owner.leg_stopped(leg, f"no RTP for {ev.get('age', '?')} s")
         elif kind == "viewer" and self.on_viewer is not None:
             self.on_viewer(leg, ev)
+        elif kind == "forward_ended" and self.on_forward_ended is not None:
+            self.on_forward_ended(leg, str(ev.get("forward")), str(ev.get("reason") or "the receiver went away"))
 
     # -- the link (aiohttp handler) ----------------------------------------------------------------
     async def link(self, request: web.Request) -> web.StreamResponse:

@@ -29,6 +29,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -137,6 +138,9 @@ class PlaybackManager:
         self.active: dict[str, Playback] = {}
         self.recent: OrderedDict[str, Playback] = OrderedDict()
         self._tasks: set[asyncio.Task] = set()
+        #: Called with (stream ID, reason) when a playback or download ends, and with
+        #: (stream ID, "file-end") when its device reports MediaStatus 121 (cascade relays both).
+        self.on_closed: list[Callable[[str, str], None]] = []
 
     def get(self, stream_id: str) -> Playback | None:
         return self.active.get(stream_id) or self.recent.get(stream_id)
@@ -154,8 +158,10 @@ class PlaybackManager:
 
     # -- opening -----------------------------------------------------------------------------------
     async def open(self, channel_id: str, start: float, end: float, transport: str | None,
-                   *, download_speed: int | None = None) -> Playback:
-        """A playback, or with ``download_speed`` a download, of the range [start, end)."""
+                   *, download_speed: int | None = None, record: bool = True) -> Playback:
+        """A playback, or with ``download_speed`` a download, of the range [start, end); a
+        download is written to an MP4 on its node unless ``record`` is False (a download an upper
+        platform asked for is sent to it, not kept here)."""
         start_s, end_s = int(start), int(end)
         if end_s <= start_s:
             raise PlayError("end must be after start", 400)
@@ -183,7 +189,7 @@ class PlaybackManager:
         self.active[stream_id] = pb
         try:
             await self._invite(pb, start_s)
-            if kind == "Download":
+            if kind == "Download" and record:
                 await pb.leg.call("record", name=stream_id)
         except (PlayError, NodeCallError) as exc:
             await self.close(stream_id, str(exc))
@@ -258,6 +264,7 @@ class PlaybackManager:
         pb = self.active.get(stream_id)
         if pb is None or pb.session is not session:
             return
+        self._tell(stream_id, "file-end")
 
         async def end() -> None:
             # The device has sent the range; its last packets may still be on the way.
@@ -294,7 +301,15 @@ class PlaybackManager:
         else:
             await pb.leg.release(reason)
         log.info("playback %s of %s ended: %s", stream_id, pb.channel_id, reason)
+        self._tell(stream_id, reason)
         return True
+
+    def _tell(self, stream_id: str, what: str) -> None:
+        for listener in self.on_closed:
+            try:
+                listener(stream_id, what)
+            except Exception:
+                log.exception("playback listener")
 
     def _idle(self, pb: Playback) -> None:
         if pb.grace is None and pb.state != "ended":

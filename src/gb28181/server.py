@@ -26,6 +26,7 @@ from .alarms import AlarmService
 from .api import make_app
 from .audit import AuditLog
 from .broadcast import BroadcastManager
+from .cascade.manager import CascadeManager
 from .catalog import CatalogCollector
 from .config import Config, ensure_api_token, ensure_node_token
 from .control import DeviceControl
@@ -52,7 +53,7 @@ __all__ = ["GbServer"]
 
 log = logging.getLogger("gb28181.server")
 
-ALLOW = "REGISTER, MESSAGE, NOTIFY, INVITE, ACK, BYE, OPTIONS"  # what a device may send us
+ALLOW = "REGISTER, MESSAGE, NOTIFY, SUBSCRIBE, INVITE, ACK, BYE, INFO, OPTIONS"  # what a device may send us
 
 
 class GbServer:
@@ -121,6 +122,15 @@ class GbServer:
                                    endpoint=self.endpoint, counters=self.counters,
                                    on_registered=self.sync.on_registered)
         self.registrar.overloaded = lambda: self.endpoint.overloaded
+        # Cascade (§9, Annex J): this instance as the lower platform of its upstreams.
+        self.cascade = CascadeManager(config=config, endpoint=self.endpoint, registry=self.registry,
+                                      channels=self.channels, queries=self.queries, control=self.control,
+                                      audit=self.audit, streams=self.streams, playbacks=self.playbacks,
+                                      invites=self.invites)
+        self.cascade.on_event = lambda kind, data: self.events.publish(kind, data)
+        self.sync.on_change = self.cascade.channel_changed
+        self.events.listeners.append(self._cascade_event)
+        self.nodes.on_forward_ended = self.cascade.sessions.forward_ended
         self.messages = MessageHandler(registry=self.registry, presence=self.presence,
                                        endpoint=self.endpoint, queries=self.queries,
                                        counters=self.counters, collector=self.collector,
@@ -172,6 +182,7 @@ class GbServer:
         self.position_subscriptions.start()
         self.positions.start()
         self.events.start()
+        await self.cascade.start()
         app = make_app(self)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -215,6 +226,7 @@ class GbServer:
 
     async def stop(self) -> None:
         self.nodes.stopping = True  # streams are ending, not moving
+        await self.cascade.stop()
         await self.broadcasts.stop_all()
         await self.playbacks.stop()
         await self.streams.stop()
@@ -242,6 +254,9 @@ class GbServer:
     # -- SIP dispatch --------------------------------------------------------------------
     def _on_request(self, ev: RequestReceived) -> None:
         method = ev.request.method
+        if method != "REGISTER" and self.cascade.uplinks and self.cascade.owns(ev):
+            self.cascade.handle(ev)  # from an upper platform, or in one of its dialogs
+            return
         if method == "REGISTER":
             self.registrar.handle(ev)
         elif method == "MESSAGE":
@@ -294,6 +309,7 @@ class GbServer:
         yield from self.positions.metrics()
         yield from self.events.metrics()
         yield from self._node_metrics()
+        yield from self.cascade.metrics()
 
     def _node_metrics(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -320,6 +336,12 @@ class GbServer:
         moved = CounterMetricFamily("gb28181_streams_moved", "Streams re-opened on another node")
         moved.add_metric([], self.streams.moved)
         yield moved
+
+    def _cascade_event(self, event) -> None:
+        if event.type == "alarm":
+            self.cascade.alarm(event.data)
+        elif event.type == "position":
+            self.cascade.position(event.data)
 
     def _viewer(self, leg: MediaLeg, event: dict) -> None:
         """A viewer opened a stream on its node: it counts as watching; audited."""

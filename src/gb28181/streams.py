@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from registry.channels import ChannelRegistry
@@ -108,6 +109,8 @@ class StreamManager:
         self.moved = 0  # streams re-established on another node after theirs was lost
         self._opening: dict[str, asyncio.Task] = {}
         self._tasks: set[asyncio.Task] = set()
+        #: Called with (channel ID, reason) when a live stream closes (cascade sessions end with it).
+        self.on_closed: list[Callable[[str, str], None]] = []
         registry.add_listener(self._device_changed)
 
     async def stop(self) -> None:
@@ -256,6 +259,11 @@ class StreamManager:
         else:
             await live.leg.release(reason)
         log.info("stream %s closed: %s", channel_id, reason)
+        for listener in self.on_closed:
+            try:
+                listener(channel_id, reason)
+            except Exception:
+                log.exception("stream close listener")
         return True
 
     def _device_changed(self, device: Device, event: StatusEvent) -> None:

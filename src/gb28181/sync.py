@@ -24,6 +24,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +83,9 @@ class DeviceSync:
         self._dispatcher: asyncio.Task | None = None
         self._loop_task: asyncio.Task | None = None
         self.last: dict[str, SyncResult] = {}
+        #: Called with (channel, "ADD" | "UPDATE") when a catalog or notify adds a channel or
+        #: changes its fields (the cascade tells its upper platforms, Annex P.4).
+        self.on_change: Callable[[Channel, str], None] | None = None
 
     # -- scheduling --------------------------------------------------------------------------
     def on_registered(self, device: Device) -> None:
@@ -257,11 +261,13 @@ class DeviceSync:
                 continue  # a device listing itself (not as a camera) adds nothing
             listed.add(channel.channel_id)
             apply_tier(channel, tiers)  # an operator-locked tier survives the upsert
-            _, created = self.channels.upsert(channel, at=now, reason="catalog")
+            before = _fields(self.channels.get(channel.channel_id))
+            stored, created = self.channels.upsert(channel, at=now, reason="catalog")
             if created:
                 result.added += 1
             else:
                 result.updated += 1
+            self._changed(stored, before)
         result.items = len(listed)
         result.parts = catalog.parts
         result.complete = catalog.complete
@@ -289,7 +295,9 @@ class DeviceSync:
             if event in ("ADD", "UPDATE"):
                 channel = item_to_channel(item, device.device_id)
                 apply_tier(channel, self.config.tiers)
-                self.channels.upsert(channel, at=now, reason="notify")
+                before = _fields(stored)
+                stored, _ = self.channels.upsert(channel, at=now, reason="notify")
+                self._changed(stored, before)
             elif event == "DEL":
                 if stored is None or not self.channels.remove(channel_id):
                     continue
@@ -306,3 +314,20 @@ class DeviceSync:
                 continue
             applied += 1
         return applied
+
+    def _changed(self, channel: Channel, before: tuple | None) -> None:
+        if self.on_change is None:
+            return
+        if before is None:
+            self.on_change(channel, "ADD")
+        elif before != _fields(channel):
+            self.on_change(channel, "UPDATE")
+
+
+def _fields(channel: Channel | None) -> tuple | None:
+    """What an upper platform sees of a channel besides its state (its catalog item)."""
+    if channel is None:
+        return None
+    return (channel.name, channel.civil_code, channel.parent_id, channel.business_group_id,
+            channel.address, channel.longitude, channel.latitude, channel.manufacturer,
+            channel.model, channel.ptz_type, channel.device_id)
