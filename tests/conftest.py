@@ -276,6 +276,64 @@ class NodeProcess:
             self.proc.wait(10)
 
 
+#: (server ID, SIP domain) of the three levels of a cascade test chain (Annex D.1 civil codes:
+#: province 34, city 3402, county 340201).
+CHAIN_IDS = {"province": ("34000000002000000001", "3400000000"),
+             "city": ("34020000002000000001", "3402000000"),
+             "county": ("34020100002000000001", "3402010000")}
+
+
+class CascadeChain:
+    """Three `gb28181 serve` instances on loopback, cascaded county → city → province (GB/T
+    28181-2016 §5.2): each lower one lists the one above it under ``upstreams`` with short
+    keepalives, so that losses are noticed within seconds. ``env`` goes to all three."""
+
+    def __init__(self, workdir: Path, **env: str) -> None:
+        self.workdir = workdir
+        self.env = {"GB28181_MEDIA__WORKERS": "1", **env}
+        self.servers: dict[str, ServedServer] = {}
+
+    def upstream(self, level: str) -> dict:
+        server_id, domain = CHAIN_IDS[level]
+        return {"server_id": server_id, "domain": domain, "host": "127.0.0.1",
+                "port": self.servers[level].sip_port, "password": "12345678",
+                "keepalive_interval": 1.0, "keepalive_count": 3, "retry_min": 0.5, "retry_max": 2.0}
+
+    def _server(self, level: str, upper: str | None) -> ServedServer:
+        server_id, domain = CHAIN_IDS[level]
+        env = {**self.env, "GB28181_SERVER__ID": server_id, "GB28181_SERVER__DOMAIN": domain,
+               "GB28181_SERVER__NAME": level}
+        if upper is not None:
+            env["GB28181_UPSTREAMS"] = json.dumps([self.upstream(upper)])
+        workdir = self.workdir / level
+        workdir.mkdir(parents=True, exist_ok=True)
+        return ServedServer(workdir, **env)
+
+    def start(self) -> CascadeChain:
+        for level, upper in (("province", None), ("city", "province"), ("county", "city")):
+            self.servers[level] = self._server(level, upper).start()
+        return self
+
+    def __getitem__(self, level: str) -> ServedServer:
+        return self.servers[level]
+
+    def restart(self, level: str, *, kill: bool = False) -> ServedServer:
+        """Stop one level (SIGTERM, or SIGKILL with ``kill``) and start it again on the same
+        SIP port, where the levels around it look for it."""
+        server = self.servers[level]
+        port = server.sip_port
+        if kill:
+            server.kill()
+        else:
+            server.stop()
+        server.env["GB28181_SIP__PORT"] = str(port)
+        return server.start()
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            server.kill()
+
+
 @pytest.fixture
 def media_nodes(tmp_path):
     """``media_nodes(server, *args, token=..., name=...)`` → a NodeProcess; killed at teardown."""
@@ -345,6 +403,35 @@ def read_stream(url: str, seconds: float, token: str | None = TOKEN) -> bytes:
                 break
             data += chunk
     return bytes(data)
+
+
+def sei_latencies(url: str, seconds: float, token: str | None = TOKEN,
+                  skip: float = 2.0) -> tuple[int, list[float]]:
+    """Read a live HTTP-FLV stream for ``seconds``: (video frames received, the latency in ms of
+    each frame that arrived after the first ``skip`` seconds: its arrival time less the send time
+    the simulator wrote into its SEI). The frames of the cached GOP, sent at once to a new viewer,
+    fall in the skipped part. One FLV reader for tests and benches: bench/relay.py's."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from relay import FlvReader  # bench/relay.py
+    req = urllib.request.Request(url)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    reader = FlvReader()
+    frames = 0
+    latencies: list[float] = []
+    start = time.monotonic()
+    with urllib.request.urlopen(req, timeout=max(5.0, seconds)) as resp:
+        assert resp.status == 200, resp.status
+        while time.monotonic() - start < seconds:
+            chunk = resp.read1(65536)
+            if not chunk:
+                break
+            now_ns = time.time_ns()
+            for sei in reader.feed(chunk):
+                frames += 1
+                if sei is not None and time.monotonic() - start >= skip:
+                    latencies.append((now_ns - sei[1]) / 1e6)
+    return frames, latencies
 
 
 def whole_tags(flv: bytes) -> bytes:

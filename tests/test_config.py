@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from gb28181.cli import main as cli_main
-from gb28181.config import Config, ConfigError, ensure_api_token, load_config
+from gb28181.config import Config, ConfigError, UpstreamSection, ensure_api_token, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_YAML = REPO / "configs" / "default.yaml"
@@ -339,6 +339,12 @@ def dig(tree: Any, path: tuple[str, ...]) -> Any:
 
 LEAVES = leaf_fields()
 
+#: Values sample() cannot make up: 20-digit IDs and patterned strings (in model_dump's JSON form).
+SAMPLES: dict[tuple[str, ...], Any] = {
+    ("upstreams",): [UpstreamSection(server_id="34020000002000000009", host="10.0.0.9", port=5061,
+                                     share={"civil_codes": ["3402"]}).model_dump(mode="json")],
+}
+
 
 def test_the_walk_finds_every_key():
     def dotted(tree: dict, prefix: str = "") -> set[str]:
@@ -352,7 +358,8 @@ def test_the_walk_finds_every_key():
 
 @pytest.mark.parametrize("path, field", LEAVES, ids=[env_var(p) for p, _ in LEAVES])
 def test_every_key_is_settable_from_the_environment(monkeypatch, path, field):
-    value = sample(field.annotation, None if field.is_required() else field.default, field.metadata)
+    value = SAMPLES.get(path) or sample(field.annotation, None if field.is_required() else field.default,
+                                        field.metadata)
     assert dig(load_config(None).model_dump(mode="json"), path) != value
     monkeypatch.setenv(env_var(path), env_text(value))
     assert dig(load_config(None).model_dump(mode="json"), path) == value
@@ -376,7 +383,7 @@ def test_tier_still_one_of_three(monkeypatch, text):
 
 def test_tier_rule_still_one_of_three(tmp_path):
     msg = one_line(config_error(write(tmp_path, "tiers:\n  rules:\n    - tier: 4\n")))
-    assert "tiers.rules.tier" in msg and "1, 2 or 3" in msg and "(got 4)" in msg
+    assert "tiers.rules[0].tier" in msg and "1, 2 or 3" in msg and "(got 4)" in msg
 
 
 # -- misnamed environment variables: one line each, naming the variable, the fix -------------------
@@ -519,3 +526,28 @@ def test_ensure_api_token_replaces_an_unusable_file(tmp_path):
 def test_short_configured_token_is_refused():
     msg = one_line(config_error(None, api={"token": "short"}))
     assert "api.token" in msg and "8 characters" in msg and "GB28181_API__TOKEN" in msg
+
+
+# -- upstreams (cascade) ------------------------------------------------------------------------------
+
+def test_upstream_defaults_come_from_its_server_id(tmp_path):
+    cfg = load_config(write(tmp_path, "upstreams:\n  - server_id: '34020000002000000009'\n    host: 10.1.2.3\n"))
+    up = cfg.upstreams[0]
+    assert (up.id, up.domain, up.port, up.transport, up.share, up.local_id) == \
+        ("34020000002000000009", "3402000000", 5060, "udp", "all", None)
+
+
+def test_upstream_faults_name_the_item_and_the_list_variable(monkeypatch):
+    monkeypatch.setenv("GB28181_UPSTREAMS", json.dumps(
+        [{"server_id": "123", "host": "h", "transport": "sctp", "share": {"civil_codes": ["x1"]}}]))
+    msg = config_error(None)
+    assert len(msg.splitlines()) == 3, msg
+    assert "upstreams[0].server_id" in msg and "20 digits" in msg
+    assert "upstreams[0].transport" in msg and "upstreams[0].share.civil_codes[0]" in msg
+    assert "GB28181_UPSTREAMS" in msg and "LITERAL" not in msg and "UPSTREAMSHARE" not in msg
+    assert "Input should be 'all'" not in msg  # the other member of the union says what is wrong
+
+
+def test_upstream_retry_bounds_are_ordered(tmp_path):
+    text = "upstreams:\n  - {server_id: '34020000002000000009', host: h, retry_min: 30, retry_max: 10}\n"
+    assert "retry_max must be at least retry_min" in config_error(write(tmp_path, text))

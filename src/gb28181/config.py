@@ -441,11 +441,17 @@ def format_validation_error(exc: ValidationError, source: str,
     """One line per fault of ``exc``; ``source`` names the file. Faults at a location in
     ``reported`` are left out: a misnamed environment variable was reported there already."""
     lines = []
-    for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not isinstance(p, int))
+    errors = exc.errors()
+    for err in errors:
+        if _beaten_alternative(err, errors):
+            continue
+        # Union members name themselves in the location ("literal['all']", "UpstreamShare"):
+        # they are not keys. List items show as [n] after their list.
+        raw = [p for p in err["loc"] if isinstance(p, int) or not _union_tag(str(p))]
+        loc = tuple(p for p in raw if not isinstance(p, int))
         if loc in reported:
             continue
-        key = ".".join(str(p) for p in loc) or "(top level)"
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in raw).lstrip(".") or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = _unknown_key(loc)
@@ -453,8 +459,38 @@ def format_validation_error(exc: ValidationError, source: str,
         got_text = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) \
             else f" (got {got!r})"
         verb = "fix or remove it" if err["type"] == "extra_forbidden" else "set it"
-        lines.append(f"config error: {key}: {msg}{got_text}; {verb} in {source} or {_env_name(loc)}")
+        lines.append(f"config error: {key}: {msg}{got_text}; {verb} in {source} or {_env_name(_env_path(loc))}")
     return "\n".join(lines)
+
+
+def _beaten_alternative(err: Any, errors: list[Any]) -> bool:
+    """A union's literal member ("all") refused while another member has its own faults: those
+    say what is wrong, this line would only add noise."""
+    loc = err["loc"]
+    tags = [i for i, p in enumerate(loc) if isinstance(p, str) and p.startswith("literal[")]
+    if not tags:
+        return False
+    prefix = loc[:tags[-1]]
+    return any(e is not err and e["loc"][:len(prefix)] == prefix and len(e["loc"]) > len(prefix) + 1
+               for e in errors)
+
+
+def _union_tag(part: str) -> bool:
+    return "[" in part or part[:1].isupper()
+
+
+def _env_path(loc: tuple) -> tuple:
+    """The part of ``loc`` one environment variable sets: a list is given whole, as JSON, so a
+    fault inside one (``upstreams[0].host``) is fixed in the list's variable."""
+    model: type[BaseModel] | None = Config
+    for i, part in enumerate(loc):
+        field = model.model_fields.get(str(part)) if model is not None else None
+        if field is None:
+            return loc
+        if get_origin(field.annotation) is list:
+            return loc[:i + 1]
+        model = _model_of(field.annotation)
+    return loc
 
 
 def _closest_path(parts: list[str]) -> tuple[str, ...] | None:

@@ -261,8 +261,7 @@ class UpperSubscriptions:
         while (sub.queue or first) and self._by_call.get(sub.dialog.call_id) is sub:
             batch, sub.queue = sub.queue, []
             first = False
-            items = [share.item(channel, parent_id=self._parent(sub, channel), event=event)
-                     for channel, event in batch]
+            items = self._items(sub, batch)
             bodies = share.notify_bodies(items, sn=self.manager.answers.queries.next_sn(),
                                          device_id=sub.uplink.local_id,
                                          per_message=self.manager.answers.per_message(sub.uplink),
@@ -270,6 +269,25 @@ class UpperSubscriptions:
             for body in bodies:
                 if not await self._notify(sub, body):
                     break
+
+    def _items(self, sub: UpSub, batch: list[tuple[Channel, str]]) -> list[share.Item]:
+        """NOTIFY items for a batch of changes. Cameras that are added or changed come with the
+        civil-code and group items above them (as ADD), so the upper's tree has their parents
+        even when they arrive after its last catalog query (Annex O)."""
+        full = {c.channel_id: (c, e) for c, e in batch if e in ("ADD", "UPDATE")}
+        items: list[share.Item] = []
+        if full:
+            groups = [c for c in self.manager.channels if c.kind in ("business-group", "virtual-org")]
+            tree = share.catalog_items(groups + [c for c, _ in full.values()],
+                                       local_id=sub.uplink.local_id, share=sub.uplink.config.share)
+            for entry in tree:
+                ident = next((v for k, v in entry if k == "DeviceID"), "")
+                event = full[ident][1] if ident in full else "ADD"
+                items.append([entry[0], ("Event", event), *entry[1:]])
+        for channel, event in batch:
+            if event not in ("ADD", "UPDATE"):
+                items.append(share.item(channel, parent_id=self._parent(sub, channel), event=event))
+        return items
 
     def _parent(self, sub: UpSub, channel: Channel) -> str:
         return share.parent_of(channel, sub.uplink.local_id, self.manager.answers.lookup)
