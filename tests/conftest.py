@@ -297,7 +297,7 @@ class CascadeChain:
         server_id, domain = CHAIN_IDS[level]
         return {"server_id": server_id, "domain": domain, "host": "127.0.0.1",
                 "port": self.servers[level].sip_port, "password": "12345678",
-                "keepalive_interval": 1.0, "keepalive_count": 3, "retry_min": 0.5, "retry_max": 2.0}
+                "keepalive_interval": 1.0, "keepalive_count": 5, "retry_min": 0.5, "retry_max": 2.0}
 
     def _server(self, level: str, upper: str | None) -> ServedServer:
         server_id, domain = CHAIN_IDS[level]

@@ -31,6 +31,7 @@ pytestmark = pytest.mark.timeout(600)
 COUNTY_NVR = "34020100001180000001"  # first of 2 NVRs with 4 channels each, grouped (215/216)
 IPC = "34020100001320000101"  # a camera on its own, registered by a second simulator
 CAMERA = "34020100001310001001"  # channel 1 of the first NVR
+NEW_IPC = "34020100001320000201"  # a camera that joins after the city's restart
 CAMERAS = 2 * 4 + 1
 
 
@@ -41,7 +42,8 @@ def chain(tmp_path_factory):
     county = rig["county"]
     sims = [SimProcess(workdir, county, "--server-id", CHAIN_IDS["county"][0], "--first-id", COUNTY_NVR,
                        "--nvr", "--channels", "4", "--groups", "--devices", "2", "--records", "2",
-                       "--keepalive-interval", "5", name="nvrs"),
+                       "--keepalive-interval", "5", "--alarm-interval", "4", "--mobile", "1",
+                       "--mobile-interval", "1", name="nvrs"),
             SimProcess(workdir, county, "--server-id", CHAIN_IDS["county"][0], "--first-id", IPC,
                        "--unregister", name="ipc")]
     rig.sims = sims  # type: ignore[attr-defined]
@@ -195,6 +197,39 @@ def test_ptz_from_the_province_reaches_the_camera(chain):
                    and e["target"] == CAMERA and e.get("ptzcmd") for e in audit["entries"]), level
 
 
+def test_province_downloads_through_the_chain_to_the_end_of_the_range(chain):
+    """A download ends with the device's MediaStatus 121 (§9.8.2, §9.9), relayed up both levels."""
+    province = chain["province"]
+    status, found = province.api(f"/api/v1/channels/{CAMERA}/records?start=24h")
+    start = datetime.fromisoformat(found["items"][0]["start"]).timestamp() + 30
+    status, dl = province.api(f"/api/v1/channels/{CAMERA}/downloads", "POST",
+                              {"start": datetime.fromtimestamp(start).astimezone().isoformat(),
+                               "end": datetime.fromtimestamp(start + 20).astimezone().isoformat(),
+                               "speed": 4})
+    assert status in (200, 201), dl
+    done = wait_until(lambda: (d := province.api(f"/api/v1/downloads/{dl['id']}")[1])["state"] != "downloading"
+                      and d, 30, "the download to finish")
+    assert done["state"] == "done", done
+    assert "MediaStatus" in done["ended_reason"] and done["seconds"] >= 15
+
+
+def test_alarms_and_positions_go_up_the_chain(chain):
+    province, city = chain["province"], chain["city"]
+    city_id, county_id = CHAIN_IDS["city"][0], CHAIN_IDS["county"][0]
+    # Alarms go up unasked (§9.4: as a device reports them), from the county's NVRs to the province.
+    alarms = wait_until(lambda: listed(province.api(f"/api/v1/alarms?device_id={city_id}")[1]), 20,
+                        "an alarm of the county's devices at the province")
+    assert alarms[0]["device_id"] == city_id
+    # Mobile positions go up where the upper subscribed (§9.11.2): each level to the one below.
+    for server, lower in ((city, county_id), (province, city_id)):
+        status, sub = server.api(f"/api/v1/devices/{lower}/position-subscription", "PUT",
+                                 {"interval": 1, "expires": 600})
+        assert status in (200, 201), sub
+    track = wait_until(lambda: province.api(f"/api/v1/devices/{city_id}/positions")[1]["positions"], 20,
+                       "positions of the county's moving device at the province")
+    assert track[0]["longitude"] and track[0]["latitude"]
+
+
 def test_camera_offline_at_the_county_shows_off_at_the_province_within_5_s(chain):
     ipc = next(cid for cid, c in cameras(chain["county"]).items() if c["device_id"] == IPC)
     assert cameras(chain["province"])[ipc]["state"] == "ON"
@@ -227,5 +262,15 @@ def test_restarting_the_city_recovers_by_itself(chain):
     assert status == 200, play
     assert len(decode_video(read_stream(play["urls"]["server_flv"], 3.0))) >= 25
     assert county.api("/api/v1/upstreams")[1]["upstreams"][0]["status"] == "registered"
+    # The city subscribed to the county again too: a camera that registers at the county now
+    # reaches the province, through both new subscriptions.
+    new = SimProcess(chain.workdir, county, "--server-id", CHAIN_IDS["county"][0], "--first-id", NEW_IPC,
+                     name="new-ipc")
+    chain.sims.append(new)
+    added = wait_until(lambda: [c for c in cameras(province).values() if c["device_id"] == CHAIN_IDS["city"][0]
+                                and c["channel_id"] not in before and c["state"] == "ON"],
+                       30, "a camera added at the county after the restart to reach the province",
+                       lambda: problems(chain) or new.exited())
+    assert len(added) == 1
     for level, server in chain.servers.items():
         assert not server.error_lines(), (level, server.error_lines()[:5])

@@ -177,6 +177,8 @@ class GbServer:
             "media", "media.advertised_host (GB28181_MEDIA__ADVERTISED_HOST)")
         self.presence.start()
         self.sync.start()
+        if resumed := self.sync.resume():
+            log.info("%d devices still registered: syncing and subscribing to them again", resumed)
         self.subscriptions.start()
         self.alarm_subscriptions.start()
         self.position_subscriptions.start()

@@ -94,6 +94,19 @@ class DeviceSync:
         if cfg.registration.query_device_info or cfg.catalog.query_on_register:
             self.enqueue(device)
 
+    def resume(self) -> int:
+        """After a restart: the devices whose registration outlived it are synced again, at the
+        paced rate. Their subscriptions lived in this process and are gone, and their catalogs
+        may have changed meanwhile; a lower platform, for one, keeps its registration and would
+        otherwise never tell us of its changes again. Returns how many were queued."""
+        cfg = self.config
+        if not (cfg.catalog.query_on_register or cfg.registration.query_device_info):
+            return 0
+        online = [d for d in self.registry if d.online]
+        for device in online:
+            self.enqueue(device)
+        return len(online)
+
     def enqueue(self, device: Device) -> None:
         """Queue a background sync of ``device`` (a no-op if it is queued already)."""
         self._queue[device.device_id] = None

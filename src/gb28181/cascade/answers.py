@@ -120,10 +120,16 @@ class UpperQueries:
                     return
                 reply(200)
                 self._spawn(self._records(uplink, msg, sn))
+            elif msg.cmd_type == "ConfigDownload":
+                reply(200)
+                self._spawn(self._config(uplink, msg, sn))
             else:
-                reply(200)  # accepted; what we cannot answer simply gets no Response (A.1)
-                log.info("upper platform %s asked %s, which a lower platform does not answer yet",
-                         uplink.id, msg.cmd_type)
+                # Accepted, and answered ERROR at once rather than left to time out (A.2.6).
+                reply(200)
+                body = self.manager.build("Response", msg.cmd_type, sn, msg.device_id or uplink.local_id,
+                                          [("Result", "ERROR"),
+                                           ("Reason", f"{msg.cmd_type} is not answered by a lower platform")])
+                self._spawn(self._send_up(uplink, [body], msg.cmd_type))
         elif msg.root == "Control":
             found = self.shared_channel(uplink, msg.device_id)
             if found is None:
@@ -185,6 +191,20 @@ class UpperQueries:
                           ("DeviceTime", manscdp.format_time(_now_beijing()))]
         body = self.manager.build("Response", msg.cmd_type, sn, target, fields)
         await self._send_up(uplink, [body], msg.cmd_type)
+
+    async def _config(self, uplink: Uplink, msg: manscdp.Manscdp, sn: int) -> None:
+        """ConfigDownload (A.2.4.7, A.2.6.7): our BasicParam towards this upper, so that it takes
+        our keepalive interval and count for its offline deadline (§9.6.1)."""
+        c = uplink.config
+        wanted = {t.strip() for t in msg.text("ConfigType").split("/") if t.strip()}
+        fields: list[tuple[str, Any]] = [("Result", "OK")]
+        if not wanted or "BasicParam" in wanted:
+            fields.append(("BasicParam", [
+                ("Name", self.manager.config.server.name), ("Expiration", c.expires),
+                ("HeartBeatInterval", max(1, round(c.keepalive_interval))),
+                ("HeartBeatCount", c.keepalive_count)]))
+        body = self.manager.build("Response", "ConfigDownload", sn, uplink.local_id, fields)
+        await self._send_up(uplink, [body], "ConfigDownload")
 
     async def _records(self, uplink: Uplink, msg: manscdp.Manscdp, sn: int) -> None:
         found = self.shared_channel(uplink, msg.device_id)

@@ -316,12 +316,16 @@ class UpperSubscriptions:
 
     # -- alarms and positions ------------------------------------------------------------------------
     def _shared_target(self, uplink: Uplink, target_id: str, device_id: str) -> bool:
+        """Whether an alarm or position of ``target_id`` (a camera, an alarm input, a device)
+        goes to ``uplink``: a camera when it is shared; anything else when its device has a
+        shared camera."""
         lookup = self.manager.answers.lookup
         channel = self.manager.channels.get(target_id) if target_id else None
-        if channel is not None:
+        if channel is not None and channel.kind == "channel":
             return share.is_shared(channel, uplink.config.share, lookup)
-        return any(share.is_shared(c, uplink.config.share, lookup)
-                   for c in self.manager.channels.of_device(device_id) if c.kind == "channel")
+        owner = channel.device_id if channel is not None else device_id
+        return any(c.kind == "channel" and share.is_shared(c, uplink.config.share, lookup)
+                   for c in self.manager.channels.of_device(owner))
 
     def alarm(self, data: dict) -> None:
         target = str(data.get("channel_id") or data.get("device_id") or "")

@@ -202,8 +202,11 @@ class Uplink:
     async def _keepalive(self) -> bool | None:
         """One keepalive: True answered, False lost, None refused (403/404: register again)."""
         self.keepalives_sent += 1
+        # A keepalive is late once the next one is due: a dead upper is noticed within
+        # keepalive_count intervals, not keepalive_count transaction timeouts.
+        timeout = min(REQUEST_TIMEOUT, max(2.0, self.config.keepalive_interval))
         try:
-            resp = await self.message(self.keepalive_body(self))
+            resp = await self.message(self.keepalive_body(self), timeout=timeout)
         except (SipTimeoutError, SipTransportError, OSError):
             return False
         if resp.status < 300:
