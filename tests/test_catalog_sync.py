@@ -237,3 +237,19 @@ async def test_tier_override_tree_and_live_queries(make_server):
         assert body["cmd_type"] == "PresetQuery"
     finally:
         await fleet.stop()
+
+
+async def test_a_sync_asked_through_the_api_queries_the_catalog_even_when_registration_does_not(make_server):
+    server = await make_server(catalog={"query_on_register": False, "subscribe": False})
+    fleet = nvr_fleet(server, channels=4)
+    await fleet.start()
+    try:
+        assert await fleet.wait_registered(10), fleet.summary()
+        await asyncio.sleep(0.3)
+        assert not server.channels.of_device(NVR)  # nothing asked on registration
+        status, result = await api(server, "POST", f"/api/v1/devices/{NVR}/sync")
+        assert status == 200, result
+        assert result["items"] == 4 and result["complete"] and not result["error"]
+        assert len(server.channels.of_device(NVR)) == 4
+    finally:
+        await fleet.stop()

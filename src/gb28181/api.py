@@ -395,7 +395,7 @@ async def sync_device(request: web.Request) -> web.Response:
     device = _device_or_404(request)
     if not device.online:
         return _error(409, f"device {device.device_id} is offline; it must register before a sync")
-    result = await _server(request).sync.schedule(device)
+    result = await _server(request).sync.schedule(device, asked=True)
     return web.json_response(result.as_dict(), status=200 if not result.error else 502)
 
 

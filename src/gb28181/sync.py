@@ -117,21 +117,21 @@ class DeviceSync:
     def queued(self) -> int:
         return len(self._queue)
 
-    def schedule(self, device: Device) -> asyncio.Task:
+    def schedule(self, device: Device, *, asked: bool = False) -> asyncio.Task:
         """Start a sync of ``device`` now unless one is already running; returns its task."""
         running = self._running.get(device.device_id)
         if running is not None and not running.done():
             return running
         self._queue.pop(device.device_id, None)
-        task = asyncio.get_running_loop().create_task(self._guarded(device))
+        task = asyncio.get_running_loop().create_task(self._guarded(device, asked))
         self._running[device.device_id] = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _guarded(self, device: Device) -> SyncResult:
+    async def _guarded(self, device: Device, asked: bool = False) -> SyncResult:
         try:
-            return await self.sync(device)
+            return await self.sync(device, asked=asked)
         except Exception as exc:  # keep the scheduler alive whatever a device does
             log.exception("sync of %s failed", device.device_id)
             return SyncResult(device.device_id, error=str(exc))
@@ -193,7 +193,9 @@ class DeviceSync:
                     self.enqueue(device)
 
     # -- the sync itself ------------------------------------------------------------------------
-    async def sync(self, device: Device) -> SyncResult:
+    async def sync(self, device: Device, *, asked: bool = False) -> SyncResult:
+        """DeviceInfo, BasicParam and Catalog as configured; ``asked`` (through the API): the
+        Catalog whatever ``catalog.query_on_register`` says, since that is what was asked for."""
         started = time.monotonic()
         result = SyncResult(device.device_id)
         cfg = self.config
@@ -207,7 +209,7 @@ class DeviceSync:
                 await self.basic_param(device)
             except QueryError as exc:
                 log.info("BasicParam of %s: %s", device.device_id, exc)
-        if cfg.catalog.query_on_register:
+        if cfg.catalog.query_on_register or asked:
             try:
                 catalog = await self.catalog(device)
             except (QueryError, TimeoutError) as exc:

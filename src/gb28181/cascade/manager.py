@@ -40,7 +40,7 @@ from ..config import Config, UpstreamSection
 from ..control import DeviceControl
 from ..queries import DeviceQueries
 from ..sip.endpoint import SipEndpoint
-from ..sip.message import user_of
+from ..sip.message import make_response, new_tag, user_of
 from ..sip.transaction import RequestReceived
 from .answers import UpperQueries
 from .invite_in import UpperSessions
@@ -103,7 +103,8 @@ class CascadeManager:
                  if self.sources.get(k) == "api"]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        # Owner-only, like the API and node tokens beside it: it holds the uppers' passwords.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
             json.dump(items, f, ensure_ascii=False, indent=1)
             f.flush()
             os.fsync(f.fileno())
@@ -257,9 +258,12 @@ class CascadeManager:
             assert uplink is not None
             self.answers.handle(uplink, ev)
         elif ev.transaction is not None:
-            from ..sip.message import make_response, new_tag
-            self.endpoint.respond(ev.transaction, make_response(
-                ev.request, 405, f"Method Not Allowed: {method} from an upper platform", to_tag=new_tag()))
+            if ev.request.to_tag or method in ("BYE", "INFO"):  # in a dialog we do not have
+                resp = make_response(ev.request, 481, "Call/Transaction Does Not Exist", to_tag=new_tag())
+            else:
+                resp = make_response(ev.request, 405, f"Method Not Allowed: {method} from an upper platform",
+                                     to_tag=new_tag())
+            self.endpoint.respond(ev.transaction, resp)
 
     # -- what goes up ------------------------------------------------------------------------------
     def _channel_state(self, channel: Channel, event: ChannelEvent) -> None:
