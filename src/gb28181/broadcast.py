@@ -58,7 +58,7 @@ from registry.models import Channel, Device
 from . import manscdp
 from .queries import DeviceQueries
 from .routing import device_target, dialog_target
-from .sdp import MediaDescription, SdpError, SessionDescription, SsrcAllocator, build_sdp, parse_sdp
+from .sdp import MediaDescription, SdpError, SessionDescription, SsrcAllocator, build_sdp, parse_sdp, sending_plan
 from .sip.dialog import Dialog, DialogError
 from .sip.endpoint import SipEndpoint, SipTimeoutError, SipTransportError
 from .sip.message import SipRequest, make_response, new_tag, user_of
@@ -308,17 +308,8 @@ def plan_media(offer: SessionDescription) -> MediaPlan:
             break
     if chosen is None:
         raise SdpError("neither PCMA/8000 nor PS is offered (C.4: G.711 A-law, bare or in PS)")
-    if audio.transport == "tcp":
-        # a=setup says what the offerer does (RFC 4145); Annex L's default: the device connects.
-        setup = (audio.setup or "active").lower()
-        transport = "tcp-active" if setup == "passive" else "tcp-passive"
-    else:
-        transport = "udp"
-    host = offer.connection_addr
-    if transport != "tcp-passive" and (host in ("", "0.0.0.0") or not audio.port):
-        raise SdpError(f"no address to send to (c={host}, m= port {audio.port})")
-    ssrc = offer.ssrc.strip() if offer.ssrc and offer.ssrc_value is not None else None
-    return MediaPlan(transport, chosen, (host, audio.port), ssrc)
+    transport, remote, ssrc = sending_plan(offer, audio)
+    return MediaPlan(transport, chosen, remote, ssrc)
 
 
 def answer_sdp(plan: MediaPlan, *, origin: str, media_host: str, port: int, ssrc: str) -> bytes:

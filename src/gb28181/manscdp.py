@@ -30,8 +30,10 @@ __all__ = [
     "MAX_BODY",
     "MAX_DEPTH",
     "ROOTS",
+    "BodyRefused",
     "Manscdp",
     "ManscdpError",
+    "parse_request",
     "Node",
     "build",
     "decode_body",
@@ -56,6 +58,15 @@ BEIJING = timezone(timedelta(hours=8))
 
 class ManscdpError(ValueError):
     """Body is not usable MANSCDP; message names the cause."""
+
+
+class BodyRefused(ValueError):
+    """The body of a request cannot be taken: ``status`` (415, 400) and ``reason`` answer it."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
 
 
 @dataclass(slots=True)
@@ -311,6 +322,18 @@ def parse(body: bytes) -> Manscdp:
     dev = root.find("DeviceID")
     device_id = (dev.text or "") if dev is not None else ""
     return Manscdp(tag, cmd_type, sn, device_id, root, encoding)
+
+
+def parse_request(content_type: str, body: bytes) -> Manscdp:
+    """The MANSCDP body of a MESSAGE, SUBSCRIBE or NOTIFY (A.1: ``Application/MANSCDP+xml``, any
+    case, as ``SipMessage.content_type`` gives it); BodyRefused with the SIP answer if not."""
+    if content_type != "application/manscdp+xml":
+        raise BodyRefused(415, "Unsupported Media Type: expected Application/MANSCDP+xml")
+    try:
+        return parse(body)
+    except ManscdpError as exc:
+        text = f"Bad Request: {str(exc)[:100]}".replace("\r", " ").replace("\n", " ")
+        raise BodyRefused(400, text) from None
 
 
 # --------------------------------------------------------------------------- building

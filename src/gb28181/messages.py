@@ -73,15 +73,11 @@ class MessageHandler:
         def reply(status: int, reason: str = "") -> None:
             self.endpoint.respond(txn, make_response(req, status, reason, to_tag=new_tag()))
 
-        if req.content_type != "application/manscdp+xml":
-            counters.messages_rejected["unsupported-content-type"] += 1
-            reply(415, "Unsupported Media Type: expected Application/MANSCDP+xml")
-            return
         try:
-            msg = manscdp.parse(req.body)
-        except manscdp.ManscdpError as exc:
-            counters.messages_rejected["bad-body"] += 1
-            reply(400, f"Bad Request: {str(exc)[:100]}".replace("\r", " ").replace("\n", " "))
+            msg = manscdp.parse_request(req.content_type, req.body)
+        except manscdp.BodyRefused as exc:
+            counters.messages_rejected["unsupported-content-type" if exc.status == 415 else "bad-body"] += 1
+            reply(exc.status, exc.reason)
             return
         counters.messages[msg.cmd_type if len(counters.messages) < 64 else "other"] += 1
         if (msg.root == "Notify" and msg.cmd_type == "MediaStatus" and self.on_media_status is not None

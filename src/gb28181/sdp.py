@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-__all__ = ["MediaDescription", "SdpError", "SessionDescription", "SsrcAllocator", "build_sdp",
+__all__ = ["MediaDescription", "SdpError", "SessionDescription", "SsrcAllocator", "build_sdp", "sending_plan",
            "parse_sdp"]
 
 
@@ -143,6 +143,23 @@ def parse_sdp(data: bytes | str) -> SessionDescription:
     if not sd.media:
         raise SdpError("SDP has no m= line: nothing to receive or send")
     return sd
+
+
+def sending_plan(offer: SessionDescription, media: MediaDescription) -> tuple[str, tuple[str, int], str | None]:
+    """How we send the media an offer asks of us (we answer ``a=sendonly``): (transport in our
+    terms, the offer's address, its ``y=`` or None). ``udp``; ``tcp-active``: we connect (the
+    offerer said ``a=setup:passive``); ``tcp-passive``: we listen (``setup:active``, or no
+    ``a=setup``: RFC 4145's default for the offerer, as Annex L has the receiver connect).
+    SdpError when there is no address to send to."""
+    if media.transport == "tcp":
+        transport = "tcp-active" if (media.setup or "active").lower() == "passive" else "tcp-passive"
+    else:
+        transport = "udp"
+    host = offer.connection_addr
+    if transport != "tcp-passive" and (host in ("", "0.0.0.0") or not media.port):
+        raise SdpError(f"no address to send to (c={host}, m= port {media.port})")
+    ssrc = offer.ssrc.strip() if offer.ssrc and offer.ssrc_value is not None else None
+    return transport, (host, media.port), ssrc
 
 
 def build_sdp(sd: SessionDescription) -> bytes:

@@ -268,13 +268,10 @@ class SubscriptionManager:
         device = self.registry.get(sub.device_id)
         msg = None
         if req.body.strip():
-            if req.content_type != "application/manscdp+xml":
-                reply(415, "Unsupported Media Type: expected Application/MANSCDP+xml")
-                return
             try:
-                msg = manscdp.parse(req.body)
-            except manscdp.ManscdpError as exc:
-                reply(400, f"Bad Request: {str(exc)[:100]}".replace("\n", " "))
+                msg = manscdp.parse_request(req.content_type, req.body)
+            except manscdp.BodyRefused as exc:
+                reply(exc.status, exc.reason)
                 return
         reply(200)
         sub.notifies += 1

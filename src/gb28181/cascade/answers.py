@@ -96,13 +96,10 @@ class UpperQueries:
         def reply(status: int, reason: str = "") -> None:
             self.manager.endpoint.respond(txn, make_response(req, status, reason, to_tag=new_tag()))
 
-        if req.content_type != "application/manscdp+xml":
-            reply(415, "Unsupported Media Type: expected Application/MANSCDP+xml")
-            return
         try:
-            msg = manscdp.parse(req.body)
-        except manscdp.ManscdpError as exc:
-            reply(400, f"Bad Request: {str(exc)[:100]}".replace("\r", " ").replace("\n", " "))
+            msg = manscdp.parse_request(req.content_type, req.body)
+        except manscdp.BodyRefused as exc:
+            reply(exc.status, exc.reason)
             return
         key = f"{msg.root}/{msg.cmd_type}"
         self.answered[key if len(self.answered) < 64 else "other"] = self.answered.get(key, 0) + 1

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from .. import mansrtsp
 from ..nodes import MediaLeg, NodeCallError
 from ..queries import MANSCDP_CONTENT_TYPE
-from ..sdp import MediaDescription, SdpError, SessionDescription, build_sdp, parse_sdp
+from ..sdp import MediaDescription, SdpError, SessionDescription, build_sdp, parse_sdp, sending_plan
 from ..sip.dialog import Dialog, DialogError
 from ..sip.endpoint import SipTimeoutError, SipTransportError
 from ..sip.message import SipRequest, make_response, new_tag, parse_uri
@@ -49,6 +49,8 @@ __all__ = ["UpperSessions", "UpSession"]
 
 log = logging.getLogger("gb28181.cascade")
 
+#: Our transports (``sdp.sending_plan``) as the media node's forward command names them.
+FORWARD = {"udp": "udp", "tcp-active": "tcp", "tcp-passive": "tcp-passive"}
 ACK_TIMEOUT = 32.0  # RFC 3261 Timer H (64 x T1): no ACK for our 200 by then ends the session
 
 
@@ -58,7 +60,7 @@ class UpSession:
     call_id: str
     channel_id: str
     kind: str  # Play | Playback | Download
-    transport: str  # of the forward: udp | tcp (we connect) | tcp-passive (we listen)
+    transport: str  # udp | tcp-active (we connect) | tcp-passive (we listen)
     remote: tuple[str, int]
     ssrc: str
     sip_transport: str
@@ -87,16 +89,7 @@ def _plan(offer: SessionDescription) -> tuple[str, tuple[str, int], str | None]:
         raise SdpError(f"m=video uses {video.proto}, not RTP/AVP or TCP/RTP/AVP")
     if not any(video.rtpmap.get(pt, "").upper().startswith("PS/") or pt == 96 for pt in video.formats):
         raise SdpError("PS (payload type 96, Annex F) is not offered")
-    if video.transport == "tcp":
-        # a=setup says what the offerer does (RFC 4145); Annex L: a passive receiver is dialled.
-        transport = "tcp" if (video.setup or "passive").lower() == "passive" else "tcp-passive"
-    else:
-        transport = "udp"
-    host = offer.connection_addr
-    if transport != "tcp-passive" and (host in ("", "0.0.0.0") or not video.port):
-        raise SdpError(f"no address to send to (c={host}, m= port {video.port})")
-    ssrc = offer.ssrc.strip() if offer.ssrc and offer.ssrc_value is not None else None
-    return transport, (host, video.port), ssrc
+    return sending_plan(offer, video)
 
 
 def _channel_of(req: SipRequest, offer: SessionDescription) -> str:
@@ -313,7 +306,7 @@ class UpperSessions:
         assert session.leg is not None
         host, port = session.remote
         result = await session.leg.call("forward", host=host, port=port if port else 9,
-                                        transport=session.transport, ssrc=int(session.ssrc))
+                                        transport=FORWARD[session.transport], ssrc=int(session.ssrc))
         session.forward = str(result.get("forward"))
         return int(result.get("port") or 9)
 
@@ -322,7 +315,7 @@ class UpperSessions:
         media = MediaDescription(
             port=port, proto="TCP/RTP/AVP" if tcp else "RTP/AVP", formats=[96], rtpmap={96: "PS/90000"},
             direction="sendonly",
-            setup=("active" if session.transport == "tcp" else "passive") if tcp else None,
+            setup=("active" if session.transport == "tcp-active" else "passive") if tcp else None,
             connection="new" if tcp else None)
         sd = SessionDescription(origin_user=session.channel_id, origin_addr=media_host,
                                 session_name=session.kind, connection_addr=media_host,

@@ -145,10 +145,9 @@ class UpperSubscriptions:
             self._refresh(existing, ev, expires)
             return
         try:
-            msg = manscdp.parse(req.body) if req.body.strip() else None
-        except manscdp.ManscdpError as exc:
-            self.manager.endpoint.respond(txn, make_response(
-                req, 400, f"Bad Request: {str(exc)[:100]}", to_tag=new_tag()))
+            msg = manscdp.parse_request(req.content_type, req.body) if req.body.strip() else None
+        except manscdp.BodyRefused as exc:
+            self.manager.endpoint.respond(txn, make_response(req, exc.status, exc.reason, to_tag=new_tag()))
             return
         event = req.get("event") or ""
         kind = msg.cmd_type if msg is not None and msg.cmd_type in KINDS else \
