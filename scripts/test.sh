@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs (Python deps into .venv; sipp and ffmpeg from Debian
-# for the interop tests), run ruff and mypy, then the whole suite. Extra arguments go to pytest.
+# for the interop tests, chromium for the console, prometheus for promtool), run ruff and mypy, then the whole suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -8,6 +8,8 @@ PY=${PYTHON:-python3}
 need_apt=()
 command -v sipp >/dev/null 2>&1 || need_apt+=(sip-tester)
 command -v ffprobe >/dev/null 2>&1 || need_apt+=(ffmpeg)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)     # web console tests (Playwright drives it)
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)   # alert rules checked with promtool
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""
   if [ "$(id -u)" != 0 ]; then
