@@ -34,6 +34,7 @@ from registry.models import Channel, Device
 
 from .api import _bad, _channel_or_404, _error, _not_found, _server, _who
 from .broadcast import AudioError, Broadcast, BroadcastError, FileSource, LiveSource, decode_audio_file
+from .openapi import Media, doc
 
 __all__ = ["add_broadcast_routes"]
 
@@ -75,6 +76,14 @@ async def _upload(request: web.Request, limit: int) -> bytes:
     return await _read_limited(request.content.read, limit)
 
 
+@doc(summary="Broadcast an audio file to a channel (§9.12.1)",
+     body=[Media("multipart/form-data", "the file in the field 'file'",
+                 {"type": "object", "properties": {"file": {"type": "string", "contentMediaType":
+                                                            "application/octet-stream"}}, "required": ["file"]}),
+           Media("audio/*", "the raw file, any format FFmpeg reads"),
+           Media("application/octet-stream", "the raw file")],
+     responses={201: "the broadcast and its state", 400: "not audio, empty, too large or too long",
+                404: "no such channel", 409: "the device is offline or the channel is receiving a broadcast"})
 async def start_broadcast(request: web.Request) -> web.Response:
     server = _server(request)
     channel, device = _target(request)
@@ -104,15 +113,18 @@ def _broadcast_or_404(request: web.Request) -> Broadcast:
     return b
 
 
+@doc(summary="Broadcasts, newest first")
 async def list_broadcasts(request: web.Request) -> web.Response:
     items = [_json(b) for b in reversed(_server(request).broadcasts.broadcasts.values())]
     return web.json_response({"broadcasts": items, "total": len(items)})
 
 
+@doc(summary="One broadcast", responses={200: "the broadcast", 404: "no such broadcast"})
 async def get_broadcast(request: web.Request) -> web.Response:
     return web.json_response(_json(_broadcast_or_404(request)))
 
 
+@doc(summary="End a broadcast", responses={200: "its final state", 404: "no such broadcast"})
 async def stop_broadcast(request: web.Request) -> web.Response:
     server = _server(request)
     b = _broadcast_or_404(request)
@@ -124,6 +136,8 @@ async def stop_broadcast(request: web.Request) -> web.Response:
     return web.json_response(_json(b))
 
 
+@doc(responses={101: "WebSocket: send 16-bit LE mono PCM at 8000 Hz as binary messages, receive the "
+                      "broadcast's state as JSON text", 404: "no such channel", 409: "the device is offline"})
 async def talk(request: web.Request) -> web.StreamResponse:
     """Push-to-talk over a WebSocket (see the module docstring)."""
     server = _server(request)

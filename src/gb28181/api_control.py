@@ -38,6 +38,7 @@ from registry.models import Channel, Device
 from . import ptz
 from .api import _bad, _body, _channel_or_404, _device_or_404, _error, _server, _who
 from .control import ControlError, ControlResult
+from .openapi import doc
 
 __all__ = ["add_control_routes"]
 
@@ -137,6 +138,12 @@ class BasicParamBody(_Model):
         return self
 
 
+#: What every command answers (see the module docstring).
+_RESULTS = {200: "sent, and delivered or confirmed by the device (result)", 404: "no such channel or device",
+            409: "the device is offline", 502: "the device answered ERROR",
+            504: "the device could not be reached or did not confirm in time"}
+
+
 #: Device commands: (A.2.3 element, value, addressed to the device only).
 _DEVICE_COMMANDS: dict[str, tuple[str, str, bool]] = {
     "teleboot": ("TeleBoot", "Boot", True), "record": ("RecordCmd", "Record", False),
@@ -182,6 +189,7 @@ async def _run(request: web.Request, what: str, target: str, call: Awaitable[Con
     return web.json_response({**detail, **out})
 
 
+@doc(body=PtzBody, responses=_RESULTS)
 async def channel_ptz(request: web.Request) -> web.Response:
     """A.3.2 pan/tilt/zoom and A.3.3 focus/iris moves, and stop."""
     channel, device = _camera(request)
@@ -205,6 +213,7 @@ async def channel_ptz(request: web.Request) -> web.Response:
     return await _run(request, "ptz", cid, control.ptz(device, cid, command), **detail)
 
 
+@doc(body=PresetBody, responses=_RESULTS, summary="A.3.4 presets: set, call or delete")
 async def channel_preset(request: web.Request) -> web.Response:
     channel, device = _camera(request)
     body = await _body(request, PresetBody)
@@ -215,6 +224,7 @@ async def channel_preset(request: web.Request) -> web.Response:
                       channel_id=cid, action=body.action, index=body.index)
 
 
+@doc(body=CruiseBody, responses=_RESULTS, summary="A.3.5 cruise: add or delete points, speed, dwell, start, stop")
 async def channel_cruise(request: web.Request) -> web.Response:
     channel, device = _camera(request)
     body = await _body(request, CruiseBody)
@@ -229,6 +239,7 @@ async def channel_cruise(request: web.Request) -> web.Response:
                       **detail, preset=body.preset, value=value or None)
 
 
+@doc(body=ScanBody, responses=_RESULTS, summary="A.3.6 auto scan: start, left and right limits, speed, stop")
 async def channel_scan(request: web.Request) -> web.Response:
     channel, device = _camera(request)
     body = await _body(request, ScanBody)
@@ -242,6 +253,7 @@ async def channel_scan(request: web.Request) -> web.Response:
                       speed=body.speed)
 
 
+@doc(body=AuxBody, responses=_RESULTS, summary="A.3.7 auxiliary switches (1 = wiper) on or off")
 async def channel_aux(request: web.Request) -> web.Response:
     channel, device = _camera(request)
     body = await _body(request, AuxBody)
@@ -252,6 +264,7 @@ async def channel_aux(request: web.Request) -> web.Response:
                       channel_id=cid, action=body.action, switch=body.switch)
 
 
+@doc(body=HomeBody, responses=_RESULTS)
 async def channel_home(request: web.Request) -> web.Response:
     """A.2.3 HomePosition; confirmed by the device (§9.3.1)."""
     channel, device = _camera(request)
@@ -263,6 +276,7 @@ async def channel_home(request: web.Request) -> web.Response:
                       channel_id=cid, enabled=body.enabled, reset_time=body.reset_time, preset=body.preset)
 
 
+@doc(body=DragZoomBody, responses=_RESULTS)
 async def channel_dragzoom(request: web.Request) -> web.Response:
     """A.2.3 DragZoomIn/DragZoomOut; the device sends only its 200 (§9.3.1)."""
     channel, device = _camera(request)
@@ -276,6 +290,7 @@ async def channel_dragzoom(request: web.Request) -> web.Response:
                       channel_id=cid, direction=body.direction)
 
 
+@doc(body=DeviceControlBody, responses=_RESULTS)
 async def device_control(request: web.Request) -> web.Response:
     """TeleBoot, RecordCmd, GuardCmd, AlarmCmd ResetAlarm, IFameCmd (A.2.3) to a device or one
     of its channels; RecordCmd, GuardCmd and AlarmCmd are confirmed (§9.3.1)."""
@@ -303,6 +318,7 @@ async def device_control(request: web.Request) -> web.Response:
                       device_id=device.device_id, command=body.command)
 
 
+@doc(body=BasicParamBody, responses=_RESULTS)
 async def device_config_basic(request: web.Request) -> web.Response:
     """DeviceConfig BasicParam (A.2.3 b), addressed to the device ID; confirmed (§9.3.1)."""
     device = _device_or_404(request)

@@ -27,15 +27,25 @@ from registry.models import Device
 from .alarms import alarm_json, subscription_fields
 from .api import _body, _device_or_404, _error, _int_param, _server
 from .events import TYPES, serve_sse
+from .openapi import Media, doc
 from .queries import QueryError
 from .subscriptions import Subscription, SubscriptionManager
 from .timeparse import parse_when
 
 __all__ = ["add_event_routes"]
 
+#: What a PUT of a subscription (alarms here, positions in api_positions) answers.
+SUBSCRIBE_RESPONSES = {200: "the subscription", 404: "no such device", 409: "the device is offline",
+                       502: "the device refused"}
+_WHEN = "24h, 30m, now, Unix seconds or ISO 8601"
+
 _PRIORITY = re.compile(r"([1-4])(?:\s*-\s*([1-4]))?")
 
 
+@doc(summary="Stored alarms, newest first (§9.4)", query={
+    "device_id": ("string", "only this device's alarms"), "since": ("string", _WHEN),
+    "priority": ("string", "1-4 (1 most urgent, A.2.5) or a range such as 1-2"),
+    "limit": ({"type": "integer", "minimum": 1, "maximum": 10000, "default": 100}, "at most this many")})
 async def list_alarms(request: web.Request) -> web.Response:
     q = request.query
     since = None
@@ -57,6 +67,12 @@ async def list_alarms(request: web.Request) -> web.Response:
     return web.json_response({"alarms": [alarm_json(a) for a in alarms], "count": len(alarms)})
 
 
+@doc(summary="Live events as Server-Sent Events: alarms, devices online/offline, channel states",
+     query={"types": ("string", "comma-separated: alarm, device, channel"),
+            "last_event_id": ("string", "as the Last-Event-ID header")},
+     headers={"Last-Event-ID": ("string", "replay the events after this one that the server still holds")},
+     responses={200: Media("text/event-stream", "id:, event: (alarm | device.online | device.offline | "
+                           "channel.state | gap) and data: JSON, with keep-alive comments")})
 async def event_stream(request: web.Request) -> web.StreamResponse:
     types = None
     if request.query.get("types"):
@@ -73,6 +89,7 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
     return await serve_sse(_server(request).events, request, last_id=last_id, types=types)
 
 
+@doc(summary="Each configured webhook's queue and delivery counts")
 async def list_webhooks(request: web.Request) -> web.Response:
     return web.json_response({"webhooks": [s.as_dict() for s in _server(request).events.sinks]})
 
@@ -97,6 +114,8 @@ def _subscription_json(sub: Subscription | None) -> dict:
             "notifies": sub.notifies, "filter": dict(sub.fields)}
 
 
+@doc(summary="Subscribe to a device's alarms (§9.11.1), refreshed until deleted", body=AlarmSubscriptionBody,
+     responses=SUBSCRIBE_RESPONSES)
 async def put_alarm_subscription(request: web.Request) -> web.Response:
     device = _device_or_404(request)
     body = await _body(request, AlarmSubscriptionBody)
@@ -135,12 +154,16 @@ async def end_subscription(manager: SubscriptionManager, device: Device, what: s
     return web.json_response({"subscribed": False})
 
 
+@doc(summary="A device's alarm subscription", responses={200: "the subscription (subscribed: false when none)",
+                                                                      404: "no such device"})
 async def get_alarm_subscription(request: web.Request) -> web.Response:
     device = _device_or_404(request)
     return web.json_response(_subscription_json(
         _server(request).alarm_subscriptions.by_device.get(device.device_id)))
 
 
+@doc(summary="End a device's alarm subscription", responses={200: "subscribed: false",
+                                                                             404: "no such device or subscription"})
 async def delete_alarm_subscription(request: web.Request) -> web.Response:
     return await end_subscription(_server(request).alarm_subscriptions, _device_or_404(request), "alarm")
 

@@ -20,7 +20,8 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from .api import _body, _device_or_404, _error, _int_param, _server
-from .api_events import end_subscription, subscribe_anew
+from .api_events import _WHEN, SUBSCRIBE_RESPONSES, end_subscription, subscribe_anew
+from .openapi import doc
 from .positions import DEFAULT_INTERVAL, position_json
 from .subscriptions import Subscription
 from .timeparse import parse_when
@@ -28,6 +29,10 @@ from .timeparse import parse_when
 __all__ = ["add_position_routes"]
 
 
+@doc(summary="A device's stored track, oldest first (§9.11.2)", query={
+    "since": ("string", _WHEN), "until": ("string", _WHEN),
+    "limit": ({"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000}, "at most this many fixes")},
+     responses={404: "no such device"})
 async def device_positions(request: web.Request) -> web.Response:
     device = _device_or_404(request)
     q = request.query
@@ -61,6 +66,8 @@ def _subscription_json(sub: Subscription | None) -> dict:
             "remaining": max(0, round(sub.expires_at - time.monotonic())), "notifies": sub.notifies}
 
 
+@doc(summary="Subscribe to a device's positions (A.2.4 h), refreshed until deleted",
+     body=PositionSubscriptionBody, responses=SUBSCRIBE_RESPONSES)
 async def put_position_subscription(request: web.Request) -> web.Response:
     device = _device_or_404(request)
     body = await _body(request, PositionSubscriptionBody)
@@ -71,12 +78,16 @@ async def put_position_subscription(request: web.Request) -> web.Response:
                                 [("Interval", body.interval)], body.expires, _subscription_json)
 
 
+@doc(summary="A device's position subscription",
+     responses={200: "the subscription (subscribed: false when none)", 404: "no such device"})
 async def get_position_subscription(request: web.Request) -> web.Response:
     device = _device_or_404(request)
     return web.json_response(_subscription_json(
         _server(request).position_subscriptions.by_device.get(device.device_id)))
 
 
+@doc(summary="End a device's position subscription",
+     responses={200: "subscribed: false", 404: "no such device or subscription"})
 async def delete_position_subscription(request: web.Request) -> web.Response:
     return await end_subscription(_server(request).position_subscriptions, _device_or_404(request),
                                   "position")

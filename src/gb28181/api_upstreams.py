@@ -20,6 +20,8 @@ from aiohttp import web
 
 from .api import _error, _server
 from .cascade.manager import UpstreamError
+from .config import UpstreamSection
+from .openapi import doc
 
 __all__ = ["add_upstream_routes"]
 
@@ -36,11 +38,14 @@ async def _json_object(request: web.Request) -> dict:
     return data
 
 
+@doc(summary="Upper platforms this instance registers to, with their status")
 async def list_upstreams(request: web.Request) -> web.Response:
     items = _server(request).cascade.listing()
     return web.json_response({"upstreams": items, "total": len(items)})
 
 
+@doc(summary="Add an upper platform (kept in DATA_DIR/upstreams.json)", body=UpstreamSection,
+     responses={201: "the upstream", 409: "the id or server_id is taken"})
 async def add_upstream(request: web.Request) -> web.Response:
     server = _server(request)
     try:
@@ -52,6 +57,7 @@ async def add_upstream(request: web.Request) -> web.Response:
     return web.json_response(created, status=201)
 
 
+@doc(summary="One upstream", responses={200: "the upstream", 404: "no such upstream"})
 async def get_upstream(request: web.Request) -> web.Response:
     cascade = _server(request).cascade
     upstream_id = request.match_info["upstream_id"]
@@ -60,6 +66,8 @@ async def get_upstream(request: web.Request) -> web.Response:
     return web.json_response(cascade.describe(upstream_id))
 
 
+@doc(summary="Change an upstream; it registers again with the change", body=UpstreamSection, partial=True,
+     responses={200: "the upstream", 404: "no such upstream", 409: "set in the config file, or server_id taken"})
 async def patch_upstream(request: web.Request) -> web.Response:
     server = _server(request)
     upstream_id = request.match_info["upstream_id"]
@@ -73,6 +81,8 @@ async def patch_upstream(request: web.Request) -> web.Response:
     return web.json_response(changed)
 
 
+@doc(summary="Remove an upstream (it unregisters)",
+     responses={204: "removed", 404: "no such upstream", 409: "set in the config file"})
 async def delete_upstream(request: web.Request) -> web.Response:
     server = _server(request)
     upstream_id = request.match_info["upstream_id"]
@@ -84,6 +94,7 @@ async def delete_upstream(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+@doc(summary="Streams being sent to upper platforms")
 async def upstream_sessions(request: web.Request) -> web.Response:
     items = _server(request).cascade.sessions.describe()
     return web.json_response({"sessions": items, "total": len(items)})

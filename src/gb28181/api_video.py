@@ -20,6 +20,7 @@ from media.playurl import play_query
 
 from .api import _bad, _body, _error, _iso, _not_found, _server, _who
 from .nodes import MediaLeg, NodeCallError
+from .openapi import Media, Play, Playback, doc
 from .streams import PlayError
 from .timeparse import parse_when
 
@@ -48,6 +49,10 @@ def _play_urls(request: web.Request, server: GbServer, leg: MediaLeg) -> dict[st
             "server_flv": server_flv, "node": leg.node.name, "expires_at": _iso(expires)}
 
 
+@doc(summary="Play a channel live (GB/T 28181-2016 §9.2): signed HTTP-FLV/WS-FLV URLs",
+     body=PlayBody, body_required=False,
+     responses={200: Play, 404: "no such channel", 409: "the device is offline",
+                502: "the device refused or did not answer", 503: "no media node can carry the stream"})
 async def play_channel(request: web.Request) -> web.Response:
     server = _server(request)
     channel_id = request.match_info["channel_id"]
@@ -66,6 +71,7 @@ async def play_channel(request: web.Request) -> web.Response:
                               "urls": _play_urls(request, server, live.leg)})
 
 
+@doc(summary="Live streams and playbacks being carried")
 async def list_streams(request: web.Request) -> web.Response:
     server = _server(request)
     streams, playbacks = server.streams, server.playbacks
@@ -80,6 +86,7 @@ def _stream_or_404(request: web.Request):
     return live
 
 
+@doc(summary="One live stream or playback", responses={200: "the stream", 404: "no such stream"})
 async def get_stream(request: web.Request) -> web.Response:
     server = _server(request)
     playback = server.playbacks.get(request.match_info["stream_id"])
@@ -91,6 +98,9 @@ async def get_stream(request: web.Request) -> web.Response:
     return web.json_response(dict(out, kind="live"))
 
 
+@doc(summary="Stop a live stream or playback (BYE)",
+     responses={200: ({"type": "object", "properties": {"stopped": {"type": "string"}}}, "the stopped stream"),
+                404: "no such stream"})
 async def stop_stream(request: web.Request) -> web.Response:
     server = _server(request)
     who, source = _who(request)
@@ -120,6 +130,9 @@ def _range(body: PlaybackBody) -> tuple[float, float]:
         raise _bad(str(exc)) from None
 
 
+@doc(body=PlaybackBody, responses={200: Playback, 400: "bad range", 404: "no such channel",
+                                        409: "the device is offline", 502: "the device refused or did not answer",
+                                        503: "no media node can carry the stream"})
 async def open_playback(request: web.Request) -> web.Response:
     """GB/T 28181-2016 §9.8: play a recorded range of a channel, in a stream of its own."""
     server = _server(request)
@@ -146,6 +159,8 @@ class DownloadBody(PlaybackBody):
     speed: int = Field(4, ge=1, le=32, description="a=downloadspeed: times real time")
 
 
+@doc(body=DownloadBody, responses={201: "the download and its state", 400: "bad range",
+                                        404: "no such channel", 409: "the device is offline"})
 async def open_download(request: web.Request) -> web.Response:
     """GB/T 28181-2016 §9.9: fetch a recorded range faster than real time into an MP4."""
     server = _server(request)
@@ -172,18 +187,23 @@ def _download_or_404(request: web.Request):
     return pb
 
 
+@doc(summary="Downloads running and finished")
 async def list_downloads(request: web.Request) -> web.Response:
     playbacks = _server(request).playbacks
     mine = [p for p in [*playbacks.active.values(), *playbacks.recent.values()] if p.kind == "Download"]
     return web.json_response({"downloads": await playbacks.describe(mine)})
 
 
+@doc(summary="One download and its state", responses={200: "the download", 404: "no such download"})
 async def get_download(request: web.Request) -> web.Response:
     pb = _download_or_404(request)
     (out,) = await _server(request).playbacks.describe([pb])
     return web.json_response(out)
 
 
+@doc(responses={200: Media("video/mp4", "the recording (HTTP Range: 206 Partial Content)"),
+                307: "on the media node that wrote it", 404: "no such download",
+                409: "the download is not done", 410: "its file is gone"})
 async def download_file(request: web.Request) -> web.StreamResponse:
     """The finished MP4, with HTTP Range; from the node that wrote it when not on this host."""
     from pathlib import Path
@@ -217,6 +237,8 @@ class ControlBody(BaseModel):
     scale: float | None = Field(None, description="speed: 0.25 to 8")
 
 
+@doc(body=ControlBody, responses={200: "the playback after the change", 404: "no such playback",
+                                       409: "the stream is live video"})
 async def control_stream(request: web.Request) -> web.Response:
     """Annex B: pause, resume, seek or change the speed of a playback."""
     server = _server(request)
@@ -236,6 +258,12 @@ async def control_stream(request: web.Request) -> web.Response:
     return web.json_response(out)
 
 
+@doc(query={"exp": ("integer", "signed play URL: expiry, Unix seconds"),
+            "sig": ("string", "signed play URL: the signature (instead of a token)")},
+     responses={200: Media("video/x-flv", "HTTP-FLV, starting at the last keyframe"),
+                101: "WS-FLV: a WebSocket of FLV tags, when asked for with Upgrade: websocket",
+                307: "the media node carrying the stream", 403: "the play URL signature is wrong or expired",
+                404: "no such channel or stream", 409: "the device is offline"})
 async def live_flv(request: web.Request) -> web.StreamResponse:
     """HTTP-FLV (or WS-FLV when the request is a WebSocket upgrade), opened on demand: served
     here when the relay runs in this process, else a redirect to the node carrying it."""
@@ -277,6 +305,10 @@ class ForwardBody(BaseModel):
     ssrc: int = Field(ge=0, le=2**32 - 1)
 
 
+@doc(summary="Forward a live stream as RTP (PS) to a host and port", body=ForwardBody,
+     responses={201: ({"type": "object", "properties": {"stream_id": {"type": "string"},
+                                                         "forward": {"type": "integer"}}}, "the forward"),
+                404: "no such live stream", 502: "the node could not forward"})
 async def add_forward(request: web.Request) -> web.Response:
     live = _stream_or_404(request)
     body = await _body(request, ForwardBody)
@@ -295,6 +327,7 @@ async def add_forward(request: web.Request) -> web.Response:
                              status=201)
 
 
+@doc(summary="Media nodes, their load and the stream workers")
 async def list_nodes(request: web.Request) -> web.Response:
     server = _server(request)
     workers = server.workers
@@ -304,6 +337,8 @@ async def list_nodes(request: web.Request) -> web.Response:
                               {"count": workers.count, "pids": workers.pids(), "restarts": workers.restarts}})
 
 
+@doc(public=True, summary="A media node joins (WebSocket; the node token as a Bearer token)",
+     responses={101: "WebSocket of the node protocol", 401: "wrong or missing node token"})
 async def _server_nodes_link(request: web.Request) -> web.StreamResponse:
     return await _server(request).nodes.link(request)
 
