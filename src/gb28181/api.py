@@ -578,4 +578,6 @@ def make_app(server: GbServer) -> web.Application:
     add_upstream_routes(app)
     from .openapi import add_openapi_routes  # GET /api/v1/openapi.json (every route above), /api/docs
     add_openapi_routes(app)
+    from .api_webrtc import add_webrtc_routes  # WebRTC viewers (WHEP)
+    add_webrtc_routes(app)
     return app

@@ -177,6 +177,22 @@ class TiersSection(_Section):
     rules: list[TierRule] = Field([], description="first matching rule wins")
 
 
+class WebrtcSettings(_Section):
+    """WebRTC viewers (WHEP, ``POST /api/v1/channels/{id}/whep``): where their ICE lands."""
+
+    port_min: int = Field(31000, ge=0, le=65535, description="lowest UDP port of a WebRTC viewer's "
+                          "ICE candidate (one port per viewer; 0 and port_max 0: any free port)")
+    port_max: int = Field(31999, ge=0, le=65535, description="highest UDP port for WebRTC viewers")
+    host: str | None = Field(None, description="address in the ICE host candidates; default: the "
+                             "media node's advertised address (media.advertised_host)")
+
+    @model_validator(mode="after")
+    def _range(self) -> WebrtcSettings:
+        if not (self.port_min == self.port_max == 0 or 1 <= self.port_min <= self.port_max):
+            raise ValueError("need 1 <= port_min <= port_max <= 65535, or both 0 (any port)")
+        return self
+
+
 class MediaSection(_Section):
     host: str = Field("0.0.0.0", description="address to bind media sockets on")
     advertised_host: str | None = Field(None, description="address devices send media to; "
@@ -212,6 +228,7 @@ class MediaSection(_Section):
                                       "device serves at once (more get 429)")
     iframe_after_ack: bool = Field(True, description="send IFameCmd (Annex A.2.3) to the channel right "
                                    "after a live INVITE's ACK, so it starts on an IDR at once")
+    webrtc: WebrtcSettings = Field(default_factory=WebrtcSettings, description="WebRTC (WHEP) viewers")
 
     @field_validator("workers", mode="before")
     @classmethod

@@ -24,6 +24,11 @@ Commands (``stream`` is the stream's key, the channel ID for live video):
   listen on (what goes in our 200 answer), else null.
 - ``unforward {stream, forward}`` → ``{stopped, packets_sent, frames_sent, bytes_sent}``
   (``{stopped: false}`` for a forward this node does not have, or no longer has).
+- ``whep {stream, offer, host, ports}``: a WebRTC viewer (``webrtc.py``): ``offer`` is its SDP,
+  ``host`` the address its ICE host candidate names, ``ports`` ``[low, high]`` the UDP range
+  (``[0, 0]``: any port). → ``{session, answer, video, audio}``, or ``{refused, status}`` for an
+  offer this stream cannot answer (400: not SDP / no video; 406: no codec in common, H.265).
+- ``whep_close {session}`` → ``{closed}``.
 - ``streams`` (health of every stream; ``elapsed``: media seconds since the start
   or the last ``mark``), ``mark {stream}`` (a playback seeks), ``viewers {stream}``, ``load``.
 
@@ -54,6 +59,7 @@ from .ingest import RtpIngest
 from .mp4 import Mp4Writer
 from .packet import MediaPacket
 from .receiver import MediaReceiver, TcpHandle, UdpHandle
+from .webrtc import OfferRefused, WebrtcOut
 
 __all__ = ["MediaNode", "NodeError", "NodeStream", "TRANSPORTS"]
 
@@ -171,6 +177,7 @@ class MediaNode:
         self.name = name
         self.data_dir = Path(data_dir)
         self.receiver = MediaReceiver(host, udp_port=udp_port, tcp_port_range=tcp_port_range)
+        self.webrtc = WebrtcOut(host)
         self.tcp_port_range = tcp_port_range  # passive forwards listen there too (the open ports)
         self._forwards_made = 0  # for the forward IDs "f1", "f2", ...
         self.idle_timeout = idle_timeout
@@ -187,7 +194,7 @@ class MediaNode:
             "close": self._close, "forward": self._forward, "unforward": self._unforward,
             "streams": self._streams,
             "viewers": self._viewers, "mark": self._mark, "record": self._record,
-            "load": lambda _args: self.load(),
+            "load": lambda _args: self.load(), "whep": self._whep, "whep_close": self._whep_close,
         }
 
     async def start(self) -> None:
@@ -200,6 +207,7 @@ class MediaNode:
             self._watchdog = None
         for key in list(self.streams):
             await self._drop(key, "media node stopping")
+        await self.webrtc.close_all("media node stopping")
         await self.receiver.close()
 
     @property
@@ -331,6 +339,7 @@ class MediaNode:
         if ns.handle is not None:
             ns.handle.close()
         ns.hub.close(reason)
+        await self.webrtc.close_stream(key, reason)
         forwards = list(ns.forwards.values())
         ns.forwards.clear()  # before stopping them: no forward_ended for these
         for fwd in forwards:
@@ -406,6 +415,30 @@ class MediaNode:
         await fwd.stop()
         return {"stopped": True, "packets_sent": fwd.packets_sent, "frames_sent": fwd.frames_sent,
                 "bytes_sent": fwd.bytes_sent}
+
+    async def _whep(self, args: dict) -> dict:
+        ns = self.stream(_str(args, "stream"))
+        offer = args.get("offer")
+        host = _str(args, "host")
+        ports = args.get("ports") or [0, 0]
+        if not (isinstance(ports, list) and len(ports) == 2
+                and all(isinstance(p, int) and not isinstance(p, bool) for p in ports)):
+            raise NodeError("command argument 'ports' must be [low, high]")
+        try:
+            session, answer = await self.webrtc.open(ns.hub, offer if isinstance(offer, str) else "",
+                                                     host, (ports[0], ports[1]))
+        except OfferRefused as exc:
+            return {"refused": str(exc), "status": exc.status}
+        except (OSError, ValueError, TimeoutError) as exc:
+            raise NodeError(f"cannot answer a WebRTC viewer of {ns.key}: {exc}") from None
+        except StreamClosed as exc:
+            raise NodeError(f"stream {ns.key} closed: {exc}") from None
+        video = session.video
+        return {"session": session.id, "answer": answer,
+                "audio": session.audio is not None, "video": "h264" if video is not None else None}
+
+    async def _whep_close(self, args: dict) -> dict:
+        return {"closed": await self.webrtc.close(_str(args, "session"), "closed by the viewer")}
 
     def info(self, ns: NodeStream, now: float) -> dict:
         handle = ns.handle
