@@ -126,23 +126,63 @@ def _device_or_404(request: web.Request) -> Device:
 
 @web.middleware
 async def _auth_and_errors(request: web.Request, handler):
+    """Who is asking (``request[users.PRINCIPAL]``), may they (users.RULES, users.Scope), and
+    every error as JSON."""
+    from .users import API_TOKEN, PLAY_URL, PRINCIPAL, needed_role
     server = _server(request)
     path = request.path
-    # The node link checks the node token itself (nodes.NodeManager.link).
-    public = path in ("/healthz", LINK_PATH) or (path == "/metrics" and server.config.api.metrics_public)
+    # The node link checks the node token itself (nodes.NodeManager.link). The console's static
+    # files, the API description and the sign-in hold no data, and must load before one signs in.
+    public = (path in ("/healthz", LINK_PATH, "/", "/api/docs", "/api/v1/openapi.json")
+              or path.startswith("/console/")
+              or (path == "/api/v1/session" and request.method == "POST")
+              or (path == "/metrics" and server.config.api.metrics_public))
+    principal = None
     if not public and path.startswith("/live/") and "sig" in request.query:
         if not check_play(server.api_token, request.match_info.get("channel_id", ""), request.query):
             return web.json_response({"error": "play URL signature is wrong or expired: ask "
                                       "POST /api/v1/channels/{id}/play for a new URL"}, status=403)
-        public = True
+        public, principal = True, PLAY_URL
     if not public:
         header = request.headers.get("Authorization", "")
         token = header[7:].strip() if header[:7].lower() == "bearer " else request.query.get("token", "")
-        if not token or not hmac.compare_digest(token.encode(), server.api_token.encode()):
+        cookie = request.cookies.get("gb28181_session", "")
+        users = server.users
+        user, via = None, "token"
+        if token:
+            if hmac.compare_digest(token.encode(), server.api_token.encode()):
+                principal = API_TOKEN
+            else:
+                user = users.by_token(token)
+        elif cookie:
+            user, via = users.session(cookie), "session"
+        if user is not None:
+            if user.disabled:
+                return _error(403, f"user {user.name} is disabled; an admin enables it with "
+                                   f"PATCH /api/v1/users/{user.name} {{\"disabled\": false}}")
+            principal = users.principal(user.name, via)
+        if principal is None:
             return web.json_response(
-                {"error": "missing or wrong API token: send 'Authorization: Bearer <token>' "
-                          "(the token is api.token in the config, or DATA_DIR/api-token)"},
+                {"error": "missing or wrong credentials: send 'Authorization: Bearer <token>' (the "
+                          "API token is api.token in the config, or DATA_DIR/api-token; a user's "
+                          "from POST /api/v1/users/{name}/tokens), or sign in with POST "
+                          "/api/v1/session"},
                 status=401, headers={"WWW-Authenticate": 'Bearer realm="gb28181"'})
+        # An unknown route or method keeps its 404/405: there is nothing to authorise.
+        if request.match_info.http_exception is None:
+            needed = needed_role(request.method, path)
+            if not principal.may(needed):
+                return _error(403, f"{request.method} {path} needs the {needed} role; "
+                                   f"{principal.name} has the {principal.role} role (an admin "
+                                   f"changes it: PATCH /api/v1/users/{principal.name})")
+        if not principal.scope.everything:
+            # Out of scope is as if unknown (404): a viewer learns nothing of other areas.
+            cid = request.match_info.get("channel_id") or request.match_info.get("stream_id")
+            channel = server.channels.get(cid) if cid else None
+            if channel is not None and not principal.scope.covers(channel):
+                return _error(404, f"no channel {cid}")
+    if principal is not None:
+        request[PRINCIPAL] = principal
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -308,11 +348,16 @@ async def list_channels(request: web.Request, device_id: str | None = None) -> w
                    tier=tier, state=state.upper() if state else None, kind=q.get("kind") or None,
                    text=q.get("text") or None, parent_id=q.get("parent_id") or None,
                    missing_location=None if missing is None else missing == "true")
+    from .users import PRINCIPAL
     channels = _server(request).channels
-    if status == "online":
-        # "online" spans three states (ON, VLOST, DEFECT): filter the full match here.
+    principal = request.get(PRINCIPAL)
+    scope = principal.scope if principal is not None and not principal.scope.everything else None
+    if status == "online" or scope is not None:
+        # "online" spans three states (ON, VLOST, DEFECT), and a user's scope is no store
+        # filter: both are applied to the full match here, in memory.
         _, everything = channels.query(**filters, offset=0, limit=10**9)
-        matching = [c for c in everything if c.state != "OFF"]
+        matching = [c for c in everything if (status != "online" or c.state != "OFF")
+                    and (scope is None or scope.covers(c))]
         total, page = len(matching), matching[offset:offset + limit]
     else:
         total, page = channels.query(**filters, offset=offset, limit=limit)
@@ -461,6 +506,10 @@ async def tree(request: web.Request) -> web.Response:
     leaves = request.query.get("channels") == "true"
     channels = list(_server(request).channels)
     names = {c.channel_id: c.name for c in channels if c.kind in ("civil-code", "business-group", "virtual-org")}
+    from .users import PRINCIPAL
+    principal = request.get(PRINCIPAL)
+    if principal is not None and not principal.scope.everything:
+        channels = [c for c in channels if principal.scope.covers(c)]  # counts in scope only
     root = _node("", "root", "root")
     index: dict[str, dict] = {"": root}
 
@@ -529,7 +578,12 @@ async def online_report(request: web.Request) -> web.Response:
 # -- live video: play, streams, HTTP-FLV / WS-FLV, RTP forward, audit ---------------------------
 
 def _who(request: web.Request) -> tuple[str, str]:
-    """(who, from where) for the audit log: the credential used and the client address."""
+    """(who, from where) for the audit log: the user's name, or the credential used
+    ("api-token", "play-url"), and the client address."""
+    from .users import PRINCIPAL
+    principal = request.get(PRINCIPAL)
+    if principal is not None:
+        return principal.name, request.remote or ""
     who = "play-url" if "sig" in request.query else "api-token"
     return who, request.remote or ""
 
@@ -578,6 +632,8 @@ def make_app(server: GbServer) -> web.Application:
     add_upstream_routes(app)
     from .openapi import add_openapi_routes  # GET /api/v1/openapi.json (every route above), /api/docs
     add_openapi_routes(app)
+    from .api_users import add_user_routes  # accounts, tokens, console sessions
+    add_user_routes(app)
     from .api_webrtc import add_webrtc_routes  # WebRTC viewers (WHEP)
     add_webrtc_routes(app)
     return app

@@ -47,6 +47,7 @@ from .stats import Counters
 from .streams import StreamManager
 from .subscriptions import SubscriptionManager
 from .sync import DeviceSync
+from .users import UserService
 from .workers import Workers, worker_count
 
 __all__ = ["GbServer"]
@@ -68,6 +69,7 @@ class GbServer:
                                   commit_delay=config.database.commit_delay)
         self.registry = DeviceRegistry(store, persistence=persistence)
         self.channels = ChannelRegistry(store, persistence=persistence)
+        self.users = UserService(store)  # accounts of the console and API, in the same database
         # A device's channels are online only while the device is.
         self.registry.add_listener(self._device_status)
         self.presence = Presence(self.registry, interval=config.keepalive.interval,
@@ -157,6 +159,7 @@ class GbServer:
         self.api_token, self.api_token_file = ensure_api_token(self.config)
         await self.registry.start()
         await self.channels.start()
+        await self.users.start()  # the store is open once the registry has started
         for device in self.registry:
             self.channels.set_device_online(device.device_id, device.online, at=device.status_changed_at or None)
         gone = self.presence.resume()

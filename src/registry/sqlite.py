@@ -36,7 +36,7 @@ from .models import (
     channel_values,
     device_values,
 )
-from .store import Store, StoreBatch, StoreError
+from .store import Store, StoreBatch, StoreError, UserRecord
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,20 @@ _MIGRATIONS: list[str] = [
     CREATE INDEX positions_device_at ON positions (device_id, at);
     CREATE INDEX positions_at ON positions (at);
     """,
+    # 6: console and API user accounts (gb28181/users.py); scopes and tokens are JSON, tokens
+    # hold SHA-256 hashes only, password_hash is an argon2id PHC string
+    """
+    CREATE TABLE users (
+        name          TEXT    NOT NULL PRIMARY KEY,
+        role          TEXT    NOT NULL CHECK (role IN ('viewer', 'operator', 'admin')),
+        scopes        TEXT    NOT NULL DEFAULT '{}',
+        password_hash TEXT    NOT NULL,
+        tokens        TEXT    NOT NULL DEFAULT '[]',
+        disabled      INTEGER NOT NULL DEFAULT 0,
+        created_at    REAL    NOT NULL DEFAULT 0,
+        updated_at    REAL    NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    """,
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -211,6 +225,14 @@ _UPSERT_CHANNEL = (
 )
 _DELETE_CHANNEL = "DELETE FROM channels WHERE channel_id = ?"
 _INSERT_CHANNEL_EVENT = "INSERT INTO channel_events (channel_id, state, at, reason) VALUES (?, ?, ?, ?)"
+
+_USER_COLUMNS = "name, role, scopes, password_hash, tokens, disabled, created_at, updated_at"
+_UPSERT_USER = (
+    f"INSERT INTO users ({_USER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (name) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _USER_COLUMNS.split(", ")[1:])
+)
+_DELETE_USER = "DELETE FROM users WHERE name = ?"
 
 _LOAD_CHUNK = 2_000
 
@@ -316,6 +338,11 @@ def _fault_row(event: FaultEvent) -> tuple:
 # is stored lossily instead. One encoder for all rows: json.dumps() with options builds a new
 # encoder per call.
 _json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+
+
+def _user_row(user: UserRecord) -> tuple:
+    return (user.name, user.role, _json(user.scopes), user.password_hash, _json(user.tokens),
+            int(user.disabled), user.created_at, user.updated_at)
 
 
 def _channel_row(channel: Channel) -> tuple:
@@ -775,6 +802,22 @@ class SqliteStore(Store):
             return await self._conn().execute_fetchall(sql, params)
         except sqlite3.Error as e:
             raise StoreError(f"cannot read {what} from {self.path}: {e}") from e
+
+    async def load_users(self) -> list[UserRecord]:
+        try:
+            rows = await self._conn().execute_fetchall(f"SELECT {_USER_COLUMNS} FROM users")
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read users from {self.path}: {e}") from e
+        return [UserRecord(name=name, role=role, scopes=json.loads(scopes or "{}"),
+                           password_hash=password_hash, tokens=json.loads(tokens or "[]"),
+                           disabled=bool(disabled), created_at=created_at, updated_at=updated_at)
+                for name, role, scopes, password_hash, tokens, disabled, created_at, updated_at in rows]
+
+    async def save_user(self, user: UserRecord) -> None:
+        await self._transaction((_UPSERT_USER, [user], _user_row))
+
+    async def delete_user(self, name: str) -> None:
+        await self._transaction((_DELETE_USER, [name], _id_row))
 
     async def load_channels(self) -> list[Channel]:
         channels: list[Channel] = []

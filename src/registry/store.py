@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from .models import AlarmEvent, Channel, ChannelEvent, Device, FaultEvent, PositionEvent, StatusEvent
 
@@ -28,6 +29,23 @@ class StoreBatch:
     events: Sequence
 
 
+@dataclass(slots=True)
+class UserRecord:
+    """A console/API account as stored (gb28181.users keeps them in memory). ``scopes`` is
+    ``{"civil_codes": [...], "business_groups": [...]}``; ``tokens`` holds one dict per API
+    token, ``{"id", "hash" (SHA-256 hex), "created_at", "label"}``: the token itself is never
+    stored. ``password_hash`` is an argon2id PHC string."""
+
+    name: str
+    role: str
+    password_hash: str
+    scopes: dict[str, Any] = field(default_factory=dict)
+    tokens: list[dict[str, Any]] = field(default_factory=list)
+    disabled: bool = False
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
 class StoreError(RuntimeError):
     """The store cannot be opened, read or written; the message says what to fix."""
 
@@ -39,7 +57,9 @@ class Store(abc.ABC):
     implementation may read them from another thread while it awaits.
     Failures are raised as `StoreError`.
 
-    The device methods are abstract. The channel methods (`load_channels`,
+    The device methods are abstract. The user methods (`load_users`, `save_user`,
+    `delete_user`) raise NotImplementedError like the channel ones, for the same reason. The
+    channel methods (`load_channels`,
     `write_channel_batch`, `channel_events`, `channel_history`) raise
     NotImplementedError here rather than being abstract, so a device-only
     store keeps working; a store given to a `ChannelRegistry` must implement
@@ -196,3 +216,19 @@ class Store(abc.ABC):
         `since` < at < `until`; ordered by (channel_id, at), equal times in the
         order they were added. Includes channels deleted since."""
         raise NotImplementedError(f"{type(self).__name__} does not store channels")
+
+    # -- users (console and API accounts) --------------------------------------------------
+    # Written through at once, not behind: there are few, they change rarely, and an admin who
+    # was told "created" must find the account after a crash.
+
+    async def load_users(self) -> list[UserRecord]:
+        """Every stored user account, in no particular order."""
+        raise NotImplementedError(f"{type(self).__name__} does not store users")
+
+    async def save_user(self, user: UserRecord) -> None:
+        """Insert or fully replace this account, keyed by name, durably before returning."""
+        raise NotImplementedError(f"{type(self).__name__} does not store users")
+
+    async def delete_user(self, name: str) -> None:
+        """Forget this account; an unknown name is ignored."""
+        raise NotImplementedError(f"{type(self).__name__} does not store users")
