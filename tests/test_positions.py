@@ -22,6 +22,7 @@ from gb28181.config import EventsSection, PositionsSection
 from gb28181.events import EventBus
 from gb28181.positions import PositionError, PositionService, parse_position
 from registry import Channel, ChannelRegistry, Device, DeviceRegistry, PositionEvent, SqliteStore
+from registry.sqlite import SCHEMA_VERSION
 from registry.writebehind import Persistence
 from simulators.fleet import FleetConfig
 from simulators.mobile import Loop, is_mobile
@@ -234,7 +235,7 @@ async def test_fixes_are_stored_with_the_device_batch_and_pruned_after_keep_days
     await channels.stop()
     await registry.stop()
     con = sqlite3.connect(tmp_path / "db.sqlite")
-    assert con.execute("SELECT version FROM schema_version").fetchall() == [(5,)]
+    assert con.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     assert con.execute("SELECT COUNT(*) FROM positions").fetchone() == (3,)
     stored = json.loads(con.execute("SELECT extra FROM devices").fetchone()[0])
     assert stored["position"]["longitude"] == 116.5
