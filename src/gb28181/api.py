@@ -630,6 +630,8 @@ def make_app(server: GbServer) -> web.Application:
     add_position_routes(app)
     from .api_upstreams import add_upstream_routes  # cascade: the upper platforms (Annex J)
     add_upstream_routes(app)
+    from .api_console import add_console_routes  # the web console at / (static files)
+    add_console_routes(app)
     from .openapi import add_openapi_routes  # GET /api/v1/openapi.json (every route above), /api/docs
     add_openapi_routes(app)
     from .api_users import add_user_routes  # accounts, tokens, console sessions
