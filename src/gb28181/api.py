@@ -125,6 +125,24 @@ def _device_or_404(request: web.Request) -> Device:
 
 
 @web.middleware
+async def _count_requests(request: web.Request, handler):
+    """Every answer counted by method, route (its template, so IDs do not make new series) and
+    status: ``gb28181_http_requests_total`` (API errors in the dashboards and alerts)."""
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "(no route)"
+        _server(request).http_requests[(request.method, route, status)] += 1
+
+
+@web.middleware
 async def _auth_and_errors(request: web.Request, handler):
     """Who is asking (``request[users.PRINCIPAL]``), may they (users.RULES, users.Scope), and
     every error as JSON."""
@@ -595,7 +613,7 @@ async def audit_log(request: web.Request) -> web.Response:
 
 
 def make_app(server: GbServer) -> web.Application:
-    app = web.Application(middlewares=[_auth_and_errors], client_max_size=1024 * 1024)
+    app = web.Application(middlewares=[_count_requests, _auth_and_errors], client_max_size=1024 * 1024)
     app[SERVER_KEY] = server
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)

@@ -65,6 +65,8 @@ class NodeLoad(BaseModel):
     viewers: int = Field(0, ge=0)
     bitrate: float = Field(0.0, ge=0)
     cpu: float = Field(0.0, ge=0)
+    packets: int = Field(0, ge=0)  # RTP packets received since the node started
+    lost: int = Field(0, ge=0)  # of which given up as lost
 
 
 class NodeCallError(RuntimeError):

@@ -8,6 +8,7 @@ then flush the registry so nothing is lost.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -145,6 +146,8 @@ class GbServer:
             counters=self.counters, endpoint=self.endpoint, registry=self.registry,
             extra=self._channel_metrics))
         self.api_token = ""
+        #: HTTP answers by (method, route template, status), for /metrics (api._count_requests).
+        self.http_requests: collections.Counter[tuple[str, str, int]] = collections.Counter()
         self.api_token_file: Path | None = None
         self._runner: web.AppRunner | None = None
         self.http_port = config.http.port
@@ -289,7 +292,7 @@ class GbServer:
             self.endpoint.respond(ev.transaction, resp)
 
     def _channel_metrics(self):
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         states = GaugeMetricFamily("gb28181_channels", "Channels by effective state", labels=["state"])
         for state, n in sorted(self.channels.counts().items()):
             states.add_metric([state], n)
@@ -299,13 +302,17 @@ class GbServer:
                                   labels=["tier", "civil_code"])
         online = GaugeMetricFamily("gb28181_channels_online", "Channels online now",
                                    labels=["tier", "civil_code"])
+        totals = GaugeMetricFamily("gb28181_channels_total", "Channels, by tier and civil-code prefix",
+                                   labels=["tier", "civil_code"])
         digits = self.config.reports.civil_code_digits
         for (tier, civil), (up, total) in sorted(self.channels.live_ratios(
                 group_by="civil_code", civil_code_digits=digits).items()):
             ratio.add_metric([str(tier), civil], up / total if total else 0.0)
             online.add_metric([str(tier), civil], up)
+            totals.add_metric([str(tier), civil], total)
         yield ratio
         yield online
+        yield totals
         subs = GaugeMetricFamily("gb28181_catalog_subscriptions", "Live catalog subscriptions")
         subs.add_metric([], len(self.subscriptions.by_device))
         yield subs
@@ -315,6 +322,11 @@ class GbServer:
         yield from self.events.metrics()
         yield from self._node_metrics()
         yield from self.cascade.metrics()
+        http = CounterMetricFamily("gb28181_http_requests", "HTTP API answers, by route and status",
+                                   labels=["method", "route", "status"])
+        for (method, route, status), n in sorted(self.http_requests.items()):
+            http.add_metric([method, route, str(status)], n)
+        yield http
 
     def _node_metrics(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -328,13 +340,21 @@ class GbServer:
                                 labels=["node"])
         bitrate = GaugeMetricFamily("gb28181_media_node_bitrate_bps", "RTP received by a media node",
                                     labels=["node"])
+        packets = CounterMetricFamily("gb28181_media_rtp_packets", "RTP packets received by a media node",
+                                      labels=["node"])
+        rtp_lost = CounterMetricFamily("gb28181_media_rtp_lost", "RTP packets a media node gave up as "
+                                       "lost (sequence gaps not filled in time)", labels=["node"])
         for node in nodes:
             streams.add_metric([node.name], len(node.legs))
             cpu.add_metric([node.name], node.cpu)
             bitrate.add_metric([node.name], float(node.load.get("bitrate", 0)))
+            packets.add_metric([node.name], float(node.load.get("packets", 0)))
+            rtp_lost.add_metric([node.name], float(node.load.get("lost", 0)))
         yield streams
         yield cpu
         yield bitrate
+        yield packets
+        yield rtp_lost
         lost = CounterMetricFamily("gb28181_media_nodes_lost", "Media nodes whose link dropped")
         lost.add_metric([], self.nodes.lost_total)
         yield lost

@@ -189,6 +189,10 @@ class MediaNode:
         self._cpu_mark = (time.monotonic(), time.process_time())
         self.cpu = 0.0  # share of one core used over the last load interval
         self.bitrate = 0.0  # bit/s received over the last load interval, all streams
+        #: RTP packets received and sequence numbers given up as lost, by the streams already
+        #: closed (the open ones add theirs in ``load``): counters since the node started.
+        self.packets_closed = 0
+        self.lost_closed = 0
         self._ops: dict[str, Callable[[dict], Any]] = {
             "open": self._open, "add_ssrc": self._add_ssrc, "connect": self._connect,
             "close": self._close, "forward": self._forward, "unforward": self._unforward,
@@ -334,6 +338,8 @@ class MediaNode:
         ns = self.streams.pop(key, None)
         if ns is None:
             return False
+        self.packets_closed += ns.ingest.stats.packets
+        self.lost_closed += ns.ingest.stats.lost
         if ns.first_task is not None:
             ns.first_task.cancel()
         if ns.handle is not None:
@@ -471,6 +477,8 @@ class MediaNode:
         return {"streams": len(self.streams), "max_streams": self.max_streams,
                 "bitrate": round(self.bitrate), "cpu": round(self.cpu, 3),
                 "viewers": sum(ns.hub.consumer_count for ns in self.streams.values()),
+                "packets": self.packets_closed + sum(ns.ingest.stats.packets for ns in self.streams.values()),
+                "lost": self.lost_closed + sum(ns.ingest.stats.lost for ns in self.streams.values()),
                 "pid": os.getpid()}
 
     # -- watchdog --------------------------------------------------------------------------
