@@ -5,7 +5,7 @@
   listed in ``web/vendor/README.md``). These are public: they hold no data, and the console signs
   in through ``/api/v1/session`` (or an API token) before it asks the API for anything.
 - ``GET /api/v1/console/config``: what the console needs beyond the API: the map's tile URL
-  template (``""``: no tiles, the channels are still drawn as points on a blank map; the console's
+  template (``console.tiles_url`` in the config; ``""``: no tiles, the channels are still drawn as points on a blank map; the console's
   ``?tiles=`` URL parameter overrides it) and the online-rate targets per tier.
 
 The console itself is plain JavaScript in the browser, same origin as the API; nothing here
@@ -49,10 +49,10 @@ async def console_index(request: web.Request) -> web.FileResponse:
 
 async def console_config(request: web.Request) -> web.Response:
     """Tile URL template (``{z}/{x}/{y}``; "" for none), its attribution, the tier targets."""
-    console = getattr(_server(request).config, "console", None)
+    console = _server(request).config.console
     return web.json_response({
-        "tiles_url": str(getattr(console, "tiles_url", "") or ""),
-        "tiles_attribution": str(getattr(console, "tiles_attribution", "") or ""),
+        "tiles_url": console.tiles_url,
+        "tiles_attribution": console.tiles_attribution,
         "tier_targets": {str(tier): target for tier, target in TIER_TARGETS.items()},
     })
 

@@ -23,6 +23,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .api import _body, _error, _server, _who
+from .openapi import doc
 from .users import PRINCIPAL, ROLES, LockedOut, UserError, user_json
 
 __all__ = ["add_user_routes"]
@@ -100,6 +101,10 @@ def _user_error(exc: UserError) -> web.Response:
 
 # -- console sessions ----------------------------------------------------------------------------
 
+@doc(body=LoginBody, public=True,
+     responses={200: "signed in: the user, and the gb28181_session cookie",
+                401: "wrong user name or password", 403: "the user is disabled",
+                429: "locked out after repeated wrong passwords (Retry-After)"})
 async def login(request: web.Request) -> web.Response:
     """Sign in to the console: a session cookie for the user."""
     body = await _body(request, LoginBody)
@@ -131,12 +136,14 @@ async def login(request: web.Request) -> web.Response:
     return resp
 
 
+@doc(responses={200: "who is signed in, with role and scopes"})
 async def whoami(request: web.Request) -> web.Response:
     """The principal this request authenticated as."""
     p = request[PRINCIPAL]
     return web.json_response({"name": p.name, "role": p.role, "scopes": p.scope.as_json(), "via": p.via})
 
 
+@doc(responses={200: "signed out"})
 async def logout(request: web.Request) -> web.Response:
     """Sign out: the session ends at once (tokens are revoked separately)."""
     cookie = request.cookies.get(SESSION_COOKIE, "")
@@ -150,12 +157,14 @@ async def logout(request: web.Request) -> web.Response:
 
 # -- accounts (admin) ----------------------------------------------------------------------------
 
+@doc(responses={200: "every user (passwords never shown)"})
 async def list_users(request: web.Request) -> web.Response:
     """Every account (no password hashes, no tokens: their IDs and labels only)."""
     users = [user_json(u) for u in _server(request).users]
     return web.json_response({"users": users, "total": len(users)})
 
 
+@doc(body=NewUser, responses={201: "created", 409: "the name is taken"})
 async def create_user(request: web.Request) -> web.Response:
     """Add an account with a role and optional scopes."""
     body = await _body(request, NewUser)
@@ -169,6 +178,7 @@ async def create_user(request: web.Request) -> web.Response:
     return web.json_response(user_json(user), status=201)
 
 
+@doc(responses={404: "no such user"})
 async def get_user(request: web.Request) -> web.Response:
     """One account."""
     try:
@@ -177,6 +187,7 @@ async def get_user(request: web.Request) -> web.Response:
         return _user_error(exc)
 
 
+@doc(body=UserPatch, partial=True, responses={404: "no such user"})
 async def patch_user(request: web.Request) -> web.Response:
     """Change an account's password, role, scopes or disabled flag."""
     body = await _body(request, UserPatch)
@@ -193,6 +204,7 @@ async def patch_user(request: web.Request) -> web.Response:
     return web.json_response(user_json(user))
 
 
+@doc(responses={204: "deleted", 404: "no such user"})
 async def delete_user(request: web.Request) -> web.Response:
     """Remove an account; its tokens and sessions stop working at once."""
     name = request.match_info["name"]
@@ -204,6 +216,7 @@ async def delete_user(request: web.Request) -> web.Response:
     return web.json_response({"deleted": name})
 
 
+@doc(body=NewToken, responses={201: "the token, shown this once, and its id", 404: "no such user"})
 async def create_token(request: web.Request) -> web.Response:
     """A new API token for the account; the token is in this answer and nowhere else."""
     body = NewToken()
@@ -220,6 +233,7 @@ async def create_token(request: web.Request) -> web.Response:
                               "note": "shown once: store it now; only its hash is kept"}, status=201)
 
 
+@doc(responses={204: "revoked", 404: "no such user or token"})
 async def revoke_token(request: web.Request) -> web.Response:
     """Revoke one of the account's API tokens."""
     name, token_id = request.match_info["name"], request.match_info["token_id"]

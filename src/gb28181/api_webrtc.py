@@ -16,6 +16,7 @@ from aiohttp import web
 
 from .api import _error, _server, _who
 from .nodes import NodeCallError
+from .openapi import Media, doc
 from .streams import PlayError
 
 if TYPE_CHECKING:
@@ -33,6 +34,10 @@ def _candidate_host(request: web.Request, server: GbServer, node_address: str | 
     return configured or node_address or server.invites.media_addresses.for_peer(request.remote)
 
 
+@doc(body=Media("application/sdp", "the viewer's SDP offer (WHEP)"),
+     responses={201: Media("application/sdp", "the SDP answer; Location: the session to DELETE"),
+                400: "not an SDP offer with video", 415: "not application/sdp",
+                406: "no H.264 the stream can be sent as (H.265 channels are refused)"})
 async def whep_offer(request: web.Request) -> web.Response:
     server = _server(request)
     channel_id = request.match_info["channel_id"]
@@ -72,6 +77,7 @@ async def whep_offer(request: web.Request) -> web.Response:
                         headers={"Location": resource})
 
 
+@doc(responses={200: "ended", 404: "no such WHEP session"})
 async def whep_delete(request: web.Request) -> web.Response:
     server = _server(request)
     node_id, _, session = request.match_info["session_id"].rpartition(":")

@@ -303,6 +303,14 @@ class DatabaseSection(_Section):
                                 "long for others to share its transaction (group commit), seconds")
 
 
+class ConsoleSection(_Section):
+    """The web console at / (api_console.py)."""
+
+    tiles_url: str = Field("", max_length=512, description="map tile URL template, e.g. "
+                           "https://tiles.example/{z}/{x}/{y}.png; empty: points on a blank map")
+    tiles_attribution: str = Field("", max_length=512, description="attribution shown with the tiles")
+
+
 class LogSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -387,6 +395,7 @@ class Config(BaseSettings):
     broadcast: BroadcastSection = BroadcastSection()
     events: EventsSection = EventsSection()
     positions: PositionsSection = PositionsSection()
+    console: ConsoleSection = ConsoleSection()
     upstreams: list[UpstreamSection] = Field(default_factory=list, description="upper platforms we register to")
     database: DatabaseSection = DatabaseSection()
     log: LogSection = LogSection()
