@@ -25,6 +25,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# Screenshots of the browser tests are kept here (git ignores it).
+export GB28181_ARTIFACTS=${GB28181_ARTIFACTS:-$PWD/test-artifacts}
 # Lint and types first: a finding fails the run (set -e) before the long suite starts.
 echo "test.sh: ruff"
 .venv/bin/ruff check src simulators tests bench
