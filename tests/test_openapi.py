@@ -173,7 +173,7 @@ async def test_bodies_built_from_the_schema_are_accepted_and_the_answers_match(m
     # playback reads its body before it looks for the channel: 400 against 404 tells which failed
     playback = doc_["paths"]["/api/v1/channels/{channel_id}/playback"]["post"]
     example = _example(doc_, playback["requestBody"]["content"]["application/json"]["schema"])
-    assert set(example) == {"start", "end", "transport"}
+    assert set(example) == {"start", "end", "transport", "source"}
     example.update(start="2026-01-01T08:00:00", end="2026-01-01T09:00:00")
     path = "/api/v1/channels/34020000001310000099/playback"
     status, body = await _call(server, "POST", path, example)

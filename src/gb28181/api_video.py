@@ -121,6 +121,8 @@ class PlaybackBody(BaseModel):
                        "or Unix seconds")
     end: str = Field(min_length=1, max_length=40)
     transport: str | None = Field(None, pattern="^(udp|tcp-passive|tcp-active)$")
+    source: str = Field("device", pattern="^(device|platform)$", description="device: its own "
+                        "recording (a Playback INVITE); platform: this platform's recordings")
 
 
 def _range(body: PlaybackBody) -> tuple[float, float]:
@@ -130,7 +132,8 @@ def _range(body: PlaybackBody) -> tuple[float, float]:
         raise _bad(str(exc)) from None
 
 
-@doc(body=PlaybackBody, responses={200: Playback, 400: "bad range", 404: "no such channel",
+@doc(body=PlaybackBody, responses={200: Playback, 400: "bad range",
+                                        404: "no such channel, or (platform) no recording in the range",
                                         409: "the device is offline", 502: "the device refused or did not answer",
                                         503: "no media node can carry the stream"})
 async def open_playback(request: web.Request) -> web.Response:
@@ -142,16 +145,17 @@ async def open_playback(request: web.Request) -> web.Response:
     start, end = _range(body)
     who, source = _who(request)
     try:
-        pb = await server.playbacks.open(channel_id, start, end, body.transport)
+        pb = await server.playbacks.open(channel_id, start, end, body.transport, source=body.source)
     except PlayError as exc:
         server.audit.record("playback-failed", who=who, source=source, target=channel_id,
                             error=str(exc))
         return _error(exc.http_status, str(exc))
     server.audit.record("playback", who=who, source=source, target=channel_id,
                         stream=pb.stream_id, start=_iso(pb.start), end=_iso(pb.end),
-                        transport=pb.transport)
+                        transport=pb.transport, recordings=pb.source)
     return web.json_response({"stream_id": pb.stream_id, "channel_id": channel_id,
-                              "transport": pb.transport, "start": _iso(pb.start), "end": _iso(pb.end),
+                              "transport": pb.transport, "source": pb.source, "start": _iso(pb.start),
+                              "end": _iso(pb.end), "position_offset": pb.offset,
                               "urls": _play_urls(request, server, pb.leg)})
 
 
@@ -170,7 +174,8 @@ async def open_download(request: web.Request) -> web.Response:
     start, end = _range(body)
     who, source = _who(request)
     try:
-        pb = await server.playbacks.open(channel_id, start, end, body.transport, download_speed=body.speed)
+        pb = await server.playbacks.open(channel_id, start, end, body.transport, download_speed=body.speed,
+                                         source=body.source)
     except PlayError as exc:
         server.audit.record("download-failed", who=who, source=source, target=channel_id, error=str(exc))
         return _error(exc.http_status, str(exc))

@@ -16,6 +16,12 @@ BYE, the node ends the stream for its viewers, and the API keeps the reason. A p
 watches for ``media.idle_grace`` seconds is closed, as a live stream is; one whose node is
 lost is opened again on another node from where it was.
 
+Platform recordings (``source="platform"``; ``recording.py`` writes them) answer the same way: no
+INVITE, the leg is a node stream fed from the segment files that cover the range (the node's
+``file_play``, ``media/file_source.py``), controlled with ``file_control``, and the end of the
+range ends it as MediaStatus 121 would (the cascade relays it up as such). The files are read
+where the node runs: one machine, or storage every node mounts at the same path.
+
 A download (§9.9) is the same dialog with ``s=Download`` and ``a=downloadspeed``: the device
 sends the range that many times faster than real time, the node writes it to an MP4 file
 (``media.mp4``), and MediaStatus 121 finishes it. Progress is the media time written against
@@ -32,6 +38,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from registry.channels import ChannelRegistry
 from registry.devices import DeviceRegistry
@@ -51,6 +58,9 @@ MAX_RANGE = 7 * 86400  # seconds one playback may span
 _RECENT = 200  # ended playbacks the API still describes (with why they ended)
 END_SETTLE = 0.5  # seconds between MediaStatus 121 and the BYE: the last packets arrive
 ACTIONS = ("pause", "resume", "seek", "speed")
+SOURCES = ("device", "platform")
+PLATFORM_END = "end of the platform recording"  # a range played from the files is done
+COVER_SLACK = 10.0  # seconds the recordings may miss at either end and still cover a range
 
 
 def _iso(ts: float) -> str:
@@ -80,6 +90,7 @@ class Playback:
     speed: int = 1  # a=downloadspeed
     file: dict | None = None  # a download's MP4 once finished (path, bytes, frames, seconds)
     written: float = 0.0  # a download's media seconds written, at the last look
+    source: str = "device"  # device (an INVITE) | platform (the node plays recordings)
 
     def position(self, elapsed: float | None) -> float:
         """Recorded time (Unix seconds) of the newest frame received."""
@@ -94,7 +105,7 @@ class Playback:
             "stream_id": self.stream_id, "kind": self.kind.lower(), "channel_id": self.channel_id,
             "device_id": self.device_id, "transport": self.transport,
             "start": _iso(self.start), "end": _iso(self.end), "state": self.state,
-            "scale": self.scale, "position": _iso(self.position(elapsed)),
+            "scale": self.scale, "source": self.source, "position": _iso(self.position(elapsed)),
             "position_offset": round(self.position(elapsed) - self.start, 3),
             "viewers": on_node.get("viewers", 0), "node": self.leg.node.name,
             "created_at": self.created_at, "ended_reason": self.ended_reason or None,
@@ -108,7 +119,8 @@ class Playback:
         if recording:
             self.written = float(recording.get("seconds") or 0.0)
         span = self.end - self.start
-        done = self.file is not None and self.file.get("path") is not None and "MediaStatus" in self.ended_reason
+        done = self.file is not None and self.file.get("path") is not None and (
+            "MediaStatus" in self.ended_reason or self.ended_reason == PLATFORM_END)
         state = ("done" if done else "failed") if self.state == "ended" else "downloading"
         written = float(self.file["seconds"]) if self.file else self.written
         return {
@@ -141,6 +153,9 @@ class PlaybackManager:
         #: Called with (stream ID, reason) when a playback or download ends, and with
         #: (stream ID, "file-end") when its device reports MediaStatus 121 (cascade relays both).
         self.on_closed: list[Callable[[str, str], None]] = []
+        #: Set by the server: the platform recordings' index (``recording.RecordingManager``),
+        #: ``await segments(channel_id, start, end)`` → ``[{path, start, end}, ...]``.
+        self.recordings: Any = None
 
     def get(self, stream_id: str) -> Playback | None:
         return self.active.get(stream_id) or self.recent.get(stream_id)
@@ -158,37 +173,49 @@ class PlaybackManager:
 
     # -- opening -----------------------------------------------------------------------------------
     async def open(self, channel_id: str, start: float, end: float, transport: str | None,
-                   *, download_speed: int | None = None, record: bool = True) -> Playback:
+                   *, download_speed: int | None = None, record: bool = True,
+                   source: str = "device") -> Playback:
         """A playback, or with ``download_speed`` a download, of the range [start, end); a
         download is written to an MP4 on its node unless ``record`` is False (a download an upper
-        platform asked for is sent to it, not kept here)."""
+        platform asked for is sent to it, not kept here). ``source`` "platform" plays the
+        platform's own recordings instead of asking the device."""
         start_s, end_s = int(start), int(end)
         if end_s <= start_s:
             raise PlayError("end must be after start", 400)
         if end_s - start_s > MAX_RANGE:
             raise PlayError(f"a playback spans at most {MAX_RANGE // 86400} days; ask a shorter range", 400)
-        channel, device = resolve_channel(self.channels, self.registry, channel_id)
-        chosen = transport or device.extra.get("media_transport") or self.config.media.default_transport
-        if chosen not in TRANSPORTS:
-            raise PlayError(f"unknown transport {chosen!r}; use one of {', '.join(TRANSPORTS)}", 400)
+        if source not in SOURCES:
+            raise PlayError(f"unknown source {source!r}; use one of {', '.join(SOURCES)}", 400)
         kind = "Playback" if download_speed is None else "Download"
-        if kind == "Download":
+        if source == "platform":
+            # The device need not be online, nor even known: the files are the platform's.
+            found = self.channels.get(channel_id)
+            if found is None:
+                raise PlayError(f"no channel {channel_id}", 404)
+            channel_id, device_id, chosen = found.channel_id, found.device_id, "file"
+        else:
+            channel, device = resolve_channel(self.channels, self.registry, channel_id)
+            channel_id, device_id = channel.channel_id, device.device_id
+            chosen = transport or device.extra.get("media_transport") or self.config.media.default_transport
+            if chosen not in TRANSPORTS:
+                raise PlayError(f"unknown transport {chosen!r}; use one of {', '.join(TRANSPORTS)}", 400)
+        if kind == "Download" and source == "device":
             busy = sum(1 for p in self.active.values()
-                       if p.kind == "Download" and p.device_id == device.device_id)
+                       if p.kind == "Download" and p.device_id == device_id and p.source == "device")
             limit = self.config.media.downloads_per_device
             if busy >= limit:
-                raise PlayError(f"device {device.device_id} already serves {busy} downloads "
+                raise PlayError(f"device {device_id} already serves {busy} downloads "
                                 "(media.downloads_per_device); wait for one to finish", 429)
         stream_id = f"{channel_id}-{'dl' if download_speed else 'pb'}{secrets.token_hex(4)}"
         try:
             leg = await self.nodes.allocate(stream_id, self)
         except NodeCallError as exc:
             raise PlayError(str(exc), 503) from None
-        pb = Playback(stream_id, channel.channel_id, device.device_id, chosen, start_s, end_s, leg,
-                      kind=kind, speed=download_speed or 1)
+        pb = Playback(stream_id, channel_id, device_id, chosen, start_s, end_s, leg,
+                      kind=kind, speed=download_speed or 1, source=source)
         self.active[stream_id] = pb
         try:
-            await self._invite(pb, start_s)
+            await self._start(pb, start_s)
             if kind == "Download" and record:
                 await pb.leg.call("record", name=stream_id)
         except (PlayError, NodeCallError) as exc:
@@ -198,6 +225,42 @@ class PlaybackManager:
         if kind == "Playback":
             self._idle(pb)  # nobody watches yet: the grace period runs until the first viewer
         return pb
+
+    async def _start(self, pb: Playback, from_time: int) -> None:
+        if pb.source == "platform":
+            await self._play_files(pb, from_time)
+        else:
+            await self._invite(pb, from_time)
+
+    async def platform_segments(self, channel_id: str, start: float, end: float) -> list[dict]:
+        """The platform's segments of the channel overlapping [start, end), oldest first."""
+        if self.recordings is None:
+            return []
+        found = await self.recordings.segments(channel_id, start, end)
+        return sorted(({"path": str(s["path"]), "start": float(s["start"]), "end": float(s["end"])}
+                       for s in found), key=lambda s: s["start"])
+
+    async def recorded_source(self, channel_id: str, start: float, end: float) -> str:
+        """Where a range is best played from: "platform" when its recordings cover it (within
+        ``COVER_SLACK`` at either end), or cover some of it and the device is offline."""
+        segments = await self.platform_segments(channel_id, start, end)
+        if not segments:
+            return "device"
+        if segments[0]["start"] <= start + COVER_SLACK and segments[-1]["end"] >= end - COVER_SLACK:
+            return "platform"
+        channel = self.channels.get(channel_id)
+        device = self.registry.get(channel.device_id) if channel is not None else None
+        return "platform" if device is None or not device.online else "device"
+
+    async def _play_files(self, pb: Playback, from_time: int) -> None:
+        files = await self.platform_segments(pb.channel_id, pb.start, pb.end)
+        if not files:
+            raise PlayError(f"the platform has no recording of {pb.channel_id} from {_iso(pb.start)} "
+                            f"to {_iso(pb.end)}; search with source=platform", 404)
+        result = await pb.leg.call("file_play", files=files, from_time=from_time, start=pb.start,
+                                   end=pb.end, speed=pb.speed)
+        pb.offset = float(result.get("offset") or 0.0)
+        pb.state = "playing"
 
     async def _invite(self, pb: Playback, from_time: int) -> None:
         channel, device = resolve_channel(self.channels, self.registry, pb.channel_id)
@@ -216,7 +279,7 @@ class PlaybackManager:
     async def control(self, stream_id: str, action: str, *, offset: float | None = None,
                       scale: float | None = None) -> Playback:
         pb = self.active.get(stream_id)
-        if pb is None or pb.session is None:
+        if pb is None or (pb.session is None and pb.source == "device"):
             ended = self.recent.get(stream_id)
             if ended is not None:
                 raise PlayError(f"playback {stream_id} has ended: {ended.ended_reason}", 409)
@@ -237,6 +300,10 @@ class PlaybackManager:
                 raise PlayError(f"speed needs a scale from {mansrtsp.SCALE_MIN:g} to "
                                 f"{mansrtsp.SCALE_MAX:g}", 400)
             control = mansrtsp.Control("PLAY", pb.cseq, scale=scale)
+        if pb.source == "platform":
+            await self._control_files(pb, action, offset, scale)
+            return pb
+        assert pb.session is not None
         if action == "seek":
             # Count the position from the first packet after the seek (the node's mark).
             try:
@@ -259,17 +326,38 @@ class PlaybackManager:
             pb.scale = float(scale or 1.0)
         return pb
 
+    async def _control_files(self, pb: Playback, action: str, offset: float | None,
+                             scale: float | None) -> None:
+        """The same controls on a stream the node plays from recordings (``file_control``)."""
+        try:
+            result = await pb.leg.call("file_control", action=action, offset=offset, scale=scale)
+        except NodeCallError as exc:
+            raise PlayError(str(exc), 503) from None
+        if action == "pause":
+            pb.state = "paused"
+        elif action in ("resume", "seek"):
+            pb.state = "playing"
+            if action == "seek":
+                pb.offset = float(result.get("offset") or 0.0)  # the keyframe it landed on
+        else:
+            pb.scale = float(scale or 1.0)
+
     # -- ending ----------------------------------------------------------------------------------------
     def _file_end(self, stream_id: str, session: MediaSession) -> None:
         pb = self.active.get(stream_id)
         if pb is None or pb.session is not session:
             return
-        self._tell(stream_id, "file-end")
+        self._range_sent(pb, "end of the recording (MediaStatus 121)")
+
+    def _range_sent(self, pb: Playback, reason: str) -> None:
+        """The whole range was sent (§9.8.2): listeners hear "file-end", the playback ends."""
+        self._tell(pb.stream_id, "file-end")
 
         async def end() -> None:
-            # The device has sent the range; its last packets may still be on the way.
+            # Its last packets may still be on the way to the node, or through it.
             await asyncio.sleep(END_SETTLE)
-            await self.close(stream_id, "end of the recording (MediaStatus 121)")
+            if self.active.get(pb.stream_id) is pb:
+                await self.close(pb.stream_id, reason)
         self._spawn(end())
 
     def _session_closed(self, stream_id: str, session: MediaSession) -> None:
@@ -345,7 +433,11 @@ class PlaybackManager:
 
     def leg_stopped(self, leg: MediaLeg, why: str) -> None:
         pb = self.active.get(leg.key)
-        if pb is not None and pb.leg is leg and pb.state != "paused":
+        if pb is None or pb.leg is not leg:
+            return
+        if pb.source == "platform":  # the node played the files to the end of the range
+            self._range_sent(pb, PLATFORM_END)
+        elif pb.state != "paused":
             self._spawn(self.close(leg.key, why))
 
     def legs_lost(self, node: NodeHandle, legs: list[MediaLeg]) -> None:
@@ -370,7 +462,7 @@ class PlaybackManager:
         try:
             pb.leg = await self.nodes.allocate(pb.stream_id, self, exclude=lost)
             pb.offset = float(where - pb.start)
-            await self._invite(pb, where)
+            await self._start(pb, where)
         except (PlayError, NodeCallError) as exc:
             await self.close(pb.stream_id, f"media node {lost.name} was lost and the playback could "
                                            f"not be moved: {exc}")

@@ -29,6 +29,9 @@ Commands (``stream`` is the stream's key, the channel ID for live video):
   (``[0, 0]``: any port). → ``{session, answer, video, audio}``, or ``{refused, status}`` for an
   offer this stream cannot answer (400: not SDP / no video; 406: no codec in common, H.265).
 - ``whep_close {session}`` → ``{closed}``.
+- ``file_play {stream, files, from_time, speed, start, end}`` → ``{port: null, offset, position}``
+  and ``file_control {stream, action, offset, scale}``: a stream fed from platform recordings
+  (``file_source.py``); its end is a ``media_stopped`` with ``file_end: true``.
 - ``streams`` (health of every stream; ``elapsed``: media seconds since the start
   or the last ``mark``), ``mark {stream}`` (a playback seeks), ``viewers {stream}``, ``load``.
 
@@ -53,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import file_source
 from .forward import FORWARD_TRANSPORTS, RtpForwarder
 from .hub import Stream, StreamClosed
 from .ingest import RtpIngest
@@ -93,6 +97,7 @@ class NodeStream:
     last_ts: int | None = None
     mark_ts: int | None = None
     recorder: Recorder | None = None  # a download being written to MP4
+    source: Any = None  # file_source.FileSource: the stream plays recordings, not RTP
 
     def __post_init__(self) -> None:
         self.ingest = RtpIngest(self.publish, expected_ssrc=self.ssrc)
@@ -199,6 +204,8 @@ class MediaNode:
             "streams": self._streams,
             "viewers": self._viewers, "mark": self._mark, "record": self._record,
             "load": lambda _args: self.load(), "whep": self._whep, "whep_close": self._whep_close,
+            "file_play": lambda a: file_source.file_play(self, a),
+            "file_control": lambda a: file_source.file_control(self, a),
         }
 
     async def start(self) -> None:
@@ -344,6 +351,8 @@ class MediaNode:
             ns.first_task.cancel()
         if ns.handle is not None:
             ns.handle.close()
+        if ns.source is not None:
+            await ns.source.stop()
         ns.hub.close(reason)
         await self.webrtc.close_stream(key, reason)
         forwards = list(ns.forwards.values())

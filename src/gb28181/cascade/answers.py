@@ -7,8 +7,9 @@ would, with the query's SN:
 - ``Catalog``: the shared channels and their tree (``share.catalog_items``, Annex O), in as many
   parts as it takes, sent one after the other, each once the one before was accepted (Annex N);
 - ``DeviceInfo`` / ``DeviceStatus`` of this platform (DeviceID = our ID), or of a shared channel;
-- ``RecordInfo`` of a shared channel: asked of the device that owns it (``RecordSearch``) and
-  answered up in parts;
+- ``RecordInfo`` of a shared channel: from the platform's own recordings when it has segments in
+  the range (``recording.serve_cascade``, on by default), else asked of the device that owns it
+  (``RecordSearch``); answered up in parts;
 - ``Control`` (PTZ, record, guard, DeviceConfig…) for a shared channel: the body goes to the owning
   device as it came, the device's Response (if any) comes back up, and each is audited under the
   upstream's name. A control for a channel we do not share is refused with 404.
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime
+from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
 from registry.models import Channel, Device
@@ -27,6 +30,7 @@ from ..control import DeviceControl
 from ..queries import DeviceQueries, QueryError
 from ..records import CMD_TYPE as RECORD_INFO
 from ..records import RecordQuery, RecordSearch
+from ..registrar import BEIJING
 from ..routing import device_target
 from ..sip.endpoint import SipTimeoutError, SipTransportError
 from ..sip.message import make_response, new_tag
@@ -214,11 +218,13 @@ class UpperQueries:
             kind = (msg.text("Type") or "all").strip().lower()
             query = RecordQuery(channel.channel_id, start, end,
                                 kind if kind in ("all", "time", "alarm", "manual") else "all")
-            try:
-                result = await RecordSearch(self.queries, self.manager.config.records).search(device, query)
-                items = [r.raw for r in result.records]
-            except (QueryError, ValueError) as exc:
-                log.info("RecordInfo for upper platform %s: %s", uplink.id, exc)
+            items = await self._platform_records(uplink, channel, query)
+            if not items:
+                try:
+                    result = await RecordSearch(self.queries, self.manager.config.records).search(device, query)
+                    items = [r.raw for r in result.records]
+                except (QueryError, ValueError) as exc:
+                    log.info("RecordInfo for upper platform %s: %s", uplink.id, exc)
         name = channel.name
         bodies = []
         per = RECORD_ITEMS_PER_MESSAGE
@@ -229,6 +235,26 @@ class UpperQueries:
                 ("RecordList", manscdp.Node({"Num": len(part)}, [("Item", _record_item(it)) for it in part]))]
             bodies.append(self.manager.build("Response", RECORD_INFO, sn, channel.channel_id, fields))
         await self._send_up(uplink, bodies, f"RecordInfo ({len(items)} items)")
+
+    async def _platform_records(self, uplink: Uplink, channel: Channel, query: RecordQuery) -> list[dict]:
+        """RecordInfo items (A.2.6.6) of the platform's own segments in the range, one per file,
+        clipped to it; none when the platform has none there (or does not serve them up)."""
+        recording = getattr(self.manager.config, "recording", None)
+        if not getattr(recording, "serve_cascade", True) or query.type not in ("all", "time"):
+            return []
+        playbacks = self.manager.sessions.playbacks
+        start, end = query.start.timestamp(), query.end.timestamp()
+        try:
+            segments = await playbacks.platform_segments(channel.channel_id, start, end)
+        except Exception:  # the index unreadable: the device is asked instead
+            log.exception("RecordInfo of %s from the platform's recordings", channel.channel_id)
+            return []
+        return [{"DeviceID": channel.channel_id, "Name": channel.name,
+                 "FilePath": PurePath(s["path"]).name, "Address": channel.address or "",
+                 "StartTime": manscdp.format_time(datetime.fromtimestamp(max(s["start"], start), BEIJING)),
+                 "EndTime": manscdp.format_time(datetime.fromtimestamp(min(s["end"], end), BEIJING)),
+                 "Secrecy": "0", "Type": "time", "RecorderID": uplink.local_id}
+                for s in segments]
 
     async def _relay_control(self, uplink: Uplink, msg: manscdp.Manscdp, body: bytes, channel: Channel,
                              device: Device, *, source: str) -> None:

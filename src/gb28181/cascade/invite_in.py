@@ -6,7 +6,8 @@ Request-URI's user. 100 Trying goes at once; 404 if the channel is not shared; 4
 we cannot serve. Then the device's stream is got the usual way: a live channel through the
 stream manager (a stream that is already up, for local viewers or another upper, is shared, and
 its cached GOP starts the upper's picture), a playback or download through the playback manager
-(a dialog of its own to the device). The media node that carries it sends the PS packets on as
+(a dialog of its own to the device, or the platform's own recordings when they cover the range:
+``playback.py``). The media node that carries it sends the PS packets on as
 RTP (Annex C) with the upper's ``y=`` SSRC, to the offer's address:
 
 - ``RTP/AVP``: UDP, from the ACK on;
@@ -288,10 +289,23 @@ class UpperSessions:
             speed = int(values[0]) if values and values[0].strip().isdigit() else 1
             speed = max(1, min(speed, 32))
         pb = await self.playbacks.open(session.channel_id, offer.start, offer.stop, None,
-                                       download_speed=speed, record=False)
+                                       download_speed=speed, record=False,
+                                       source=await self._history_source(session, offer))
         session.leg = pb.leg
         session.stream_key = pb.stream_id
         self.playbacks.viewer_joined(pb.stream_id)
+
+    async def _history_source(self, session: UpSession, offer: SessionDescription) -> str:
+        """Play the range from the platform's own recordings when they cover it (no INVITE to
+        the device), unless ``recording.serve_cascade`` is off."""
+        recording = getattr(self.manager.config, "recording", None)
+        if not getattr(recording, "serve_cascade", True):
+            return "device"
+        try:
+            return await self.playbacks.recorded_source(session.channel_id, offer.start, offer.stop)
+        except Exception:  # the index unreadable: the device is asked, as without recordings
+            log.exception("recordings of %s for upper platform %s", session.channel_id, session.uplink.id)
+            return "device"
 
     async def _node_port(self, session: UpSession) -> int | None:
         assert session.leg is not None
