@@ -343,6 +343,7 @@ LEAVES = leaf_fields()
 SAMPLES: dict[tuple[str, ...], Any] = {
     ("upstreams",): [UpstreamSection(server_id="34020000002000000009", host="10.0.0.9", port=5061,
                                      share={"civil_codes": ["3402"]}).model_dump(mode="json")],
+    ("recording", "schedule"): ["22:00-06:00"],
 }
 
 

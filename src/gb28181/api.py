@@ -15,7 +15,7 @@ import logging
 import re
 import time
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -400,6 +400,8 @@ class ChannelPatch(BaseModel):
     address: str | None = Field(None, max_length=256)
     longitude: float | None = Field(None, ge=-180, le=180)
     latitude: float | None = Field(None, ge=-90, le=90)
+    recording: Literal["continuous", "alarm", "schedule", "off", "tier"] | None = Field(
+        None, description="the channel's own recording mode; 'tier': back to its tier's plan")
 
 
 async def patch_channel(request: web.Request) -> web.Response:
@@ -418,6 +420,8 @@ async def patch_channel(request: web.Request) -> web.Response:
         value = getattr(body, key)
         if value is not None:
             setattr(channel, key, value)
+    if body.recording is not None:
+        await server.recordings.set_mode(channel.channel_id, None if body.recording == "tier" else body.recording)
     server.channels.touch(channel)
     return web.json_response(channel_json(channel))
 
@@ -485,8 +489,15 @@ async def live_query(request: web.Request) -> web.Response:
 
 
 async def channel_records(request: web.Request) -> web.Response:
-    """Record search (RecordInfo, GB/T 28181-2016 §9.7): the device's recordings of a channel."""
+    """Record search (RecordInfo, GB/T 28181-2016 §9.7): the device's recordings of a channel,
+    or with ``source=platform`` the platform's own (api_recording.py)."""
     from .records import RecordQuery, RecordSearch
+    source = request.query.get("source", "device")
+    if source == "platform":
+        from .api_recording import platform_records
+        return await platform_records(request)
+    if source != "device":
+        raise _bad("source must be 'device' (the device's recordings, RecordInfo) or 'platform'")
     server = _server(request)
     channel = _channel_or_404(request)
     device = server.registry.get(channel.device_id)
@@ -656,4 +667,6 @@ def make_app(server: GbServer) -> web.Application:
     add_user_routes(app)
     from .api_webrtc import add_webrtc_routes  # WebRTC viewers (WHEP)
     add_webrtc_routes(app)
+    from .api_recording import add_recording_routes  # platform recordings: export, storage report
+    add_recording_routes(app)
     return app

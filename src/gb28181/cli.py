@@ -81,7 +81,14 @@ def _parser() -> argparse.ArgumentParser:
                         help="civil-code prefix length for --group-by civil_code (default: config)")
     archive = rsub.add_parser("archive", help="channels missing mandatory fields or a location")
     archive.add_argument("--limit", type=int, default=50, help="incomplete channels to list (default 50)")
-    for r in (online, archive):
+    storage = rsub.add_parser("storage", help="platform recordings held against the plan, disk days left",
+                              description="Per tier and civil code: channels planned for recording, "
+                                          "days of recordings held against recording.retention_days, "
+                                          "channels not meeting the plan (gaps, failures), disk use "
+                                          "and days left at the current rate.")
+    storage.add_argument("--civil-code-digits", type=int, default=None,
+                         help="civil-code prefix length (default: config)")
+    for r in (online, archive, storage):
         r.add_argument("--config", "-c", metavar="FILE", help="YAML config (to find the database)")
         r.add_argument("--json", action="store_true", help="JSON instead of a table")
     return p
@@ -90,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
 def _report(args: argparse.Namespace) -> int:
     from .reports import archive_report, online_report
     config = load_config(args.config)
+    if args.report == "storage":
+        from .record_report import storage_cli
+        return storage_cli(config, as_json=args.json, digits=args.civil_code_digits)
     if args.report == "online":
         return online_report(config, since=args.since, until=args.until, group_by=args.group_by,
                              digits=args.civil_code_digits, as_json=args.json)

@@ -28,7 +28,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from .ids import IdError, parse_id
 
-__all__ = ["Config", "ConfigError", "UpstreamSection", "UpstreamShare", "load_config", "ensure_api_token"]
+__all__ = ["Config", "ConfigError", "RecordingSection", "UpstreamSection", "UpstreamShare", "load_config",
+           "ensure_api_token"]
 
 ENV_PREFIX = "GB28181_"
 ENV_DELIMITER = "__"
@@ -175,6 +176,80 @@ class TierRule(_Section):
 class TiersSection(_Section):
     default: Tier = Field(3, description="tier of channels no rule matches")
     rules: list[TierRule] = Field([], description="first matching rule wins")
+
+
+RecordMode = Literal["continuous", "alarm", "schedule", "off"]
+_WINDOW = r"^([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-4]):[0-5][0-9]$"
+
+
+class TierPlans(_Section):
+    """The recording mode of each tier's channels."""
+
+    tier1: RecordMode = "continuous"
+    tier2: RecordMode = "continuous"
+    tier3: RecordMode = "off"
+
+    def of(self, tier: int) -> str:
+        return str(getattr(self, f"tier{tier}", "off"))
+
+
+class TierRetention(_Section):
+    """Days the segments of each tier's channels are kept."""
+
+    tier1: float = Field(30.0, gt=0, description="field plans: at least 30 (newer ones 60 or 90)")
+    tier2: float = Field(15.0, gt=0, description="field plans: at least 15")
+    tier3: float = Field(7.0, gt=0)
+
+    def of(self, tier: int) -> float:
+        return float(getattr(self, f"tier{tier}", self.tier3))
+
+
+class RecordingSection(_Section):
+    """Platform recording (recording.py): what each tier records, and how long it is kept.
+
+    The field's plans: tier 1 recorded around the clock and kept 30 days or more (newer plans
+    60 or 90), tier 2 15 days; tier 3 is local choice. A channel's own mode
+    (``PATCH /api/v1/channels/{id}`` ``{"recording": ...}``) beats its tier's plan.
+    """
+
+    enabled: bool = Field(False, description="record what the plans say (off: nothing is "
+                          "recorded, the index and old segments are still served and swept)")
+    dir: str | None = Field(None, description="where segments are written; default DATA_DIR/records")
+    segment_seconds: int = Field(3600, ge=2, le=86400, description="segments end at whole "
+                                 "multiples of this many seconds of wall clock (3600: per hour)")
+    plans: TierPlans = Field(default_factory=TierPlans, description="mode per tier: continuous | "
+                             "alarm (pre/post-roll around alarms) | schedule (the windows in "
+                             "`schedule`) | off")
+    schedule: list[Annotated[str, Field(pattern=_WINDOW)]] = Field(
+        default_factory=lambda: ["08:00-20:00"], description="windows of the schedule mode, "
+        "HH:MM-HH:MM Beijing time; one whose end is before its start runs over midnight")
+    alarm_preroll: bool = Field(True, description="an alarm recording starts at the stream's "
+                                "cached GOP, the seconds before the alarm")
+    alarm_postroll: float = Field(60.0, ge=0, le=86400, description="an alarm recording goes on "
+                                  "this many seconds after the channel's last alarm")
+    retention_days: TierRetention = Field(default_factory=TierRetention, description="days "
+                                          "segments of each tier are kept")
+    quota_bytes: int = Field(0, ge=0, description="bytes the segments may use at most; 0: the "
+                             "disk's free space is the limit")
+    low_space_percent: float = Field(5.0, ge=0, lt=100, description="below this share free (of "
+                                     "the quota, or of the disk) the low-space policy deletes "
+                                     "the oldest segments; tier 1 inside its retention never")
+    max_gap_percent: float = Field(5.0, ge=0, le=100, description="a continuous channel missing "
+                                   "more of the last day than this does not meet the plan (report)")
+    sweep_interval: float = Field(60.0, gt=0, description="seconds between retention sweeps")
+    retry_min: float = Field(5.0, gt=0, description="first wait before re-opening a channel's "
+                             "recording that failed (device offline, INVITE refused); doubled ...")
+    retry_max: float = Field(300.0, gt=0, description="... up to this")
+    serve_cascade: bool = Field(True, description="an upper platform's RecordInfo and Playback of "
+                                "a range these recordings cover are served from them, not the device")
+    max_export_seconds: float = Field(86400.0, ge=60, description="longest range one export "
+                                      "(GET /api/v1/channels/{id}/export) covers")
+
+    @model_validator(mode="after")
+    def _retry(self) -> RecordingSection:
+        if self.retry_max < self.retry_min:
+            raise ValueError("retry_max must be at least retry_min")
+        return self
 
 
 class WebrtcSettings(_Section):
@@ -390,6 +465,7 @@ class Config(BaseSettings):
     records: RecordsSection = RecordsSection()
     tiers: TiersSection = TiersSection()
     reports: ReportsSection = ReportsSection()
+    recording: RecordingSection = RecordingSection()
     media: MediaSection = MediaSection()
     ptz: PtzSection = PtzSection()
     broadcast: BroadcastSection = BroadcastSection()
@@ -416,6 +492,11 @@ class Config(BaseSettings):
     @property
     def database_path(self) -> Path:
         return Path(self.database.path) if self.database.path else self.data_dir / "gb28181.db"
+
+    @property
+    def records_dir(self) -> Path:
+        """Where platform recordings are written (``recording.dir``)."""
+        return Path(self.recording.dir) if self.recording.dir else self.data_dir / "records"
 
 
 class ConfigError(ValueError):

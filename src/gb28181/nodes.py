@@ -252,6 +252,8 @@ class NodeManager:
         self.on_viewer: Callable[[MediaLeg, dict], None] | None = None
         #: Set by the server: a forward ended by itself (its receiver went away): (leg, forward ID, reason).
         self.on_forward_ended: Callable[[MediaLeg, str, str], None] | None = None
+        #: Set by the server: a recording segment opened, closed or failed (recording.py).
+        self.on_segment: Callable[[MediaLeg | None, dict], None] | None = None
         self.stopping = False  # the server is stopping: lost nodes' streams are not moved
         self._ids = itertools.count(1)
         self.lost_total = 0
@@ -334,6 +336,11 @@ class NodeManager:
                 log.warning("media node %s sent an unreadable load report: %.200r", node.name, ev)
             return
         leg = node.legs.get(str(ev.get("stream")))
+        if kind == "segment":
+            # Also after the stream's leg is gone: its last segment closes as the stream ends.
+            if self.on_segment is not None:
+                self.on_segment(leg, ev)
+            return
         if leg is None or leg.released:
             return
         if kind == "first_packet":

@@ -40,6 +40,7 @@ from .playback import PlaybackManager
 from .positions import PositionService
 from .presence import Presence
 from .queries import DeviceQueries
+from .recording import RecordingManager
 from .registrar import Registrar, stateless_request
 from .sip.endpoint import SipEndpoint
 from .sip.message import make_response
@@ -111,8 +112,13 @@ class GbServer:
         self.invites = InviteManager(config=config, endpoint=self.endpoint, registry=self.registry)
         self.streams = StreamManager(config=config, registry=self.registry, channels=self.channels,
                                      invites=self.invites, nodes=self.nodes)
+        # Platform recording (recording.py): plans, the segment index, retention; its streams
+        # are opened through the stream manager like any viewer's.
+        self.recordings = RecordingManager(self, store)
+        self.nodes.on_segment = self.recordings.on_segment
         self.playbacks = PlaybackManager(config=config, registry=self.registry, channels=self.channels,
                                          invites=self.invites, nodes=self.nodes)
+        self.playbacks.recordings = self.recordings  # playback and cascade from platform recordings
         self.audit = AuditLog(config.data_dir / "audit.log")
         self.control = DeviceControl(config=config, registry=self.registry, queries=self.queries,
                                      presence=self.presence, audit=self.audit)
@@ -209,6 +215,7 @@ class GbServer:
                           linked, workers)
             else:
                 log.info("%d media workers linked", linked)
+        await self.recordings.start()  # the index reconciled with the files, then plans armed
         log.info("SIP on %s:%d (udp=%s tcp=%s), HTTP on %s:%d, server ID %s, domain %s",
                  self.config.sip.host, self.sip_port, self.config.sip.udp, self.config.sip.tcp,
                  self.config.http.host, self.http_port, self.config.server.id,
@@ -234,6 +241,7 @@ class GbServer:
 
     async def stop(self) -> None:
         self.nodes.stopping = True  # streams are ending, not moving
+        await self.recordings.stop()  # segments finished cleanly while their nodes are still up
         await self.cascade.stop()
         await self.broadcasts.stop_all()
         await self.playbacks.stop()
@@ -361,6 +369,7 @@ class GbServer:
         moved = CounterMetricFamily("gb28181_streams_moved", "Streams re-opened on another node")
         moved.add_metric([], self.streams.moved)
         yield moved
+        yield from self.recordings.metrics()
 
     def _cascade_event(self, event) -> None:
         if event.type == "alarm":

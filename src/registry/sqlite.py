@@ -36,7 +36,7 @@ from .models import (
     channel_values,
     device_values,
 )
-from .store import Store, StoreBatch, StoreError, UserRecord
+from .store import RecordSegment, Store, StoreBatch, StoreError, UserRecord
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,33 @@ _MIGRATIONS: list[str] = [
         updated_at    REAL    NOT NULL DEFAULT 0
     ) WITHOUT ROWID;
     """,
+    # 7: platform recordings (gb28181/recording.py): one row per MP4 segment, keyed by its path
+    # under the records root; times are Unix seconds of the first and last frame. `state` is
+    # open | closed | failed. record_plans holds a channel's own recording mode, which beats its
+    # tier's plan (kept apart from `channels` so a catalog sync never overwrites it).
+    """
+    CREATE TABLE record_segments (
+        id         INTEGER PRIMARY KEY,
+        channel_id TEXT    NOT NULL,
+        path       TEXT    NOT NULL UNIQUE,
+        start      REAL    NOT NULL,
+        end        REAL    NOT NULL,
+        bytes      INTEGER NOT NULL DEFAULT 0,
+        frames     INTEGER NOT NULL DEFAULT 0,
+        codec      TEXT    NOT NULL DEFAULT '',
+        gap_before INTEGER NOT NULL DEFAULT 0,
+        tier       INTEGER NOT NULL DEFAULT 3,
+        state      TEXT    NOT NULL DEFAULT 'closed',
+        created_at REAL    NOT NULL DEFAULT 0
+    );
+    CREATE INDEX record_segments_channel_start ON record_segments (channel_id, start);
+    CREATE INDEX record_segments_tier_start ON record_segments (tier, start);
+    CREATE TABLE record_plans (
+        channel_id TEXT NOT NULL PRIMARY KEY,
+        mode       TEXT NOT NULL,
+        updated_at REAL NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    """,
 ]
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -233,6 +260,28 @@ _UPSERT_USER = (
     + ", ".join(f"{c} = excluded.{c}" for c in _USER_COLUMNS.split(", ")[1:])
 )
 _DELETE_USER = "DELETE FROM users WHERE name = ?"
+
+_SEGMENT_COLUMNS = "channel_id, path, start, end, bytes, frames, codec, gap_before, tier, state, created_at"
+_UPSERT_SEGMENT = (
+    f"INSERT INTO record_segments ({_SEGMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (path) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _SEGMENT_COLUMNS.split(", ") if c not in ("path", "created_at"))
+)
+_SELECT_SEGMENTS = f"SELECT {_SEGMENT_COLUMNS}, id FROM record_segments"
+_DELETE_SEGMENT = "DELETE FROM record_segments WHERE path = ?"
+_UPSERT_PLAN = ("INSERT INTO record_plans (channel_id, mode, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (channel_id) DO UPDATE SET mode = excluded.mode, updated_at = excluded.updated_at")
+_DELETE_PLAN = "DELETE FROM record_plans WHERE channel_id = ?"
+#: Per channel: segments, bytes, earliest start, latest end, and over [:since, :until) the
+#: seconds covered, gaps, failed segments and bytes (the storage report's "meets the plan").
+_SEGMENT_SUMMARY = """
+SELECT channel_id, MAX(tier), COUNT(*), SUM(bytes), MIN(start), MAX(end),
+       SUM(MAX(0, MIN(end, :until) - MAX(start, :since))),
+       SUM(CASE WHEN start >= :since AND start < :until AND gap_before THEN 1 ELSE 0 END),
+       SUM(CASE WHEN start >= :since AND start < :until AND state = 'failed' THEN 1 ELSE 0 END),
+       SUM(CASE WHEN start >= :since AND start < :until THEN bytes ELSE 0 END)
+FROM record_segments GROUP BY channel_id
+"""
 
 _LOAD_CHUNK = 2_000
 
@@ -343,6 +392,17 @@ _json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
 def _user_row(user: UserRecord) -> tuple:
     return (user.name, user.role, _json(user.scopes), user.password_hash, _json(user.tokens),
             int(user.disabled), user.created_at, user.updated_at)
+
+
+def _segment_row(seg: RecordSegment) -> tuple:
+    return (seg.channel_id, seg.path, seg.start, seg.end, seg.bytes, seg.frames, seg.codec,
+            int(seg.gap_before), seg.tier, seg.state, seg.created_at)
+
+
+def _row_segment(row: Sequence) -> RecordSegment:
+    return RecordSegment(channel_id=row[0], path=row[1], start=row[2], end=row[3], bytes=row[4],
+                         frames=row[5], codec=row[6], gap_before=bool(row[7]), tier=row[8],
+                         state=row[9], created_at=row[10], id=row[11])
 
 
 def _channel_row(channel: Channel) -> tuple:
@@ -843,3 +903,72 @@ class SqliteStore(Store):
                 return list(cast("Iterable[ChannelEvent]", await cursor.fetchall()))
         except sqlite3.Error as e:
             raise StoreError(f"cannot read channel history from {self.path}: {e}") from e
+
+    # -- platform recordings (gb28181/record_index.py) --------------------------------------------
+
+    async def save_segments(self, segments: Sequence[RecordSegment]) -> None:
+        # One row per path: a multi-row upsert may not touch the same row twice.
+        unique = list({seg.path: seg for seg in segments}.values())
+        await self._transaction((_UPSERT_SEGMENT, unique, _segment_row))
+
+    async def delete_segments(self, paths: Sequence[str]) -> None:
+        await self._transaction((_DELETE_SEGMENT, list(paths), _id_row))
+
+    async def segments(self, channel_id: str | None = None, start: float | None = None,
+                       end: float | None = None, *, tier: int | None = None,
+                       ended_before: float | None = None, oldest_first: bool = True,
+                       offset: int = 0, limit: int = 1000) -> tuple[int, list[RecordSegment]]:
+        where: list[str] = []
+        params: list[object] = []
+        if channel_id is not None:
+            where.append("channel_id = ?")
+            params.append(channel_id)
+        if tier is not None:
+            where.append("tier = ?")
+            params.append(tier)
+        if start is not None:  # overlapping [start, end): ends after start ...
+            where.append("end > ?")
+            params.append(start)
+        if end is not None:  # ... and starts before end
+            where.append("start < ?")
+            params.append(end)
+        if ended_before is not None:
+            where.append("end < ?")
+            params.append(ended_before)
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        order = "start, id" if oldest_first else "start DESC, id DESC"
+        db = self._conn()
+        try:
+            total = (await db.execute_fetchall(f"SELECT COUNT(*) FROM record_segments{clause}", params))
+            rows = await db.execute_fetchall(f"{_SELECT_SEGMENTS}{clause} ORDER BY {order} LIMIT ? OFFSET ?",
+                                             [*params, limit, offset])
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read record segments from {self.path}: {e}") from e
+        return list(total)[0][0], [_row_segment(row) for row in rows]
+
+    async def segment_paths(self) -> dict[str, str]:
+        try:
+            rows = await self._conn().execute_fetchall("SELECT path, state FROM record_segments")
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read record segments from {self.path}: {e}") from e
+        return {path: state for path, state in rows}
+
+    async def segment_summary(self, since: float, until: float) -> list[tuple]:
+        try:
+            rows = await self._conn().execute_fetchall(_SEGMENT_SUMMARY, {"since": since, "until": until})
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot summarise record segments in {self.path}: {e}") from e
+        return [tuple(row) for row in rows]
+
+    async def load_record_plans(self) -> dict[str, str]:
+        try:
+            rows = await self._conn().execute_fetchall("SELECT channel_id, mode FROM record_plans")
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read recording plans from {self.path}: {e}") from e
+        return {cid: mode for cid, mode in rows}
+
+    async def save_record_plan(self, channel_id: str, mode: str | None, at: float) -> None:
+        if mode is None:
+            await self._transaction((_DELETE_PLAN, [channel_id], _id_row))
+        else:
+            await self._transaction((_UPSERT_PLAN, [(channel_id, mode, at)], _as_is))

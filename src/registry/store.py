@@ -46,6 +46,31 @@ class UserRecord:
     updated_at: float = 0.0
 
 
+@dataclass(slots=True)
+class RecordSegment:
+    """One MP4 segment of a platform recording as indexed (gb28181/record_index.py): ``path``
+    is its key under the records root, times are Unix seconds of its first and last frame,
+    ``state`` open | closed | failed, ``gap_before`` the stream broke off just before it."""
+
+    channel_id: str
+    path: str
+    start: float
+    end: float
+    bytes: int = 0
+    frames: int = 0
+    codec: str = ""
+    gap_before: bool = False
+    tier: int = 3
+    state: str = "closed"
+    created_at: float = 0.0
+    id: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "channel_id": self.channel_id, "path": self.path, "start": self.start,
+                "end": self.end, "bytes": self.bytes, "frames": self.frames, "codec": self.codec,
+                "gap_before": self.gap_before, "tier": self.tier, "state": self.state}
+
+
 class StoreError(RuntimeError):
     """The store cannot be opened, read or written; the message says what to fix."""
 
@@ -232,3 +257,38 @@ class Store(abc.ABC):
     async def delete_user(self, name: str) -> None:
         """Forget this account; an unknown name is ignored."""
         raise NotImplementedError(f"{type(self).__name__} does not store users")
+
+    # -- platform recordings: the segment index and channels' own recording modes ------------
+
+    async def save_segments(self, segments: Sequence[RecordSegment]) -> None:
+        """Insert segments, or update the ones whose ``path`` is stored (a segment that closed)."""
+        raise NotImplementedError(f"{type(self).__name__} does not index recordings")
+
+    async def delete_segments(self, paths: Sequence[str]) -> None:
+        """Forget the segments at ``paths``; unknown ones are ignored."""
+        raise NotImplementedError(f"{type(self).__name__} does not index recordings")
+
+    async def segments(self, channel_id: str | None = None, start: float | None = None,
+                       end: float | None = None, *, tier: int | None = None,
+                       ended_before: float | None = None, oldest_first: bool = True,
+                       offset: int = 0, limit: int = 1000) -> tuple[int, list[RecordSegment]]:
+        """(matching, a page of them): segments overlapping [start, end), of one channel or
+        tier, or ended before ``ended_before``; by start time."""
+        raise NotImplementedError(f"{type(self).__name__} does not index recordings")
+
+    async def segment_paths(self) -> dict[str, str]:
+        """Every indexed path with its state (the start-up reconciliation)."""
+        raise NotImplementedError(f"{type(self).__name__} does not index recordings")
+
+    async def segment_summary(self, since: float, until: float) -> list[tuple]:
+        """Per channel: (channel_id, tier, segments, bytes, earliest start, latest end, seconds
+        covered in [since, until), and gaps, failed segments and bytes of the segments starting in it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not index recordings")
+
+    async def load_record_plans(self) -> dict[str, str]:
+        """Channels' own recording modes, by channel ID."""
+        raise NotImplementedError(f"{type(self).__name__} does not index recordings")
+
+    async def save_record_plan(self, channel_id: str, mode: str | None, at: float) -> None:
+        """Set a channel's own recording mode; None: back to its tier's plan."""
+        raise NotImplementedError(f"{type(self).__name__} does not index recordings")
