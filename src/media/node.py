@@ -32,6 +32,10 @@ Commands (``stream`` is the stream's key, the channel ID for live video):
 - ``file_play {stream, files, from_time, speed, start, end}`` → ``{port: null, offset, position}``
   and ``file_control {stream, action, offset, scale}``: a stream fed from platform recordings
   (``file_source.py``); its end is a ``media_stopped`` with ``file_end: true``.
+- ``record {stream, name}``: a download's video to ``<data_dir>/downloads/<name>.mp4``.
+- ``record_start {stream, channel, root, segment_seconds, preroll, gap_before}``: the platform's
+  own recording, MP4 segments under ``root`` (``recording.py``) → ``{recording}``;
+  ``record_stop {stream}`` → ``{segments}``: the segments it finished.
 - ``streams`` (health of every stream; ``elapsed``: media seconds since the start
   or the last ``mark``), ``mark {stream}`` (a playback seeks), ``viewers {stream}``, ``load``.
 
@@ -40,7 +44,8 @@ done), ``idle {stream}`` (the last viewer left: the server starts its grace peri
 ``media_stopped {stream, age}`` (no RTP for ``idle_timeout``: GB/T 28181-2016 Annex M, the
 server ends the dialog), ``forward_ended {stream, forward, reason}`` (a forward stopped by
 itself: the peer closed the TCP connection, nobody connected to a passive one, the UDP
-destination is unreachable; the node has forgotten it), and ``load {...}`` every
+destination is unreachable; the node has forgotten it), ``segment {...}`` (a recording segment
+opened, closed or failed: ``recording.py``), and ``load {...}`` every
 ``load_interval`` seconds (what the server allocates new streams by).
 """
 
@@ -49,20 +54,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import file_source
+from . import file_source, recording
 from .forward import FORWARD_TRANSPORTS, RtpForwarder
 from .hub import Stream, StreamClosed
 from .ingest import RtpIngest
-from .mp4 import Mp4Writer
+from .mp4 import DownloadRecorder
 from .packet import MediaPacket
 from .receiver import MediaReceiver, TcpHandle, UdpHandle
+from .recording import SegmentRecorder
 from .webrtc import OfferRefused, WebrtcOut
 
 __all__ = ["MediaNode", "NodeError", "NodeStream", "TRANSPORTS"]
@@ -70,7 +75,6 @@ __all__ = ["MediaNode", "NodeError", "NodeStream", "TRANSPORTS"]
 log = logging.getLogger("media.node")
 
 TRANSPORTS = ("udp", "tcp-passive", "tcp-active")
-_FILE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class NodeError(RuntimeError):
@@ -96,7 +100,8 @@ class NodeStream:
     # far a playback has come since its start or its last seek (``info`` "elapsed").
     last_ts: int | None = None
     mark_ts: int | None = None
-    recorder: Recorder | None = None  # a download being written to MP4
+    recorder: DownloadRecorder | None = None  # a download being written to MP4
+    segments: SegmentRecorder | None = None  # the platform's recording (record_start)
     source: Any = None  # file_source.FileSource: the stream plays recordings, not RTP
 
     def __post_init__(self) -> None:
@@ -113,40 +118,6 @@ class NodeStream:
         if self.last_ts is None or self.mark_ts is None:
             return None
         return ((self.last_ts - self.mark_ts) & 0xFFFFFFFF) / 90000
-
-
-class Recorder:
-    """A hub consumer that writes the stream's video to an MP4 file (``record`` command)."""
-
-    def __init__(self, hub: Stream, path: Path) -> None:
-        self.writer = Mp4Writer(path)
-        self.consumer = hub.subscribe(f"mp4 {path.name}")
-        self.error = ""
-        self.task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        consumer, writer = self.consumer, self.writer
-        try:
-            while True:
-                try:
-                    packet = await consumer.get()
-                except StreamClosed:
-                    return
-                writer.write(packet)
-        except Exception as exc:  # FFmpeg refused (a full disk, say): keep the reason, stop
-            self.error = str(exc)
-            log.warning("MP4 %s: %s", writer.path, exc)
-            consumer.close()
-
-    def progress(self) -> dict:
-        w = self.writer
-        return {"path": str(w.path), "frames": w.frames, "seconds": round(w.seconds, 3),
-                "bytes_in": w.bytes_in, "error": self.error or None}
-
-    async def finish(self) -> dict:
-        self.consumer.close()
-        await asyncio.gather(self.task, return_exceptions=True)
-        return {**self.writer.close(), "error": self.error or None}
 
 
 def _str(args: dict, name: str) -> str:
@@ -202,7 +173,10 @@ class MediaNode:
             "open": self._open, "add_ssrc": self._add_ssrc, "connect": self._connect,
             "close": self._close, "forward": self._forward, "unforward": self._unforward,
             "streams": self._streams,
-            "viewers": self._viewers, "mark": self._mark, "record": self._record,
+            "viewers": self._viewers, "mark": self._mark,
+            "record": lambda a: recording.record(self, a),
+            "record_start": lambda a: recording.record_start(self, a),
+            "record_stop": lambda a: recording.record_stop(self, a),
             "load": lambda _args: self.load(), "whep": self._whep, "whep_close": self._whep_close,
             "file_play": lambda a: file_source.file_play(self, a),
             "file_control": lambda a: file_source.file_control(self, a),
@@ -335,10 +309,13 @@ class MediaNode:
         reason = args.get("reason") or "closed by the server"
         ns = self.streams.get(key)
         recorder = ns.recorder if ns is not None else None
+        segments = ns.segments if ns is not None else None
         closed = await self._drop(key, str(reason))
         out: dict[str, Any] = {"closed": closed}
         if recorder is not None:
             out["file"] = await recorder.finish()
+        if segments is not None:
+            out["segments"] = await segments.stop()
         return out
 
     async def _drop(self, key: str, reason: str) -> bool:
@@ -361,19 +338,10 @@ class MediaNode:
             await fwd.stop()
         if ns.recorder is not None:
             await ns.recorder.finish()  # the file is finished (moov written) whoever ends it
+        if ns.segments is not None:
+            await ns.segments.stop()  # the open segment is closed cleanly (.part renamed)
         log.info("media node %s: stream %s closed: %s", self.name, key, reason)
         return True
-
-    def _record(self, args: dict) -> dict:
-        """Write the stream's video to ``DATA_DIR/downloads/<name>.mp4`` until it closes."""
-        ns = self.stream(_str(args, "stream"))
-        name = _str(args, "name")
-        if not _FILE_NAME.fullmatch(name):
-            raise NodeError("command argument 'name' must be 1-64 letters, digits, '-' or '_'")
-        if ns.recorder is not None:
-            raise NodeError(f"stream {ns.key} is already being recorded")
-        ns.recorder = Recorder(ns.hub, self.data_dir / "downloads" / f"{name}.mp4")
-        return {"path": str(ns.recorder.writer.path)}
 
     async def _forward(self, args: dict) -> dict:
         ns = self.stream(_str(args, "stream"))
@@ -462,6 +430,7 @@ class MediaNode:
                 "ssrcs": list(handle.ssrcs) if handle else [],
                 "health": ns.ingest.stats.as_dict(now), "elapsed": ns.elapsed,
                 "recording": ns.recorder.progress() if ns.recorder is not None else None,
+                "segments": ns.segments.progress() if ns.segments is not None else None,
                 "forwards": [{"id": fid, "to": f"{fwd.transport}://{fwd.host}:{fwd.port}",
                               "transport": fwd.transport, "ssrc": fwd.ssrc, "peer": fwd.peer,
                               "running": fwd.running, "packets_sent": fwd.packets_sent,
