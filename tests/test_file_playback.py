@@ -289,8 +289,8 @@ async def test_cascade_uses_the_recordings(make_server, segments):
 
 
 async def test_platform_download(make_server, segments):
-    import av
     import aiohttp
+    import av
 
     server = await make_server()
     server.channels.upsert(Channel(channel_id=CHANNEL, device_id="34020000001110000001", name="gate"))

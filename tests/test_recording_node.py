@@ -318,9 +318,6 @@ def test_a_recorder_killed_with_sigkill_leaves_a_part_that_repairs(tmp_path) -> 
 
 
 @needs_ffprobe
-@pytest.mark.xfail(strict=True, reason="known: with the 'hvc1' sample entry Mp4Writer sets (ISO/IEC "
-                   "14496-15 §8.4.1) FFmpeg decodes this x265 stream (B-frames, weighted prediction) "
-                   "with slice errors; as 'hev1' it is clean. Left for a decision on the tag.")
 async def test_h265_segments(tmp_path) -> None:
     from .test_hub import encode, make_packets
 

@@ -5,8 +5,9 @@
   listed in ``web/vendor/README.md``). These are public: they hold no data, and the console signs
   in through ``/api/v1/session`` (or an API token) before it asks the API for anything.
 - ``GET /api/v1/console/config``: what the console needs beyond the API: the map's tile URL
-  template (``console.tiles_url`` in the config; ``""``: no tiles, the channels are still drawn as points on a blank map; the console's
-  ``?tiles=`` URL parameter overrides it) and the online-rate targets per tier.
+  template (``console.tiles_url`` in the config; ``""``: no tiles, the channels are still drawn
+  as points on a blank map; the console's ``?tiles=`` URL parameter overrides it) and the
+  online-rate targets per tier.
 
 The console itself is plain JavaScript in the browser, same origin as the API; nothing here
 needs Node at set-up or run time. Its neighbours: ``api.py`` (the routes it calls), and

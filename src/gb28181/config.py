@@ -339,7 +339,7 @@ class Webhook(_Section):
     url: str = Field(min_length=1, description="http:// or https:// URL the events are POSTed to")
     secret: str = Field("", description="HMAC-SHA256 key of the X-GB28181-Signature header "
                         "(empty: unsigned)")
-    events: list[Literal["alarm", "device", "channel", "position"]] = Field(
+    events: list[Literal["alarm", "device", "channel", "position", "upstream", "storage"]] = Field(
         [], description="kinds of event sent (alarm, device on/offline, channel state, mobile "
         "position); empty: all")
 

@@ -50,7 +50,8 @@ log = logging.getLogger("gb28181.events")
 
 #: Event types, and the ``events`` category of a webhook each belongs to.
 TYPES = {"alarm": "alarm", "device.online": "device", "device.offline": "device",
-         "channel.state": "channel", "position": "position"}
+         "channel.state": "channel", "position": "position",
+         "upstream.registered": "upstream", "upstream.lost": "upstream", "storage.low": "storage"}
 SIGNATURE_HEADER = "X-GB28181-Signature"
 TIMESTAMP_HEADER = "X-GB28181-Timestamp"
 

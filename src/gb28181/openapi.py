@@ -277,7 +277,10 @@ def _core_docs() -> dict[Callable[..., Any], Doc]:
                                body=api.ChannelPatch, responses={200: Channel, 404: "no such channel"}),
         api.channel_records: Doc(query={
             "start": ("string", _WHEN), "end": ("string", _WHEN),
-            "type": ("string", "all, time, alarm or manual")},
+            "type": ("string", "all, time, alarm or manual"),
+            "source": ({"type": "string", "enum": ["device", "platform"], "default": "device"},
+                       "the device's history (RecordInfo) or the platform's own recordings"),
+            "offset": ("integer", "platform: items to skip"), "limit": ("integer", "platform: page size")},
             responses={200: "the recordings found", 404: "no such channel", 409: "the device is offline",
                        504: "the device did not answer in time"}),
         api.tree: Doc(query={"by": ({"type": "string", "enum": ["civil", "group"], "default": "civil"},

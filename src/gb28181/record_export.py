@@ -62,7 +62,7 @@ def export_range(segments: Sequence[tuple[str | os.PathLike[str], float]], start
                     ostream = container.add_stream_from_template(video)
                     ostream.time_base = _TB
                     if name == "hevc":
-                        ostream.codec_tag = "hvc1"  # ISO/IEC 14496-15 §8.4, what players expect
+                        ostream.codec_tag = "hev1"  # ISO/IEC 14496-15 §8.4.1: parameter sets in-band
                     codec = name
                 elif name != codec:
                     continue

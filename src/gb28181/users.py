@@ -73,6 +73,7 @@ RULES: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (_READ, "/api/v1/audit/**", "admin"),
     (_READ, "/api/v1/webhooks/**", "admin"),
     (_READ, "/api/v1/downloads/**", "operator"),              # recordings exported as files
+    (_READ, "/api/v1/channels/*/export", "operator"),         # platform recordings as one MP4
     (_READ, "/api/v1/channels/*/broadcast/**", "operator"),   # push-to-talk WebSocket
     (_READ, "/**", "viewer"),                                 # every other read, in scope
     (("DELETE",), "/api/v1/session", "viewer"),               # sign out

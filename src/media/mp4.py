@@ -136,7 +136,10 @@ class Mp4Writer:
             stream.time_base = _TIME_BASE
             stream.codec_context.extradata = config
             if codec == "h265":
-                stream.codec_tag = "hvc1"  # what QuickTime and browsers expect (ISO/IEC 14496-15 8.4)
+                # ISO/IEC 14496-15 §8.4.1: 'hev1', not 'hvc1': the access units keep the VPS/SPS/PPS
+                # the device sends before each IDR, which only 'hev1' allows in the samples (with
+                # 'hvc1' FFmpeg decodes streams whose parameter sets change with slice errors).
+                stream.codec_tag = "hev1"
         except Exception:
             container.close()
             raise
