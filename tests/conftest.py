@@ -434,6 +434,17 @@ def sei_latencies(url: str, seconds: float, token: str | None = TOKEN,
     return frames, latencies
 
 
+def ffprobe(path: str | Path) -> tuple[float, int, str, str]:
+    """(duration in s, decoded video frames, video codec, ffprobe's error lines) of a media file."""
+    out = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-show_entries",
+                          "format=duration:stream=codec_name,nb_read_frames", "-of", "json", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    info = json.loads(out.stdout or "{}")
+    video = next((s for s in info.get("streams", []) if "nb_read_frames" in s), {})
+    return (float(info.get("format", {}).get("duration", 0) or 0), int(video.get("nb_read_frames", 0) or 0),
+            str(video.get("codec_name", "")), out.stderr.strip())
+
+
 def whole_tags(flv: bytes) -> bytes:
     """An FLV capture cut at the end of its last complete tag (a live read stops anywhere)."""
     pos = 9 + 4  # header, PreviousTagSize0

@@ -18,7 +18,7 @@ import pytest
 from gb28181 import mansrtsp
 from gb28181.registrar import BEIJING
 
-from .conftest import listed, read_stream, video_timeline, wait_until
+from .conftest import ffprobe, listed, read_stream, video_timeline, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -180,18 +180,6 @@ def test_mansrtsp_bodies_round_trip_and_bad_ones_are_refused():
             mansrtsp.parse(bad)
 
 
-def ffprobe(path) -> tuple[float, int, str]:
-    """(duration, video frames, errors) as FFmpeg reads the file."""
-    import json
-    import subprocess
-    out = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-show_entries",
-                          "format=duration:stream=codec_name,nb_read_frames", "-of", "json", str(path)],
-                         capture_output=True, text=True, timeout=60)
-    info = json.loads(out.stdout or "{}")
-    frames = int(info["streams"][0]["nb_read_frames"]) if info.get("streams") else 0
-    return float(info.get("format", {}).get("duration", 0)), frames, out.stderr.strip()
-
-
 def test_a_download_at_speed_4_is_an_mp4_of_the_range(served, sims, tmp_path):
     import urllib.request
 
@@ -235,7 +223,7 @@ def test_a_download_at_speed_4_is_an_mp4_of_the_range(served, sims, tmp_path):
     assert len(data) == done["bytes"] > 100_000
     path = tmp_path / "download.mp4"
     path.write_bytes(data)
-    duration, frames, errors = ffprobe(path)
+    duration, frames, _, errors = ffprobe(path)
     assert not errors, errors
     assert 59.0 <= duration <= 61.0 and 59 * 25 <= frames <= 61 * 25, (duration, frames)
     print(f"download of 60 s at speed 4: {took:.1f} s, {duration:.2f} s in the MP4, {frames} frames")

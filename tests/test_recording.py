@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +28,7 @@ from registry.sqlite import SqliteStore
 from registry.store import RecordSegment
 from simulators.media import get_clip
 
-from .conftest import TOKEN, listed, wait_until
+from .conftest import TOKEN, ffprobe, listed, wait_until
 
 DAY = 86400.0
 CH1 = "34020000001320000001"
@@ -96,15 +95,6 @@ def write_segment(root: Path, channel: str, start: float, seconds: float, *, par
         return writer.path
     os.replace(writer.path, final)
     return final
-
-
-def ffprobe(path: Path) -> tuple[float, int, str]:
-    out = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-show_entries",
-                          "format=duration:stream=codec_name,nb_read_frames", "-of", "json", str(path)],
-                         capture_output=True, text=True, timeout=60)
-    info = json.loads(out.stdout or "{}")
-    frames = int(info["streams"][0]["nb_read_frames"]) if info.get("streams") else 0
-    return float(info.get("format", {}).get("duration", 0)), frames, out.stderr.strip()
 
 
 class Clock:
@@ -225,7 +215,7 @@ async def test_reconcile_repairs_cut_segments_adds_orphans_and_drops_missing_row
         assert len(rows) == 1 and rows[0].path.endswith(".mp4") and rows[0].frames > 0
         assert abs(rows[0].start - (t0 + 20)) < 0.01 and rows[0].end > rows[0].start
         repaired = index.storage.path_for(rows[0].path)
-        duration, frames, errors = ffprobe(repaired)
+        duration, frames, _, errors = ffprobe(repaired)
         assert errors == "" and frames == rows[0].frames
         _, rows = await store.segments(CH1)
         assert [r.path for r in rows] == [index.storage.key_of(kept), index.storage.key_of(orphan)]
@@ -283,7 +273,7 @@ async def test_search_export_report_and_metrics_through_the_api(make_server, tmp
     assert headers["Content-Type"] == "video/mp4" and headers.get("Accept-Ranges") == "bytes"
     out = tmp_path / "export.mp4"
     out.write_bytes(mp4)
-    duration, frames, errors = ffprobe(out)
+    duration, frames, _, errors = ffprobe(out)
     assert errors == ""
     assert abs(duration - 60) < 0.2, duration
     assert frames == 50 * 25  # 10 s + 20 s + (gap) + 20 s of 25 fps
@@ -395,7 +385,7 @@ def test_recording_survives_sigkill_and_the_index_matches_the_files(served, sims
     status, mp4 = server.api(f"/api/v1/channels/{channels[0]}/export?start={start}&end={end}")
     assert status == 200, mp4
     (tmp_path / "e2e.mp4").write_bytes(mp4)
-    duration, frames, errors = ffprobe(tmp_path / "e2e.mp4")
+    duration, frames, _, errors = ffprobe(tmp_path / "e2e.mp4")
     assert errors == "" and abs(duration - (end - start)) < 1.0 and frames > 0
 
     # the crash: segments are open (.part) while the server dies

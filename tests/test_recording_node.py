@@ -9,7 +9,6 @@ to the frame without sleeping. The node commands run on both event loops (confte
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import subprocess
@@ -31,6 +30,7 @@ from media.recording import (
     segment_start_from_name,
 )
 
+from .conftest import ffprobe
 from .test_hub import FPS, GOP, looped_packets
 
 pytest.importorskip("av", exc_type=ImportError)
@@ -48,15 +48,11 @@ class Clock:
         return self.now
 
 
-def ffprobe(path: str | Path) -> dict:
-    """ffprobe's duration and decoded frame count; fails on any error line."""
-    out = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-of", "json", "-show_entries",
-                          "stream=nb_read_frames,codec_name:format=duration", str(path)],
-                         capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0 and not out.stderr.strip(), f"{path}: {out.stderr}"
-    body = json.loads(out.stdout)
-    return {"duration": float(body["format"]["duration"]),
-            "frames": int(body["streams"][0]["nb_read_frames"]), "codec": body["streams"][0]["codec_name"]}
+def probed(path: str | Path) -> dict:
+    """ffprobe's duration, decoded frame count and codec; fails on any error line."""
+    duration, frames, codec, errors = ffprobe(path)
+    assert not errors, f"{path}: {errors}"
+    return {"duration": duration, "frames": frames, "codec": codec}
 
 
 def feed(hub: Stream, clock: Clock, packets: list[MediaPacket]) -> None:
@@ -109,7 +105,7 @@ async def test_segments_rotate_at_whole_segment_seconds_on_a_keyframe(tmp_path) 
     for s in segments:
         path = Path(s["path"])
         assert path == segment_path(tmp_path, CH, s["start"]) and path.stat().st_size == s["bytes"]
-        probe = ffprobe(path)
+        probe = probed(path)
         assert probe["frames"] == 50 and probe["codec"] == "h264"
         assert probe["duration"] == pytest.approx(2.0, abs=0.05)
         assert probe_segment(path) == {"path": str(path), "channel": CH, "start": pytest.approx(s["start"]),
@@ -189,11 +185,11 @@ async def test_a_segment_cut_mid_fragment_is_repaired_to_its_whole_gops(tmp_path
     assert fixed["path"] == str(cut).removesuffix(".part")
     assert fixed["frames"] == 3 * GOP, "the whole fragments before the cut, and nothing broken"
     assert fixed["start"] == pytest.approx(T0) and fixed["end"] == pytest.approx(T0 + 3)
-    probe = ffprobe(fixed["path"])
+    probe = probed(fixed["path"])
     assert probe["frames"] == 3 * GOP and probe["duration"] == pytest.approx(3.0, abs=0.05)
     # The original, finished, has everything.
     (segment,) = await rec.stop()
-    assert segment["frames"] == 110 and ffprobe(segment["path"])["frames"] == 110
+    assert segment["frames"] == 110 and probed(segment["path"])["frames"] == 110
 
     # Nothing readable (a crash before the first fragment): the .part goes, nothing comes back.
     empty = tmp_path / f"{CH}_20231115T061320.mp4.part"
@@ -313,7 +309,7 @@ def test_a_recorder_killed_with_sigkill_leaves_a_part_that_repairs(tmp_path) -> 
     (part,) = tmp_path.rglob("*.mp4.part")
     fixed = repair_segment(part)
     assert fixed is not None and fixed["frames"] == 4 * GOP, fixed  # the fifth GOP was in memory
-    assert ffprobe(fixed["path"])["frames"] == 4 * GOP
+    assert probed(fixed["path"])["frames"] == 4 * GOP
     assert not list(tmp_path.rglob("*.part"))
 
 
@@ -326,6 +322,6 @@ async def test_h265_segments(tmp_path) -> None:
     feed(hub, clock, make_packets(encode("libx265"), codec="h265"))
     (segment,) = await rec.stop()
     assert segment["codec"] == "h265" and segment["frames"] == 75
-    probe = ffprobe(segment["path"])
+    probe = probed(segment["path"])
     assert probe["codec"] == "hevc" and probe["frames"] == 75
     assert probe_segment(segment["path"])["codec"] == "h265"
