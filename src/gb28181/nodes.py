@@ -9,8 +9,8 @@ done by media nodes (``media.node``); the server only decides. ``NodeManager`` k
   node on another machine (``RemoteNode``, a WebSocket at ``media.node_service.LINK_PATH``,
   authenticated with ``media.node_token``).
 
-A new stream goes to the least-loaded node that has room: the fewest streams for its limit plus
-its CPU share (``choose``). Its ``MediaLeg`` is the server's handle on that stream: commands go
+A new stream goes to the least-loaded node that has room: the fewest streams for its limit plus,
+on a node busier than half a core, its CPU share (``choose``). Its ``MediaLeg`` is the server's handle on that stream: commands go
 through it, and the node's events for the stream come back to it. When a remote node's link
 drops (the process died, the machine is gone: the WebSocket heartbeat notices within seconds),
 ``on_node_lost`` gets the legs it carried, so the stream manager re-establishes them elsewhere.
@@ -40,6 +40,7 @@ log = logging.getLogger("gb28181.nodes")
 
 CALL_TIMEOUT = 20.0  # seconds a node has to answer a command (connect tries two hosts x 5 s)
 NO_NODE_WAIT = 10.0  # seconds a new stream waits for a first node to link
+BUSY_CPU = 0.5  # a node's CPU share (of one core) counts in the choice of a node from here on
 LINK_HEARTBEAT = 2.0  # WebSocket ping interval on the link; a dead node is noticed within ~3 s
 
 
@@ -298,7 +299,9 @@ class NodeManager:
         return len(self.alive())
 
     def choose(self, exclude: NodeHandle | None = None) -> NodeHandle:
-        """The least-loaded node with room: streams for its limit plus its CPU share."""
+        """The least-loaded node with room: streams for its limit, plus its CPU share once that
+        is past ``BUSY_CPU``. Below it a node's CPU is noise (a few percent that jump with every
+        load report) and would decide alone between nodes the stream counts say are alike."""
         candidates = [n for n in self.alive() if n is not exclude and len(n.legs) < n.max_streams]
         if not candidates:
             alive = self.alive()
@@ -308,7 +311,9 @@ class NodeManager:
             raise NodeCallError(f"every media node is full ({sum(len(n.legs) for n in alive)} streams "
                                 "on " + ", ".join(n.name for n in alive) + "): add a node or raise "
                                 "its --max-streams")
-        return min(candidates, key=lambda n: (len(n.legs) / n.max_streams + min(n.cpu, 1.0), n.node_id))
+        def load(n: NodeHandle) -> float:
+            return len(n.legs) / n.max_streams + (min(n.cpu, 1.0) if n.cpu >= BUSY_CPU else 0.0)
+        return min(candidates, key=lambda n: (load(n), n.node_id))
 
     async def allocate(self, key: str, owner: LegOwner | None = None,
                        exclude: NodeHandle | None = None) -> MediaLeg:
