@@ -10,10 +10,11 @@ done by media nodes (``media.node``); the server only decides. ``NodeManager`` k
   authenticated with ``media.node_token``).
 
 A new stream goes to the least-loaded node that has room: the fewest streams for its limit plus,
-on a node busier than half a core, its CPU share (``choose``). Its ``MediaLeg`` is the server's handle on that stream: commands go
-through it, and the node's events for the stream come back to it. When a remote node's link
-drops (the process died, the machine is gone: the WebSocket heartbeat notices within seconds),
-``on_node_lost`` gets the legs it carried, so the stream manager re-establishes them elsewhere.
+on a node busier than half a core, its CPU share (``choose``). Its ``MediaLeg`` is the server's
+handle on that stream: commands go through it, and the node's events for the stream come back
+to it. When a remote node's link drops (the process died, the machine is gone: the WebSocket
+heartbeat notices within seconds), ``on_node_lost`` gets the legs it carried, so the stream
+manager re-establishes them elsewhere.
 """
 
 from __future__ import annotations
