@@ -166,6 +166,15 @@ async def test_retention_and_a_tiny_quota_with_an_injected_clock(tmp_path):
         assert not any(index.storage.exists(s.path) for s in plan.expired)
         total, left = await store.segments()
         assert total == 3
+        assert index.totals == {1: (1, 2000), 2: (1, 2000), 3: (1, 2000)}
+        # Between recounts the totals follow what is deleted and what closes (no scan of the rows).
+        store.segment_summary = None  # type: ignore[assignment]  # a recount now would fail
+        await index.on_segment({"path": str(segment_path(root, CH2, clock.now - 60)), "channel": CH2,
+                                "start": clock.now - 60, "end": clock.now, "bytes": 500, "frames": 25,
+                                "codec": "h264", "state": "closed"})
+        assert index.totals[2] == (2, 2500)
+        await store.delete_segments([index.storage.key_of(segment_path(root, CH2, clock.now - 60))])
+        index.totals[2] = (1, 2000)
         # a quota under what is used (6000): low space deletes tier 3, then tier 2, and then
         # only tier 1 inside its retention is left, which stays: short, the alert
         index.storage.quota = 2000
@@ -173,6 +182,8 @@ async def test_retention_and_a_tiny_quota_with_an_injected_clock(tmp_path):
         assert [s.tier for s in plan.low_space] == [3, 2] and plan.short_bytes > 0
         total, left = await store.segments()
         assert [s.tier for s in left] == [1] and index.storage.exists(left[0].path)
+        assert index.totals == {1: (1, 2000), 2: (0, 0), 3: (0, 0)}
+        del store.segment_summary  # an hour on, the index is counted again
         # a day later nothing of tier 1 inside its 30 days goes: still short, still kept
         clock.now += DAY
         plan = await index.sweep()
