@@ -11,7 +11,7 @@ import pytest_asyncio
 
 from gb28181.server import GbServer
 from gb28181.users import LockedOut, UserError, needed_role
-from registry.models import Channel
+from registry.models import Channel, Device
 from simulators.fleet import Fleet, FleetConfig
 
 from .conftest import TOKEN, wait_for
@@ -129,9 +129,20 @@ async def test_viewer_plays_in_scope_only_and_is_audited_by_name(make_server, cl
             status, body = await viewer.call(method, path)
             assert status == 404 and OUTSIDE in body["error"], (method, path, body)
 
+        # devices: only those with a channel in scope, or of an area in scope by their own ID
+        server.registry.add(Device(device_id="44010000001110000001", kind="dvr"))
+        status, body = await viewer.call("GET", "/api/v1/devices")
+        assert status == 200 and [d["device_id"] for d in body["devices"]] == [IPC], body
+        status, body = await admin.call("GET", "/api/v1/devices")
+        assert {d["device_id"] for d in body["devices"]} == {IPC, "44010000001110000001"}, body
+        status, body = await viewer.call("GET", "/api/v1/devices/44010000001110000001")
+        assert status == 404 and "no device" in body["error"], body
+
         # watching is allowed; control and changes are not
         status, body = await viewer.call("POST", f"/api/v1/channels/{cid}/play", {"transport": "udp"})
         assert status == 200, body
+        status, body = await viewer.call("GET", "/api/v1/streams")
+        assert status == 200 and [s["channel_id"] for s in body["streams"]] == [cid], body
         status, body = await viewer.call("POST", f"/api/v1/channels/{cid}/ptz", {"command": "left"})
         assert status == 403 and "operator" in body["error"], body
         status, body = await viewer.call("PATCH", f"/api/v1/devices/{IPC}", {"name": "x"})
@@ -311,3 +322,18 @@ async def test_bad_bodies_and_reserved_names(make_server, clients):
     assert status == 409
     status, out = await admin.call("GET", "/api/v1/users")
     assert status == 200 and all("password_hash" not in u for u in out["users"])
+
+
+def test_a_scoped_event_feed_sees_only_its_area():
+    from gb28181.config import EventsSection
+    from gb28181.events import EventBus
+    bus = EventBus(EventsSection())
+    inside = {"channel_id": "34020000001310000001", "device_id": "34020000001110000001"}
+    outside = {"channel_id": "44010000001310000001", "device_id": "44010000001110000001"}
+    first = bus.publish("alarm", inside)
+    bus.publish("alarm", outside)
+    client, replay, _ = bus.attach(first.id - 1, None, lambda e: e.data["channel_id"].startswith("3402"))
+    assert [e.data for e in replay] == [inside]
+    bus.publish("alarm", outside)
+    bus.publish("alarm", inside)
+    assert [e.data for e in client.queue] == [inside]

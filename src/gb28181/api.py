@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -199,6 +200,9 @@ async def _auth_and_errors(request: web.Request, handler):
             channel = server.channels.get(cid) if cid else None
             if channel is not None and not principal.scope.covers(channel):
                 return _error(404, f"no channel {cid}")
+            did = request.match_info.get("device_id")
+            if did and not principal.scope.covers_device(did, server.channels.of_device(did)):
+                return _error(404, f"no device {did}")
     if principal is not None:
         request[PRINCIPAL] = principal
     try:
@@ -232,7 +236,19 @@ async def list_devices(request: web.Request) -> web.Response:
     limit = _int_param(request, "limit", 100, 1, 1000)
     kind = request.query.get("kind") or None
     online = None if status is None else status == "online"
-    total, devices = _server(request).registry.query(online=online, kind=kind, offset=offset, limit=limit)
+    from .users import PRINCIPAL
+    server = _server(request)
+    principal = request.get(PRINCIPAL)
+    if principal is not None and not principal.scope.everything:
+        # A user's scope is no store query: filter the devices in memory, then page.
+        scope = principal.scope
+        seen = [d for d in server.registry if (online is None or d.online == online)
+                and (kind is None or d.kind == kind)
+                and scope.covers_device(d.device_id, server.channels.of_device(d.device_id))]
+        seen.sort(key=lambda d: d.device_id)
+        return web.json_response({"total": len(seen), "offset": offset, "limit": limit,
+                                  "devices": [device_json(d) for d in seen[offset:offset + limit]]})
+    total, devices = server.registry.query(online=online, kind=kind, offset=offset, limit=limit)
     return web.json_response({"total": total, "offset": offset, "limit": limit,
                               "devices": [device_json(d) for d in devices]})
 
@@ -605,6 +621,25 @@ async def online_report(request: web.Request) -> web.Response:
 
 
 # -- live video: play, streams, HTTP-FLV / WS-FLV, RTP forward, audit ---------------------------
+
+def scope_filter(request: web.Request) -> Callable[[str, str], bool] | None:
+    """For a user with a scope: whether (channel ID, device ID) is in it (either may be ""); None
+    for everyone else. Alarms, streams and the event feed of other areas are left out with it."""
+    from .users import PRINCIPAL
+    principal = request.get(PRINCIPAL)
+    if principal is None or principal.scope.everything:
+        return None
+    scope, channels = principal.scope, _server(request).channels
+
+    def sees(channel_id: str, device_id: str) -> bool:
+        channel = channels.get(channel_id) if channel_id else None
+        if channel is not None:
+            return scope.covers(channel) if channel.kind == "channel" else \
+                scope.covers_device(channel.device_id, channels.of_device(channel.device_id))
+        device = device_id or channel_id
+        return bool(device) and scope.covers_device(device, channels.of_device(device))
+    return sees
+
 
 def _who(request: web.Request) -> tuple[str, str]:
     """(who, from where) for the audit log: the user's name, or the credential used

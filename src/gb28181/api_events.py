@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from registry.models import Device
 
 from .alarms import alarm_json, subscription_fields
-from .api import _body, _device_or_404, _error, _int_param, _server
-from .events import TYPES, serve_sse
+from .api import _body, _device_or_404, _error, _int_param, _server, scope_filter
+from .events import TYPES, Event, serve_sse
 from .openapi import Media, doc
 from .queries import QueryError
 from .subscriptions import Subscription, SubscriptionManager
@@ -64,6 +64,8 @@ async def list_alarms(request: web.Request) -> web.Response:
     limit = _int_param(request, "limit", 100, 1, 10000)
     alarms = await _server(request).registry.alarm_events(q.get("device_id") or None, since,
                                                           priorities, limit)
+    if (sees := scope_filter(request)) is not None:
+        alarms = [a for a in alarms if sees(a.channel_id or "", a.device_id)]
     return web.json_response({"alarms": [alarm_json(a) for a in alarms], "count": len(alarms)})
 
 
@@ -86,7 +88,14 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
         if not raw.strip().isdigit():
             return _error(400, "Last-Event-ID must be the id of an event this server sent")
         last_id = int(raw.strip())
-    return await serve_sse(_server(request).events, request, last_id=last_id, types=types)
+    visible = None
+    if (sees := scope_filter(request)) is not None:
+        def visible(event: Event) -> bool:
+            data = event.data
+            return sees(str(data.get("channel_id") or data.get("target_id") or ""),
+                        str(data.get("device_id") or ""))
+    return await serve_sse(_server(request).events, request, last_id=last_id, types=types,
+                           visible=visible)
 
 
 @doc(summary="Each configured webhook's queue and delivery counts")

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from media.node_service import LINK_PATH
 from media.playurl import play_query
 
-from .api import _bad, _body, _error, _iso, _not_found, _server, _who
+from .api import _bad, _body, _error, _iso, _not_found, _server, _who, scope_filter
 from .nodes import MediaLeg, NodeCallError
 from .openapi import Media, Play, Playback, doc
 from .streams import PlayError
@@ -76,7 +76,10 @@ async def list_streams(request: web.Request) -> web.Response:
     server = _server(request)
     streams, playbacks = server.streams, server.playbacks
     live = [dict(s, kind="live") for s in await streams.describe(list(streams.live.values()))]
-    return web.json_response({"streams": live + await playbacks.describe(list(playbacks.active.values()))})
+    every = live + await playbacks.describe(list(playbacks.active.values()))
+    if (sees := scope_filter(request)) is not None:
+        every = [s for s in every if sees(str(s.get("channel_id") or ""), str(s.get("device_id") or ""))]
+    return web.json_response({"streams": every})
 
 
 def _stream_or_404(request: web.Request):

@@ -97,12 +97,15 @@ class Event:
 class SseClient:
     """One SSE connection's queue; ``dropped`` once it fell ``limit`` events behind."""
 
-    __slots__ = ("queue", "limit", "types", "wake", "dropped", "closed", "abort")
+    __slots__ = ("queue", "limit", "types", "visible", "wake", "dropped", "closed", "abort")
 
-    def __init__(self, limit: int, types: frozenset[str] | None) -> None:
+    def __init__(self, limit: int, types: frozenset[str] | None,
+                 visible: Callable[[Event], bool] | None = None) -> None:
         self.queue: deque[Event] = deque()
         self.limit = limit
         self.types = types
+        #: Whether this client may see an event (a user's scope); None: every event.
+        self.visible = visible
         self.wake = asyncio.Event()
         self.dropped = False
         self.closed = False
@@ -112,6 +115,8 @@ class SseClient:
     def offer(self, event: Event) -> bool:
         """Queue ``event``; False (and dropped) when the client is too far behind."""
         if self.types is not None and TYPES.get(event.type, event.type) not in self.types:
+            return True
+        if self.visible is not None and not self.visible(event):
             return True
         if len(self.queue) >= self.limit:
             self.dropped = True
@@ -331,10 +336,11 @@ class EventBus:
         return event
 
     # -- SSE ----------------------------------------------------------------------------------
-    def attach(self, last_id: int | None, types: frozenset[str] | None) -> tuple[SseClient, list[Event], bool]:
+    def attach(self, last_id: int | None, types: frozenset[str] | None,
+               visible: Callable[[Event], bool] | None = None) -> tuple[SseClient, list[Event], bool]:
         """A new SSE client; the events after ``last_id`` still in the ring, and whether some
         it missed are no longer there (a gap)."""
-        client = SseClient(self.config.sse_backlog, types)
+        client = SseClient(self.config.sse_backlog, types, visible)
         replay: list[Event] = []
         gap = False
         if last_id is not None:
@@ -343,6 +349,8 @@ class EventBus:
                 gap = replay[0].id > max(last_id + 1, self.first_id)
             if types is not None:
                 replay = [e for e in replay if TYPES.get(e.type, e.type) in types]
+            if visible is not None:
+                replay = [e for e in replay if visible(e)]
         self.clients.add(client)
         return client, replay, gap
 
@@ -378,13 +386,13 @@ class EventBus:
 
 
 async def serve_sse(bus: EventBus, request: Any, *, last_id: int | None,
-                    types: frozenset[str] | None) -> Any:
+                    types: frozenset[str] | None, visible: Callable[[Event], bool] | None = None) -> Any:
     """Stream ``bus`` events to ``request`` (an aiohttp request) as ``text/event-stream``."""
     from aiohttp import web
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                        "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await resp.prepare(request)
-    client, replay, gap = bus.attach(last_id, types)
+    client, replay, gap = bus.attach(last_id, types, visible)
     transport = request.transport
     if transport is not None:
         client.abort = transport.close

@@ -23,7 +23,7 @@ import hashlib
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -158,6 +158,15 @@ class Scope:
             if channel.parent_id and not self.business_groups.isdisjoint(channel.parent_id.split("/")):
                 return True
         return False
+
+    def covers_device(self, device_id: str, channels: Iterable[Channel]) -> bool:
+        """A device is in scope when one of its channels is, or, by civil code, its own ID's
+        centre code (Annex D digits 1-8) is (a device whose catalog has not come in yet)."""
+        if self.everything:
+            return True
+        if self.civil_codes and device_id[:8].startswith(self.civil_codes):
+            return True
+        return any(self.covers(c) for c in channels)
 
     def as_json(self) -> dict[str, list[str]]:
         return {"civil_codes": list(self.civil_codes), "business_groups": sorted(self.business_groups)}
