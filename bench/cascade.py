@@ -51,7 +51,7 @@ import psutil
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from relay import FlvReader, cpu_seconds, pct  # noqa: E402
+from relay import cpu_seconds, pct, read_flv  # noqa: E402
 
 # bench/registry.py would shadow the registry package the server's modules import.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
@@ -95,31 +95,18 @@ class Viewer:
 
 async def view(session: aiohttp.ClientSession, v: Viewer) -> None:
     """Read ``v.url`` until cancelled (a 307 to the node is followed)."""
-    try:
-        async with session.get(v.url) as r:
-            if r.status != 200:
-                v.error = f"HTTP {r.status}: {(await r.text())[:200]}"
-                return
-            reader = FlvReader()
-            while True:
-                chunk = await r.content.readany()
-                if not chunk:
-                    v.error = "stream ended"
-                    return
-                now_ns = time.time_ns()
-                for sei in reader.feed(chunk):
-                    if v.first_at is None:
-                        v.first_at = time.perf_counter()
-                    if Window.active:
-                        v.frames += 1
-                        if sei is None:
-                            v.no_sei += 1
-                        else:
-                            v.arrivals[sei[1]] = now_ns
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # recorded and reported, the other viewers go on
-        v.error = f"{type(exc).__name__}: {exc}"
+    def frames(seis: list[tuple[int, int] | None], now_ns: int) -> bool:
+        for sei in seis:
+            if v.first_at is None:
+                v.first_at = time.perf_counter()
+            if Window.active:
+                v.frames += 1
+                if sei is None:
+                    v.no_sei += 1
+                else:
+                    v.arrivals[sei[1]] = now_ns
+        return False
+    v.error = await read_flv(session, v.url, frames)
 
 
 # -- set-up ---------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from cascade import cameras, level_procs, procs_cpu, table, wait  # noqa: E402
-from relay import FlvReader, pct  # noqa: E402
+from relay import pct, read_flv  # noqa: E402
 
 # bench/registry.py would shadow the registry package the server's modules import.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
@@ -112,19 +112,10 @@ class Viewer:
 
 
 async def view(session: aiohttp.ClientSession, v: Viewer) -> None:
-    try:
-        async with session.get(v.url) as r:
-            if r.status != 200:
-                v.error = f"HTTP {r.status}"
-                return
-            reader = FlvReader()
-            while chunk := await r.content.readany():
-                v.frames += len(reader.feed(chunk))
-            v.error = "stream ended"
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        v.error = f"{type(exc).__name__}: {exc}"
+    def frames(seis: list[tuple[int, int] | None], now_ns: int) -> bool:
+        v.frames += len(seis)
+        return False
+    v.error = await read_flv(session, v.url, frames)
 
 
 async def watch(urls: dict[str, str], seconds: float) -> list[Viewer]:
@@ -156,11 +147,10 @@ async def playback_seek(server: ServedServer, channel_id: str, start: int, end: 
         out["open"] = body
 
         async def read() -> None:
-            async with session.get(body["urls"]["http_flv"]) as r:
-                reader = FlvReader()
-                while chunk := await r.content.readany():
-                    now = time.time()
-                    out["frames"] += [(now, None if sei is None else sei[1] / 1e9) for sei in reader.feed(chunk)]
+            def frames(seis: list[tuple[int, int] | None], now_ns: int) -> bool:
+                out["frames"] += [(now_ns / 1e9, None if sei is None else sei[1] / 1e9) for sei in seis]
+                return False
+            await read_flv(session, body["urls"]["http_flv"], frames)
 
         task = asyncio.create_task(read())
         try:

@@ -79,6 +79,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -320,38 +321,51 @@ class Viewer:
         self.error = ""
 
 
-async def view(session: aiohttp.ClientSession, url: str, v: Viewer, headers: dict | None = None,
-               first_only: bool = False) -> None:
-    """Read an HTTP-FLV stream into ``v`` until cancelled (or the first frame, ``first_only``)."""
+Frames = Callable[[list[tuple[int, int] | None], int], bool]
+
+
+async def read_flv(session: aiohttp.ClientSession, url: str, on_frames: Frames,
+                   headers: dict | None = None) -> str:
+    """Read an HTTP-FLV stream, handing the frames of each chunk (their simulator SEI or None)
+    and its arrival time (``time.time_ns``) to ``on_frames``, until it returns True, the stream
+    ends or the task is cancelled. Returns what ended it ("" when ``on_frames`` did), never
+    raises but for cancellation: one viewer's failure is reported, the others go on."""
     try:
         async with session.get(url, headers=headers) as r:
             if r.status != 200:
-                v.error = f"HTTP {r.status}: {(await r.text())[:200]}"
-                return
+                return f"HTTP {r.status}: {(await r.text())[:200]}"
             reader = FlvReader()
             while True:
                 chunk = await r.content.readany()
                 if not chunk:
-                    v.error = "stream ended"
-                    return
-                now_ns = time.time_ns()
-                for sei in reader.feed(chunk):
-                    v.frames += 1
-                    if v.first_at is None:
-                        v.first_at = time.perf_counter()
-                        if first_only:
-                            return
-                    if Window.active:
-                        v.window_frames += 1
-                        if sei is None:
-                            v.no_sei += 1
-                        else:
-                            v.counters.append(sei[0])
-                            v.latencies_ns.append(now_ns - sei[1])
+                    return "stream ended"
+                if on_frames(reader.feed(chunk), time.time_ns()):
+                    return ""
     except asyncio.CancelledError:
         raise
-    except Exception as exc:  # recorded and reported, the other viewers go on
-        v.error = f"{type(exc).__name__}: {exc}"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+async def view(session: aiohttp.ClientSession, url: str, v: Viewer, headers: dict | None = None,
+               first_only: bool = False) -> None:
+    """Read an HTTP-FLV stream into ``v`` until cancelled (or the first frame, ``first_only``)."""
+    def frames(seis: list[tuple[int, int] | None], now_ns: int) -> bool:
+        for sei in seis:
+            v.frames += 1
+            if v.first_at is None:
+                v.first_at = time.perf_counter()
+                if first_only:
+                    return True
+            if Window.active:
+                v.window_frames += 1
+                if sei is None:
+                    v.no_sei += 1
+                else:
+                    v.counters.append(sei[0])
+                    v.latencies_ns.append(now_ns - sei[1])
+        return False
+    v.error = await read_flv(session, url, frames, headers)
 
 
 # -- processes ------------------------------------------------------------------------------
