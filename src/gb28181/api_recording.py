@@ -24,7 +24,9 @@ from typing import Any
 
 from aiohttp import web
 
-from .api import _channel_or_404, _error, _int_param, _server
+from registry.models import Channel
+
+from .api import _bad, _channel_or_404, _error, _int_param, _iso, _server
 from .openapi import Media, Param, doc
 from .record_export import ExportError, export_range
 from .record_report import storage_report
@@ -37,24 +39,21 @@ _WHEN = "ISO 8601 (Beijing time without an offset), 24h, now or Unix seconds"
 _RANGE: dict[str, Param] = {"start": ("string", _WHEN, True), "end": ("string", _WHEN + "; default now")}
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, BEIJING).isoformat(timespec="seconds")
-
-
-def _range(request: web.Request, channel_id: str) -> tuple[float, float]:
-    """(start, end) of the query, parsed as a device record search parses them; ValueError."""
-    query = RecordQuery.from_params(channel_id, request.query)
-    return query.start.timestamp(), query.end.timestamp()
+def _channel_range(request: web.Request) -> tuple[Channel, float, float]:
+    """The channel (404) and the query's (start, end), parsed as a device record search parses
+    them (400 naming the parameter)."""
+    channel = _channel_or_404(request)
+    try:
+        query = RecordQuery.from_params(channel.channel_id, request.query)
+    except ValueError as exc:
+        raise _bad(str(exc)) from None
+    return channel, query.start.timestamp(), query.end.timestamp()
 
 
 async def platform_records(request: web.Request) -> web.Response:
     """The platform's own segments of a channel (``source=platform``), as a record search answers."""
     server = _server(request)
-    channel = _channel_or_404(request)
-    try:
-        start, end = _range(request, channel.channel_id)
-    except ValueError as exc:
-        return _error(400, str(exc))
+    channel, start, end = _channel_range(request)
     offset = _int_param(request, "offset", 0, 0, 10**9)
     limit = _int_param(request, "limit", 100, 1, 1000)
     total, page = await server.recordings.index.search(channel.channel_id, start, end,
@@ -73,17 +72,13 @@ async def platform_records(request: web.Request) -> web.Response:
                 400: "bad or too long range", 404: "no such channel, or nothing recorded in the range"})
 async def export(request: web.Request) -> web.StreamResponse:
     server = _server(request)
-    channel = _channel_or_404(request)
-    try:
-        start, end = _range(request, channel.channel_id)
-    except ValueError as exc:
-        return _error(400, str(exc))
+    channel, start, end = _channel_range(request)
     longest = server.config.recording.max_export_seconds
     if end - start > longest:
         return _error(400, f"the range is {end - start:.0f} s; one export covers at most {longest:g} s "
                            "(recording.max_export_seconds): split it")
     index = server.recordings.index
-    _, segments = await index.search(channel.channel_id, start, end, limit=10000)
+    _, segments = await index.search(channel.channel_id, start, end, limit=10000, count=False)
     usable = [s for s in segments if s.state != "failed" and index.storage.exists(s.path)]
     if not usable:
         return _error(404, f"no platform recording of {channel.channel_id} between {_iso(start)} and "

@@ -160,8 +160,8 @@ class SegmentIndex:
         self.totals[tier] = (max(0, n + segments), max(0, b + size))
 
     async def search(self, channel_id: str, start: float, end: float, *, offset: int = 0,
-                     limit: int = 100) -> tuple[int, list[RecordSegment]]:
-        return await self.store.segments(channel_id, start, end, offset=offset, limit=limit)
+                     limit: int = 100, count: bool = True) -> tuple[int, list[RecordSegment]]:
+        return await self.store.segments(channel_id, start, end, offset=offset, limit=limit, count=count)
 
     # -- reconciliation ----------------------------------------------------------------------------
     async def reconcile(self, *, busy: Callable[[str], bool] = lambda key: False,
@@ -238,7 +238,7 @@ class SegmentIndex:
         usage = self.storage.usage(used)
         candidates: dict[int, list[RecordSegment]] = {}
         for tier in (1, 2, 3):
-            _, oldest = await self.store.segments(tier=tier, limit=SWEEP_BATCH)
+            _, oldest = await self.store.segments(tier=tier, limit=SWEEP_BATCH, count=False)
             candidates[tier] = oldest
         plan = plan_sweep(candidates, usage, self.config, now)
         deleted: list[str] = []

@@ -360,7 +360,7 @@ class RecordingManager:
     async def segments(self, channel_id: str, start: float, end: float) -> list[dict]:
         """The channel's readable segments overlapping [start, end) as files a node plays
         (``file_play``; playback.py): ``{path, start, end}``, oldest first."""
-        _, found = await self.index.search(channel_id, start, end, limit=10000)
+        _, found = await self.index.search(channel_id, start, end, limit=10000, count=False)
         return [{"path": str(self.storage.path_for(s.path)), "start": s.start, "end": s.end}
                 for s in found if s.state != "failed" and s.end > s.start]
 

@@ -917,7 +917,8 @@ class SqliteStore(Store):
     async def segments(self, channel_id: str | None = None, start: float | None = None,
                        end: float | None = None, *, tier: int | None = None,
                        ended_before: float | None = None, oldest_first: bool = True,
-                       offset: int = 0, limit: int = 1000) -> tuple[int, list[RecordSegment]]:
+                       offset: int = 0, limit: int = 1000,
+                       count: bool = True) -> tuple[int, list[RecordSegment]]:
         where: list[str] = []
         params: list[object] = []
         if channel_id is not None:
@@ -939,12 +940,15 @@ class SqliteStore(Store):
         order = "start, id" if oldest_first else "start DESC, id DESC"
         db = self._conn()
         try:
-            total = (await db.execute_fetchall(f"SELECT COUNT(*) FROM record_segments{clause}", params))
             rows = await db.execute_fetchall(f"{_SELECT_SEGMENTS}{clause} ORDER BY {order} LIMIT ? OFFSET ?",
                                              [*params, limit, offset])
+            page = [_row_segment(row) for row in rows]
+            if not count:
+                return len(page), page
+            total = (await db.execute_fetchall(f"SELECT COUNT(*) FROM record_segments{clause}", params))
         except sqlite3.Error as e:
             raise StoreError(f"cannot read record segments from {self.path}: {e}") from e
-        return list(total)[0][0], [_row_segment(row) for row in rows]
+        return list(total)[0][0], page
 
     async def segment_paths(self) -> dict[str, str]:
         try:

@@ -271,9 +271,11 @@ class Store(abc.ABC):
     async def segments(self, channel_id: str | None = None, start: float | None = None,
                        end: float | None = None, *, tier: int | None = None,
                        ended_before: float | None = None, oldest_first: bool = True,
-                       offset: int = 0, limit: int = 1000) -> tuple[int, list[RecordSegment]]:
+                       offset: int = 0, limit: int = 1000,
+                       count: bool = True) -> tuple[int, list[RecordSegment]]:
         """(matching, a page of them): segments overlapping [start, end), of one channel or
-        tier, or ended before ``ended_before``; by start time."""
+        tier, or ended before ``ended_before``; by start time. Without ``count`` the first is
+        the page's length: counting every match is a scan a caller that pages not need not pay."""
         raise NotImplementedError(f"{type(self).__name__} does not index recordings")
 
     async def segment_paths(self) -> dict[str, str]:
