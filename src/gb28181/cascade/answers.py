@@ -57,7 +57,6 @@ class UpperQueries:
         self.control = control
         self.queries = queries
         self._tasks: set[asyncio.Task] = set()
-        self.answered: dict[str, int] = {}
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -105,8 +104,6 @@ class UpperQueries:
         except manscdp.BodyRefused as exc:
             reply(exc.status, exc.reason)
             return
-        key = f"{msg.root}/{msg.cmd_type}"
-        self.answered[key if len(self.answered) < 64 else "other"] = self.answered.get(key, 0) + 1
         sn = msg.sn if msg.sn is not None else 0
         if msg.root == "Query":
             if msg.cmd_type == "Catalog":

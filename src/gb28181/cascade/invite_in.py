@@ -73,7 +73,6 @@ class UpSession:
     ended: bool = False
     reason: str = ""
     created_at: float = field(default_factory=time.time)
-    task: asyncio.Task | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"call_id": self.call_id, "channel_id": self.channel_id, "kind": self.kind.lower(),
@@ -118,7 +117,6 @@ class UpperSessions:
         self.invites = invites
         self.sessions: dict[str, UpSession] = {}  # by Call-ID
         self._tasks: set[asyncio.Task] = set()
-        self.refused: dict[int, int] = {}
         streams.on_closed.append(self._live_closed)
         playbacks.on_closed.append(self._playback_event)
 
@@ -186,7 +184,6 @@ class UpperSessions:
         return True
 
     def _refuse(self, ev: RequestReceived, status: int, text: str) -> None:
-        self.refused[status] = self.refused.get(status, 0) + 1
         log.info("INVITE from upper platform refused %d: %s", status, text)
         self._respond(ev, make_response(ev.request, status, text[:120].replace("\r", " ").replace("\n", " "),
                                         to_tag=new_tag()))
@@ -213,7 +210,6 @@ class UpperSessions:
             ssrc = self.invites.ssrcs.allocate(history=kind != "Play")
         session = UpSession(uplink, req.call_id, channel_id, kind, transport, remote, ssrc, ev.transport)
         self.sessions[req.call_id] = session
-        session.task = asyncio.current_task()
         try:
             await self._open_stream(session, offer)
         except PlayError as exc:

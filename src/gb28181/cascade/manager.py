@@ -23,7 +23,6 @@ import asyncio
 import json
 import logging
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -303,9 +302,6 @@ class CascadeManager:
             fails.add_metric([uplink.id], uplink.failures)
             sessions.add_metric([uplink.id], self.sessions.count(uplink))
         yield from (up, misses, regs, fails, sessions)
-
-    def now(self) -> float:
-        return time.time()
 
     def charset(self) -> str:
         return self.config.catalog.charset

@@ -64,7 +64,6 @@ class Uplink:
         self.failures = 0
         self.keepalives_sent = 0
         self._task: asyncio.Task | None = None
-        self._wake = asyncio.Event()
 
     # -- identity -----------------------------------------------------------------------------
     @property
@@ -123,10 +122,6 @@ class Uplink:
                 log.info("unregister from %s: %s", self.id, exc)
         self.status = "disabled" if not self.config.enabled else "stopped"
 
-    def kick(self) -> None:
-        """Register again now (the upper refused a request because it does not know us)."""
-        self._wake.set()
-
     async def _run(self) -> None:
         backoff = self.config.retry_min
         while True:
@@ -147,7 +142,7 @@ class Uplink:
                 log.warning("registration to upper platform %s failed: %s; retry in %.1f s",
                             self.id, self.reason, delay)
                 backoff = min(backoff * 2, self.config.retry_max)
-                await self._sleep(delay)
+                await asyncio.sleep(delay)
                 continue
             backoff = self.config.retry_min
             first = not self.registered
@@ -170,24 +165,14 @@ class Uplink:
                 if self.on_lost is not None:
                     self.on_lost(self)
 
-    async def _sleep(self, seconds: float) -> bool:
-        """Sleep, or wake early on ``kick``; True when kicked."""
-        self._wake.clear()
-        try:
-            await asyncio.wait_for(self._wake.wait(), seconds)
-        except TimeoutError:
-            return False
-        return True
-
     async def _registered_life(self, granted: int) -> bool:
         """Keepalives until the refresh is due (False) or the upper is lost (True)."""
         refresh_at = time.monotonic() + granted * 0.8
         interval = self.config.keepalive_interval
         while True:
             wait = min(interval, refresh_at - time.monotonic())
-            if wait > 0 and await self._sleep(wait):
-                self.reason = "the upper platform asked us to register again"
-                return True
+            if wait > 0:
+                await asyncio.sleep(wait)
             if time.monotonic() >= refresh_at:
                 return False
             ok = await self._keepalive()
