@@ -25,6 +25,9 @@ from typing import Any
 import defusedxml.ElementTree as DET
 from defusedxml import DefusedXmlException
 
+#: Times on the wire are Beijing local time without a zone (§9.10, WVP ``DateUtil``).
+from media.beijing import BEIJING
+
 __all__ = [
     "BEIJING",
     "MAX_BODY",
@@ -52,8 +55,6 @@ MAX_BODY = 1 << 20
 #: Deepest element nesting accepted. Annex A needs about 5 (Response/DeviceList/Item/Info/x);
 #: the cap keeps the recursive dict conversion in ``items`` far from Python's stack limit.
 MAX_DEPTH = 32
-#: Times on the wire are Beijing local time without a zone (§9.10, WVP ``DateUtil``).
-BEIJING = timezone(timedelta(hours=8))
 
 
 class ManscdpError(ValueError):

@@ -34,8 +34,9 @@ import random
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 
+from media.beijing import BEIJING  # GB/T 28181 clocks run on Beijing time (§9.10.3)
 from registry.devices import DeviceRegistry
 from registry.models import Device
 
@@ -58,8 +59,6 @@ STORE_RETRY_AFTER = 30
 #: as one wave.
 OVERLOAD_RETRY_AFTER = (10, 60)
 
-#: GB/T 28181 clocks run on Beijing time (UTC+8, no daylight saving).
-BEIJING = timezone(timedelta(hours=8), "CST")
 
 
 _date_cache: tuple[int, str] = (-1, "")

@@ -42,10 +42,11 @@ import os
 import re
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .beijing import BEIJING
 from .hub import Stream, StreamClosed
 from .mp4 import FRAGMENTED, DownloadRecorder, Mp4Writer, parameter_sets
 from .packet import MediaPacket
@@ -59,7 +60,6 @@ __all__ = ["BEIJING", "GAP_SECONDS", "SegmentRecorder", "complete_prefix", "prob
 
 log = logging.getLogger(__name__)
 
-BEIJING = timezone(timedelta(hours=8), "Beijing")  # China Standard Time, no daylight saving
 GAP_SECONDS = 5.0  # no packet for this long closes the segment: the next one has gap_before
 _OFFSET = 8 * 3600  # Beijing time minus UTC, in seconds: segment boundaries are local
 _NAME = re.compile(r"(?P<channel>[A-Za-z0-9_-]{1,64})_(?P<time>\d{8}T\d{6})(?:-\d+)?\.mp4(?:\.part)?")
