@@ -23,6 +23,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .api import _body, _error, _server, _who
+from .ids import GROUP_TYPES, type_digits
 from .openapi import doc
 from .users import PRINCIPAL, ROLES, LockedOut, UserError, user_json
 
@@ -55,9 +56,7 @@ class Scopes(BaseModel):
     @classmethod
     def _groups(cls, ids: list[str]) -> list[str]:
         for gid in ids:
-            # The type code, digits 11-13 of an ID (GB/T 28181-2016 Annex D): 215 business group,
-            # 216 virtual organisation.
-            if not re.fullmatch(r"\d{20}", gid) or gid[10:13] not in ("215", "216"):
+            if type_digits(gid) not in GROUP_TYPES:  # GB/T 28181-2016 Annex D.1, Annex O
                 raise ValueError(f"{gid!r} is not a business group (type 215) or virtual "
                                  "organisation (type 216) ID of 20 digits")
         return ids

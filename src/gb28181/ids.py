@@ -10,7 +10,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["GbId", "IdError", "kind_of_type", "parse_id"]
+__all__ = ["BUSINESS_GROUP", "GROUP_TYPES", "VIRTUAL_ORG", "GbId", "IdError", "kind_of_type", "parse_id",
+           "type_digits"]
+
+#: Type digits of catalog groups (Annex D.1, Annex O): business group, virtual organisation.
+BUSINESS_GROUP, VIRTUAL_ORG = "215", "216"
+GROUP_TYPES = (BUSINESS_GROUP, VIRTUAL_ORG)
+
+
+def type_digits(gid: str) -> str:
+    """Digits 11-13 (the type code) of a 20-digit ID, as text; "" for anything else. For the hot
+    paths that only ask "is this a 215/216 group?" without building a ``GbId``."""
+    return gid[10:13] if len(gid) == 20 and gid.isascii() and gid.isdigit() else ""
 
 
 class IdError(ValueError):

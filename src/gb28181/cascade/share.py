@@ -29,6 +29,7 @@ from registry.models import Channel
 
 from .. import manscdp
 from ..config import UpstreamShare
+from ..ids import BUSINESS_GROUP, GROUP_TYPES, VIRTUAL_ORG, type_digits
 
 __all__ = ["EVENTS", "GroupLookup", "Item", "Share", "catalog_bodies", "catalog_items", "is_shared", "item",
            "notify_bodies", "parent_of"]
@@ -53,14 +54,9 @@ _CIVIL = re.compile(r"(?:[0-9]{2}){1,4}")
 _MAX_DEPTH = 32
 
 
-def _type(gid: str) -> str:
-    """Digits 11-13 (Annex D.1 type) of a 20-digit ID, else ''."""
-    return gid[10:13] if len(gid) == 20 and gid.isascii() and gid.isdigit() else ""
-
-
 def _groups_in(path: str) -> list[str]:
     """The 215/216 IDs in a '/'-joined ParentID (Annex O h), in order."""
-    return [p for p in (s.strip() for s in path.split("/")) if _type(p) in ("215", "216")]
+    return [p for p in (s.strip() for s in path.split("/")) if type_digits(p) in GROUP_TYPES]
 
 
 def _civil_of(channel: Channel) -> str:
@@ -93,9 +89,9 @@ class _Groups:
         """Group IDs from the camera's innermost group up to its top (a 215 if one is known)."""
         path = _groups_in(camera.parent_id)
         hint = camera.business_group_id.strip()
-        if _type(hint) != "215":
-            hint = next((g for g in path if g[10:13] == "215"), "")
-        vos = [g for g in path if g[10:13] == "216"]
+        if type_digits(hint) != BUSINESS_GROUP:
+            hint = next((g for g in path if type_digits(g) == BUSINESS_GROUP), "")
+        vos = [g for g in path if type_digits(g) == VIRTUAL_ORG]
         cur: str | None = vos[-1] if vos else hint
         out: list[str] = []
         while cur and cur not in out and len(out) < _MAX_DEPTH:
@@ -104,17 +100,17 @@ class _Groups:
         return out
 
     def _parent(self, gid: str, path: list[str], hint: str) -> str | None:
-        if gid[10:13] == "215":
+        if type_digits(gid) == BUSINESS_GROUP:
             return None  # a business group is a root (Annex O f)
         reg = self.get(gid)
         if reg is not None and reg.kind in ("business-group", "virtual-org"):
             above = [g for g in _groups_in(reg.parent_id) if g != gid]
             if above:
                 return above[-1]  # Annex O g: ParentID = the parent VO (or the BG)
-            if _type(reg.business_group_id) == "215":
+            if type_digits(reg.business_group_id) == BUSINESS_GROUP:
                 return reg.business_group_id
         if gid in path:  # unknown VO: the one before it in the camera's ParentID, as api.tree reads it
-            earlier = [g for g in path[: path.index(gid)] if g[10:13] == "216"]
+            earlier = [g for g in path[: path.index(gid)] if type_digits(g) == VIRTUAL_ORG]
             if earlier:
                 return earlier[-1]
         return hint or None
@@ -261,17 +257,18 @@ def catalog_items(channels: Iterable[Channel], *, local_id: str, share: Share,
             gid, n = nxt, n + 1
         return n
 
-    for gid in sorted(tree.up, key=lambda g: (depth(g), g[10:13], g)):
+    for gid in sorted(tree.up, key=lambda g: (depth(g), type_digits(g), g)):
         reg = registry.get(gid)
-        kind = "business-group" if gid[10:13] == "215" else "virtual-org"
+        kind = "business-group" if type_digits(gid) == BUSINESS_GROUP else "virtual-org"
         group = Channel(gid, local_id, kind=kind, name=name(gid, {gid: reg.name.strip()} if reg else {}))
         top = tree.top(gid)  # only a BG that is listed too: every ID we write refers to an item
+        in_bg = type_digits(top) == BUSINESS_GROUP and kind == "virtual-org"
         items.append(item(group, parent_id=tree.up.get(gid) or local_id,
-                          business_group_id=top if top[10:13] == "215" and kind == "virtual-org" else ""))
+                          business_group_id=top if in_bg else ""))
     for c, chain in cameras:
         top = tree.top(chain[0]) if chain else ""
         items.append(item(c, parent_id=f"{local_id}/{chain[0]}" if chain else local_id,
-                          business_group_id=top if top[10:13] == "215" else ""))
+                          business_group_id=top if type_digits(top) == BUSINESS_GROUP else ""))
     return items
 
 
