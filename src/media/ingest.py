@@ -37,6 +37,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from .nal import NalError, sps_info
 from .packet import MediaPacket
@@ -81,6 +82,7 @@ class RtpIngest:
         "_fast_room",
         "_fast_chunks",
         "_fast_run",
+        "_lane",
     )
 
     def __init__(
@@ -113,6 +115,7 @@ class RtpIngest:
         self._fast_room = 0  # payload bytes the open frame may still take (max_frame_size)
         self._fast_chunks: list = []  # the assembler's list of the open frame's payloads
         self._fast_run = 0  # packets taken since the stages were last brought up to date
+        self._lane: Any = None  # media._fast.Lane: the same fast path, run in C (`attach_lane`)
 
     @property
     def learned_ssrc(self) -> int | None:
@@ -127,6 +130,8 @@ class RtpIngest:
     def feed(self, rtp: bytes | bytearray | memoryview) -> None:
         """Take one RTP packet (a datagram, or one packet out of a TCP framer)."""
         now = self._clock()
+        if self._lane is not None and self._lane.run:
+            self.lane_absorb()  # what C took comes first
         if type(rtp) is not bytes:
             rtp = bytes(rtp)  # packets are held (reordering): never keep views of a caller's buffer
         n = len(rtp)
@@ -183,6 +188,8 @@ class RtpIngest:
 
     def _settle(self) -> None:
         """Bring the reorderer and assembler up to date with what the fast path took."""
+        if self._lane is not None and self._lane.run:
+            self.lane_absorb()
         k = self._fast_run
         if k:
             self._fast_run = 0
@@ -216,6 +223,82 @@ class RtpIngest:
             self._fast_chunks = asm._chunks
         else:
             self._fast_seq = -1
+        if self._lane is not None:
+            self.lane_sync()
+
+    # -- the fast path in C (media._fast.recv, driven by media.receiver) --
+
+    def attach_lane(self, lane: Any) -> None:
+        """Let `lane` (a `media._fast.Lane`) take this stream's in-order packets in C.
+
+        The lane runs the fast path of `feed` on the receiver's batches; what it took is
+        taken over here (`lane_absorb`) before any other packet is fed, and a frame it
+        completed is handed over by `lane_frame`. `feed` itself stays the way in for
+        everything else, with `lane_sync` after it.
+        """
+        self._lane = lane
+        self.lane_sync()
+
+    def lane_absorb(self) -> None:
+        """Take over the packets the lane took since the last sync (their payloads are
+        already in the assembler's open frame: the lane appends to the same list)."""
+        lane = self._lane
+        k = lane.run
+        if not k:
+            return
+        lane.run = 0
+        self._fast_run += k
+        self._fast_seq = lane.seq
+        self._fast_room = lane.room
+        if self._fast_ts < 0 and lane.ts >= 0:  # the lane opened the frame
+            self._fast_ts = lane.ts
+            asm = self._assembler
+            asm._ts = lane.ts
+            asm._first_seq = lane.first_seq
+        n = lane.nbytes
+        lane.nbytes = 0
+        stats = self.stats
+        stats.packets += k
+        stats.bytes += n
+        now = stats.last_packet_at = lane.last_at
+        if stats._cur_start <= now < stats._cur_end:
+            stats._cur[1] += n
+        else:
+            stats._bucket(now)[1] += n
+
+    def lane_sync(self) -> None:
+        """Hand the fast path's state to the lane, armed if the fast path is."""
+        lane = self._lane
+        lane.run = 0
+        lane.nbytes = 0
+        lane.first_seq = -1
+        if self._fast_seq < 0 or self._ssrc is None:
+            lane.armed = 0
+            return
+        lane.seq = self._fast_seq
+        lane.ts = self._fast_ts
+        lane.room = self._fast_room
+        lane.ssrc = self._ssrc
+        lane.chunks = self._fast_chunks
+        lane.armed = 1
+
+    def lane_frame(self) -> None:
+        """The lane took a packet with the marker bit: close its frame, as `feed` does."""
+        lane = self._lane
+        now = lane.last_at
+        self.lane_absorb()
+        seq = (self._fast_seq - 1) & 0xFFFF
+        self._settle()
+        asm = self._assembler
+        try:
+            frame = asm._close(True)
+            self._fast_ts = -1
+            self._fast_room = asm.max_frame_size
+            self._fast_chunks = asm._chunks
+            if frame is not None:
+                self._frame(frame, seq, now)
+        finally:
+            self.lane_sync()
 
     def _general(self, pkt: RtpPacket, size: int, now: float) -> None:
         """Any packet: SSRC change, reordering, loss and duplicate accounting."""

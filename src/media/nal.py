@@ -17,6 +17,8 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from . import accel
+
 __all__ = [
     "NalError",
     "SpsInfo",
@@ -115,6 +117,10 @@ def nal_spans(au: bytes) -> list[tuple[int, int]]:
         if e > start:
             spans.append((start, e))
     return spans
+
+
+if accel.fast is not None:  # the same spans, found with memchr (~10x faster on slice data)
+    nal_spans = accel.fast.nal_spans  # noqa: F811
 
 
 def escape_rbsp(rbsp: bytes) -> bytes:

@@ -42,6 +42,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from . import accel
 from .ingest import RtpIngest
 from .receiver_tcp import TCP_PENDING_MAX, TCP_PENDING_S, TcpHandle, TcpListeners, _TcpConnection
 from .rtp import RTP_HEADER_SIZE
@@ -96,7 +97,8 @@ class UdpHandle:
         "source_host",
         "first_packet",
         "peer",
-        "packets",
+        "_packets",
+        "lane",
         "closed",
         "_answered",
         "_order",
@@ -110,10 +112,19 @@ class UdpHandle:
         self.source_host = source_host
         self.first_packet = asyncio.Event()
         self.peer: tuple[str, int] | None = None
-        self.packets = 0
+        self._packets = 0  # routed through Python; `packets` adds the lane's
+        self.lane = None  # the C fast path's state for this stream (media._fast.Lane)
+        if receiver._fast is not None:
+            self.lane = receiver._fast.Lane(self)
+            ingest.attach_lane(self.lane)
         self.closed = False
         self._answered = False  # the answer named an SSRC of its own
         self._order = 0  # creation order, oldest first among the waiting
+
+    @property
+    def packets(self) -> int:
+        """Datagrams routed to this stream."""
+        return self._packets + (self.lane.total if self.lane is not None else 0)
 
     def add_ssrc(self, ssrc: int) -> bool:
         """Route `ssrc` (the answer's `y=`) here from now on.
@@ -126,6 +137,8 @@ class UdpHandle:
         """Stop routing to this stream and release its SSRCs (idempotent)."""
         if not self.closed:
             self.closed = True
+            if self.lane is not None:
+                self.lane.armed = 0
             self._receiver._release(self)
 
     def _first(self, addr: tuple) -> None:
@@ -175,6 +188,12 @@ class MediaReceiver:
         self.udp_rcvbuf_requested = udp_rcvbuf
         self.udp_rcvbuf = 0  # effective size, known after start()
         self._udp: asyncio.DatagramTransport | None = None
+        # With the C twin (media._fast): the socket read in batches by `_readable`, and the
+        # lanes of the UDP routes, SSRC -> the stream's Lane, kept with `_by_ssrc`.
+        self._fast = accel.fast if sys.platform.startswith("linux") else None
+        self._sock: socket.socket | None = None
+        self._lanes: dict[int, object] = {}
+        self._batch: list = []
         self._by_ssrc: dict[int, UdpHandle] = {}  # UDP routes: claims and guesses
         self._owner: dict[int, UdpHandle | TcpHandle] = {}  # claimed SSRC -> its live stream
         self._waiting: dict[str, list[UdpHandle]] = {}  # source host -> handles with no packet yet
@@ -203,7 +222,11 @@ class MediaReceiver:
             self._set_rcvbuf(sock)
             sock.bind((self.host, self.udp_port))
             sock.setblocking(False)
-            self._udp, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=sock)
+            if self._fast is not None:
+                loop.add_reader(sock.fileno(), self._readable)
+                self._sock = sock
+            else:
+                self._udp, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=sock)
         except BaseException:
             sock.close()
             raise
@@ -236,6 +259,10 @@ class MediaReceiver:
         if self._udp is not None:
             self._udp.close()
             self._udp = None
+        if self._sock is not None:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
         for h in list(self._tcp):
             h.close()
         self._tcp_listeners.close()
@@ -289,7 +316,7 @@ class MediaReceiver:
         if guessed is not None and guessed is not h:
             self._revoke(guessed, ssrc)
         if h.transport == "udp":
-            self._by_ssrc[ssrc] = h  # type: ignore[assignment]
+            self._route(ssrc, h)  # type: ignore[arg-type]
             if answer:
                 h._answered = True  # type: ignore[union-attr]
         return True
@@ -299,12 +326,14 @@ class MediaReceiver:
 
         If `g` has its own packets after all, the next one ends its wait again.
         """
-        del self._by_ssrc[ssrc]
+        self._unroute(ssrc)
         g.ssrcs.remove(ssrc)
         self.ssrc_revoked += 1
         log.info("SSRC %d claimed by its stream: no longer routed to the stream offered SSRC %d", ssrc, g.ssrc)
         if g.peer is not None and g.source_host is not None:
             g.peer = None
+            if g.lane is not None:
+                g.lane.armed = 0  # its next packet goes through Python, which ends the wait
             g.first_packet.clear()
             waiting = self._waiting.setdefault(g.source_host, [])
             pos = next((i for i, w in enumerate(waiting) if w._order > g._order), len(waiting))
@@ -332,7 +361,7 @@ class MediaReceiver:
             if self._owner.get(ssrc) is h:
                 del self._owner[ssrc]
             if self._by_ssrc.get(ssrc) is h:
-                del self._by_ssrc[ssrc]
+                self._unroute(ssrc)
             if ssrc not in self._owner:
                 retired.pop(ssrc, None)
                 retired[ssrc] = now  # re-inserted: the dict stays ordered by time
@@ -359,6 +388,43 @@ class MediaReceiver:
             self._waiting.setdefault(source_host, []).append(h)
         return h
 
+    def _route(self, ssrc: int, h: UdpHandle) -> None:
+        self._by_ssrc[ssrc] = h
+        if h.lane is not None:
+            self._lanes[ssrc] = h.lane
+
+    def _unroute(self, ssrc: int) -> None:
+        del self._by_ssrc[ssrc]
+        self._lanes.pop(ssrc, None)
+
+    def _readable(self) -> None:
+        """The UDP socket has datagrams: read a batch in C (media._fast.recv; module docstring
+        of _fast.c). Packets on an armed lane's fast path were taken there; what comes back is
+        each completed frame's lane and every other datagram, in arrival order."""
+        assert self._fast is not None and self._sock is not None
+        out = self._batch
+        try:
+            try:
+                taken = self._fast.recv(self._sock.fileno(), self._lanes, time.monotonic(), out, 1024)
+            except OSError as exc:
+                log.debug("media UDP error: %s", exc)
+                return
+            self.udp_packets += taken
+            datagram = self._datagram
+            for item in out:
+                if type(item) is tuple:
+                    datagram(item[0], item[1])
+                    continue
+                h = item.owner
+                if h.closed:
+                    continue
+                try:
+                    h.ingest.lane_frame()
+                except Exception:
+                    self._ingest_error(h)
+        finally:
+            out.clear()
+
     def _datagram(self, data: bytes, addr: tuple) -> None:
         # The hot path: a few byte reads and one dict lookup before the ingest.
         if len(data) < RTP_HEADER_SIZE or data[0] >> 6 != 2:
@@ -378,12 +444,15 @@ class MediaReceiver:
                 return
         if h.peer is None:
             h._first(addr)
-        h.packets += 1
+        h._packets += 1
         self.udp_packets += 1
+        ingest = h.ingest
         try:
-            h.ingest.feed(data)
+            ingest.feed(data)
         except Exception:
             self._ingest_error(h)
+        if h.lane is not None:
+            ingest.lane_sync()
 
     def _fallback(self, ssrc: int, addr: tuple) -> UdpHandle | None:
         refusal = self._fallback_refusal(ssrc)
@@ -402,7 +471,7 @@ class MediaReceiver:
             return None
         # The oldest stream of that host still waiting, unless its answer told its own SSRC.
         h = next((w for w in waiting if not w._answered), waiting[0])
-        self._by_ssrc[ssrc] = h
+        self._route(ssrc, h)
         h.ssrcs.append(ssrc)
         h.ingest.stats.ssrc_mismatch = True
         self.ssrc_fallbacks += 1
