@@ -91,6 +91,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from media import accel  # noqa: E402
 from simulators.fleet import device_ids  # noqa: E402
 from simulators.media import parse_sim_sei  # noqa: E402
 
@@ -651,7 +652,8 @@ async def run(args: argparse.Namespace, procs: Procs, work: Path) -> None:
         print(f"set-up: {n} IPCs ({args.video_size} H.264, {args.fps} fps, GOP {args.gop} = "
               f"{gop_s:.2f} s, {args.bitrate} kbit/s) in {k} simulator process{'es' if k > 1 else ''}, "
               f"registered and catalog-synced in {time.perf_counter() - t_setup:.1f} s; relay "
-              f"{'in the server process' if not args.workers else f'in {args.workers} media worker processes'}; "
+              f"{'in the server process' if not args.workers else f'in {args.workers} media worker processes'} "
+              f"(receive path: {accel.name}; MEDIA_ACCEL=0 for the pure-Python one); "
               f"idle server RSS "
               f"{rss_idle / 2**20:.0f} MiB; server UDP receive buffer {udp_rcvbuf() / 2**20:.0f} MiB",
               flush=True)

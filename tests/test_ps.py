@@ -252,6 +252,8 @@ def test_fuzz_nal_units_match_a_find_walk(pieces: list[bytes]) -> None:
     units = _units_by_find(au)
     assert list(nal.iter_nal_units(au)) == units
     assert [au[s:e] for s, e in nal.nal_spans(au)] == units
+    assert nal.nal_spans_py(au) == nal.nal_spans(au)  # the C twin (media._fast) when built
+    assert nal.nal_spans_py(bytearray(au)) == nal.nal_spans(memoryview(au))  # any bytes-like
     for codec, wanted in (("h264", 7), ("h264", 8), ("h265", 33), ("h265", 32)):
         first = next((u for u in units if nal.nal_type(u, codec) == wanted), None)
         assert nal.find_nal(au, codec, wanted) == first
