@@ -83,8 +83,18 @@ class Event:
     type: str
     at: float
     data: dict[str, Any]
-    body: bytes = b""
+    _body: bytes = field(default=b"", repr=False)
     _frame: bytes = field(default=b"", repr=False)
+
+    @property
+    def body(self) -> bytes:
+        """The JSON, encoded when first read: most events (a registration storm's thousands of
+        ``device.online``) reach no SSE client and no webhook, and are never encoded at all."""
+        if not self._body:
+            self._body = json.dumps({"id": self.id, "type": self.type, "at": iso(self.at),
+                                     "data": self.data},
+                                    ensure_ascii=False, separators=(",", ":")).encode()
+        return self._body
 
     @property
     def frame(self) -> bytes:
@@ -317,8 +327,6 @@ class EventBus:
         event = Event(next(self._ids), type_, at, data)
         if not self.first_id:
             self.first_id = event.id
-        event.body = json.dumps({"id": event.id, "type": type_, "at": iso(at), "data": data},
-                                ensure_ascii=False, separators=(",", ":")).encode()
         self.published[type_] += 1
         self.ring.append(event)
         if self.clients:
