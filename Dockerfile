@@ -7,7 +7,11 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 COPY simulators ./simulators
 COPY configs ./configs
-RUN pip install --no-cache-dir .
+# gcc only for the build: the media receive path's C twin (media._fast, setup.py); without a
+# compiler the pure-Python path would run instead, at about 1.7x the CPU per packet.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install --no-cache-dir . \
+    && apt-get purge -y gcc libc6-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
 ENV GB28181_DATA_DIR=/data
 VOLUME /data
 EXPOSE 5060/udp 5060/tcp 8080/tcp 30000-30015/udp 30002-30999/tcp

@@ -330,10 +330,8 @@ class PlaybackManager:
                              scale: float | None) -> None:
         """The same controls on a stream the node plays from recordings (``file_control``)."""
         try:
-            if action == "seek":
-                # As for a device: the position counts from the first packet after the seek, not
-                # from the last one sent before it (the node's mark).
-                await pb.leg.call("mark")
+            # A seek also restarts the node's `elapsed` count at the first packet from the new
+            # position (file_control does it once the source has moved).
             result = await pb.leg.call("file_control", action=action, offset=offset, scale=scale)
         except NodeCallError as exc:
             raise PlayError(str(exc), 503) from None

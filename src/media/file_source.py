@@ -445,6 +445,9 @@ async def file_control(node: MediaNode, args: dict) -> dict:
         landed = await source.seek(offset)
         if landed is None:
             raise NodeError(f"nothing recorded from offset {offset:g} s of {ns.key} on")
+        # `elapsed` counts from the next packet, the first from the new position (a separate
+        # `mark` before this command would also count what was sent while the seek ran).
+        ns.mark_ts = None
         return {"offset": round(landed, 3), "position": source.start_time + landed}
     if action == "speed":
         source.set_speed(_number(args, "scale", None, SPEED_MIN, SPEED_MAX))

@@ -231,6 +231,8 @@ class MediaReceiver:
             sock.close()
             raise
         self.udp_port = sock.getsockname()[1]
+        log.info("media UDP on port %d, receive path: %s", self.udp_port,
+                 accel.name if self._fast is not None else "pure Python")
 
     def _set_rcvbuf(self, sock: socket.socket) -> None:
         want = self.udp_rcvbuf_requested
