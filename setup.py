@@ -11,6 +11,7 @@ ACCELERATORS = [
     # media: batched RTP receive (recvmmsg) with the in-order fast path of RtpIngest, and the
     # H.264/H.265 start-code scan of the FLV muxer.
     Extension("media._fast", ["src/media/_fast.c"], optional=True),
+    Extension("gb28181.sip._fast", ["src/gb28181/sip/_fast.c"], optional=True),
 ]
 
 setup(ext_modules=ACCELERATORS)

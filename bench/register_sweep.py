@@ -795,7 +795,19 @@ def machine_line(sipp: str, kamailio: str) -> str:
             f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
             f"uvloop {uv}\ntools: {sipp_v}, {kam_v}; load average at start "
             f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\nserver source: {ROOT / 'src'} at git {rev}"
-            + (f" with {dirty} files under src/ changed or new since" if dirty else ""))
+            + (f" with {dirty} files under src/ changed or new since" if dirty else "")
+            + f"; SIP parser: {_sip_parser()}")
+
+
+def _sip_parser() -> str:
+    """Which SIP head reader the server runs: the C twin or pure Python (message.ACCELERATOR)."""
+    code = "import gb28181.sip.message as m; print(m.ACCELERATOR)"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=False, timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return out.stdout.strip() or "?"
 
 
 # -- main ---------------------------------------------------------------------------------------

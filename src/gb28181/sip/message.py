@@ -14,12 +14,15 @@ written back with their canonical spelling. Header bytes are decoded as UTF-8 wi
 from __future__ import annotations
 
 import hashlib
+import importlib
 import itertools
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = [
+    "ACCELERATOR",
     "MAX_MESSAGE_SIZE",
     "NameAddr",
     "SipMessage",
@@ -34,6 +37,7 @@ __all__ = [
     "new_request",
     "new_tag",
     "parse_delta_seconds",
+    "parse_head",
     "parse_message",
     "parse_name_addr",
     "parse_uri",
@@ -299,6 +303,94 @@ def _ascii_uint(text: str) -> int | None:
     return int(significant or "0")
 
 
+#: Bytes a head of the plain shape may hold besides CR LF: printable ASCII and HT.
+_TEXT_BYTES = bytes(range(0x20, 0x7F)) + b"\t"
+#: A header name as a token (RFC 3261 §25.1).
+_TOKEN_RE = re.compile(r"[A-Za-z0-9.!%*_+`'~-]+\Z")
+
+
+def parse_head(data: bytes, compact: dict[str, str],
+               split: frozenset[str]) -> tuple[str, dict[str, list[str]], int] | None:
+    """The head of a message of the plain shape, or None for any other.
+
+    Plain: lines end in CRLF and the head at the first CRLF CRLF (RFC 3261 §7), no folded
+    line (§7.3.1), printable ASCII and tabs only, header names that are tokens (§25.1), and no
+    comma in a value of the ``split`` names (several values in one field). That is what
+    devices and sipp send, and the result is what ``parse_message``'s general loop makes of
+    it: (start line, {lower-case long name: [values]}, index of the body). Anything else,
+    garbage included, gives None (never an error), and the general loop reads it and names
+    the fault. ``_fast.parse_head`` (``_fast.c``) is the C twin; tests hold the two equal.
+    """
+    if not data or data[0] in (10, 13):
+        return None
+    end = data.find(b"\r\n\r\n")
+    if end == -1:
+        return None
+    head = data[:end]
+    crlf = head.count(b"\r\n")
+    if (head.count(b"\r") != crlf or head.count(b"\n") != crlf
+            or head.translate(None, b"\r\n" + _TEXT_BYTES)):
+        return None
+    lines = head.decode("ascii").split("\r\n")
+    headers: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        if line[0] in " \t":
+            return None
+        name, sep, value = line.partition(":")
+        if not sep or not _TOKEN_RE.match(name) or len(name) >= 128:
+            return None
+        lower = name.lower()
+        lower = compact.get(lower, lower)
+        value = value.strip(_LWS)
+        if "," in value and lower in split:
+            return None
+        values = headers.get(lower)
+        if values is None:
+            headers[lower] = [value]
+        else:
+            values.append(value)
+    return lines[0], headers, end + 4
+
+
+def _load_accelerator() -> Callable[[bytes, dict[str, str], frozenset[str]],
+                                     tuple[str, dict[str, list[str]], int] | None] | None:
+    """``_fast.parse_head`` when the C twin is built and not turned off with SIP_ACCEL=0."""
+    if os.environ.get("SIP_ACCEL", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    try:
+        return importlib.import_module(f"{__package__}._fast").parse_head
+    except (ImportError, AttributeError):
+        return None
+
+
+#: The C head reader, or None: without it every message takes the general loop, which reads
+#: the plain ones exactly as ``parse_head`` does (so the pure-Python twin is only for tests).
+_fast_parse_head = _load_accelerator()
+#: Which parser runs, for logs and benchmark output.
+ACCELERATOR = "C (gb28181.sip._fast)" if _fast_parse_head is not None else "pure Python"
+
+
+def _start_line(first: str) -> SipRequest | SipResponse:
+    """An empty message of the kind the start line says (RFC 3261 §7.1, §7.2)."""
+    if first.startswith("SIP/"):
+        version, _, rest = first.partition(" ")
+        if version != "SIP/2.0":
+            raise SipParseError(f"unsupported SIP version {version!r}")
+        code, _, reason = rest.partition(" ")
+        if len(code) != 3 or not code.isascii() or not code.isdigit() or code[0] == "0":
+            raise SipParseError(f"invalid status line {first!r}")
+        return SipResponse(int(code), reason.strip())
+    parts = first.split(" ")
+    if len(parts) != 3 or not parts[1]:
+        raise SipParseError(f"invalid request line {first[:80]!r}")
+    method, uri, version = parts
+    if version != "SIP/2.0":
+        raise SipParseError(f"unsupported SIP version {version[:16]!r} in request line")
+    if method not in _KNOWN_METHODS and not _METHOD_RE.match(method):
+        raise SipParseError(f"invalid method {method[:32]!r}")
+    return SipRequest(method.upper(), uri)
+
+
 def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE,
                   stream: bool = False) -> SipRequest | SipResponse:
     """Parse one complete SIP message.
@@ -309,6 +401,38 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE,
     """
     if len(data) > max_size:
         raise SipParseError(f"message of {len(data)} bytes exceeds the {max_size}-byte limit")
+    plain = _fast_parse_head(data, _COMPACT, _SPLIT_ON_COMMA) if _fast_parse_head else None
+    msg: SipRequest | SipResponse
+    if plain is not None:
+        first, headers, body_start = plain
+        msg = _start_line(first)
+        msg.headers = headers
+    else:
+        msg, body_start = _parse_head_general(data)
+        headers = msg.headers
+
+    get = headers.get
+    if not (get("via") and get("from") and get("to") and get("call-id") and get("cseq")):
+        for required in _REQUIRED:
+            if not get(required):
+                raise SipParseError(f"missing mandatory header {canonical_name(required)}", msg)
+    _normalise_numbers(msg)
+
+    length = parse_content_length_safe(headers, msg)
+    tail = data[body_start:]
+    if length is None:
+        msg.body = tail if not stream else b""
+    elif length > len(tail):
+        raise SipParseError(
+            f"body is {len(tail)} bytes but Content-Length says {length}: truncated message", msg)
+    else:
+        msg.body = tail[:length]
+    return msg
+
+
+def _parse_head_general(data: bytes) -> tuple[SipRequest | SipResponse, int]:
+    """Start line and headers of any message (the odd shapes of PROTOCOL.md §9 included),
+    and the index where its body starts."""
     # Leading CRLFs are keep-alive pings or padding (RFC 5626 §3.5.1); skip them.
     start = 0
     while start < len(data) and data[start] in (13, 10):
@@ -324,27 +448,7 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE,
         lines = head.split("\r\n")  # CRLF throughout: no per-line stripping needed
     else:
         lines = [line.rstrip("\r") for line in head.split("\n")]
-    first = lines[0]
-    msg: SipRequest | SipResponse
-    if first.startswith("SIP/"):
-        version, _, rest = first.partition(" ")
-        if version != "SIP/2.0":
-            raise SipParseError(f"unsupported SIP version {version!r}")
-        code, _, reason = rest.partition(" ")
-        if len(code) != 3 or not code.isascii() or not code.isdigit() or code[0] == "0":
-            raise SipParseError(f"invalid status line {first!r}")
-        msg = SipResponse(int(code), reason.strip())
-    else:
-        parts = first.split(" ")
-        if len(parts) != 3 or not parts[1]:
-            raise SipParseError(f"invalid request line {first[:80]!r}")
-        method, uri, version = parts
-        if version != "SIP/2.0":
-            raise SipParseError(f"unsupported SIP version {version[:16]!r} in request line")
-        if method not in _KNOWN_METHODS and not _METHOD_RE.match(method):
-            raise SipParseError(f"invalid method {method[:32]!r}")
-        msg = SipRequest(method.upper(), uri)
-
+    msg = _start_line(lines[0])
     headers = msg.headers
     last: list[str] | None = None
     names = _NAMES
@@ -378,24 +482,7 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE,
         else:
             values.append(value)
         last = values
-
-    get = headers.get
-    if not (get("via") and get("from") and get("to") and get("call-id") and get("cseq")):
-        for required in _REQUIRED:
-            if not get(required):
-                raise SipParseError(f"missing mandatory header {canonical_name(required)}", msg)
-    _normalise_numbers(msg)
-
-    length = parse_content_length_safe(headers, msg)
-    tail = data[body_start:]
-    if length is None:
-        msg.body = tail if not stream else b""
-    elif length > len(tail):
-        raise SipParseError(
-            f"body is {len(tail)} bytes but Content-Length says {length}: truncated message", msg)
-    else:
-        msg.body = tail[:length]
-    return msg
+    return msg, body_start
 
 
 def _normalise_numbers(msg: SipRequest | SipResponse) -> None:
