@@ -250,6 +250,18 @@ static PyObject *fast_recv(PyObject *module, PyObject *args) {
 
 /* ---------------------------------------------------------------- nal_spans */
 
+/* Append (start, e) with the zero bytes before e stripped (a NAL unit cannot end in 0x00),
+ * unless nothing is left. */
+static int add_span(PyObject *spans, const unsigned char *b, Py_ssize_t start, Py_ssize_t e) {
+    while (e > start && b[e - 1] == 0) e--;
+    if (e <= start) return 0;
+    PyObject *t = Py_BuildValue("(nn)", start, e);
+    if (!t) return -1;
+    int rc = PyList_Append(spans, t);
+    Py_DECREF(t);
+    return rc;
+}
+
 static PyObject *fast_nal_spans(PyObject *module, PyObject *arg) {
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
@@ -264,32 +276,12 @@ static PyObject *fast_nal_spans(PyObject *module, PyObject *arg) {
         Py_ssize_t k = q - b; /* the 01 byte */
         i = k + 1;
         if (b[k - 1] != 0 || b[k - 2] != 0) continue;
-        if (start >= 0) {
-            Py_ssize_t e = k - 2; /* strip the zero_byte of a 4-byte start code */
-            while (e > start && b[e - 1] == 0) e--;
-            if (e > start) {
-                PyObject *t = Py_BuildValue("(nn)", start, e);
-                if (!t || PyList_Append(spans, t) < 0) {
-                    Py_XDECREF(t);
-                    goto fail;
-                }
-                Py_DECREF(t);
-            }
-        }
+        /* the unit before ends where this start code (and a 4-byte one's zero_byte) begins */
+        if (start >= 0 && add_span(spans, b, start, k - 2) < 0) goto fail;
         start = k + 1;
     }
-    if (start >= 0) { /* and the trailing_zero_8bits after the last unit */
-        Py_ssize_t e = len;
-        while (e > start && b[e - 1] == 0) e--;
-        if (e > start) {
-            PyObject *t = Py_BuildValue("(nn)", start, e);
-            if (!t || PyList_Append(spans, t) < 0) {
-                Py_XDECREF(t);
-                goto fail;
-            }
-            Py_DECREF(t);
-        }
-    }
+    /* the last unit, less any trailing_zero_8bits */
+    if (start >= 0 && add_span(spans, b, start, len) < 0) goto fail;
     PyBuffer_Release(&view);
     return spans;
 fail:

@@ -166,14 +166,7 @@ class RtpIngest:
                         asm._first_seq = seq
                     self._fast_chunks.append(rtp[12:])
                     if b1 >= 0x80:  # marker: the frame is complete
-                        self._settle()
-                        asm = self._assembler
-                        frame = asm._close(True)
-                        self._fast_ts = -1
-                        self._fast_room = asm.max_frame_size
-                        self._fast_chunks = asm._chunks
-                        if frame is not None:
-                            self._frame(frame, seq, now)
+                        self._close_fast(seq, now)
                     return
         self._settle()
         self._fast_seq = -1
@@ -185,6 +178,17 @@ class RtpIngest:
             self._general(pkt, n, now)
         finally:
             self._arm()
+
+    def _close_fast(self, seq: int, now: float) -> None:
+        """The fast path took the packet with the marker bit (`seq`): close the frame."""
+        self._settle()
+        asm = self._assembler
+        frame = asm._close(True)
+        self._fast_ts = -1
+        self._fast_room = asm.max_frame_size
+        self._fast_chunks = asm._chunks
+        if frame is not None:
+            self._frame(frame, seq, now)
 
     def _settle(self) -> None:
         """Bring the reorderer and assembler up to date with what the fast path took."""
@@ -287,16 +291,8 @@ class RtpIngest:
         lane = self._lane
         now = lane.last_at
         self.lane_absorb()
-        seq = (self._fast_seq - 1) & 0xFFFF
-        self._settle()
-        asm = self._assembler
         try:
-            frame = asm._close(True)
-            self._fast_ts = -1
-            self._fast_room = asm.max_frame_size
-            self._fast_chunks = asm._chunks
-            if frame is not None:
-                self._frame(frame, seq, now)
+            self._close_fast((self._fast_seq - 1) & 0xFFFF, now)
         finally:
             self.lane_sync()
 
