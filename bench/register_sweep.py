@@ -89,7 +89,7 @@ TARGETS = ("kamailio", "server-qoff", "server-qon", "server-nodurable")
 # after the commit (the registration is still written, later). Not a product mode, only the
 # measure of what durable answers cost.
 NODURABLE = ("import sys; import gb28181.registrar as r; "
-             "r.Registrar._when_durable = lambda self, answer, reply: answer(); "
+             "r.Registrar._when_durable = lambda self, answer: answer.committed(True); "
              "from gb28181.cli import main; sys.exit(main(sys.argv[1:]))")
 
 

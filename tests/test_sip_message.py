@@ -26,6 +26,7 @@ from gb28181.sip.message import (
     parse_name_addr,
     parse_uri,
     parse_via,
+    response_bytes,
     user_of,
 )
 
@@ -847,3 +848,22 @@ def test_round_trip_generated(method: str, user: str, extra: dict[str, str], bod
     assert _same(parse_message(msg.serialize()), msg)
     # The same bytes also come through in stream mode (what the TCP framer hands over).
     assert _same(parse_message(msg.serialize(), stream=True), msg)
+
+
+@pytest.mark.parametrize("data", [HIK_REGISTER, DAHUA_REGISTER, _basic(), _basic(
+    "Via: SIP/2.0/UDP 10.0.0.3:5060;branch=z9hG4bK2, SIP/2.0/UDP 10.0.0.4;branch=z9hG4bK3\r\n"),
+    _basic().replace(b"To: <sip:34020000002000000001@3402000000>",
+                     b"To: <sip:34020000002000000001@3402000000>;tag=already"),
+    _basic("X-Name: \xe6\x91\x84\r\n".encode("latin-1").decode("latin-1"))])
+@pytest.mark.parametrize("status,reason,extra", [
+    (100, "", None), (200, "OK", {"expires": "3600", "date": "2026-11-30T12:00:00.000",
+                                  "contact": "<sip:a@b:5060>;expires=3600"}),
+    (401, "Unauthorized", {"www-authenticate": 'Digest realm="3402000000", nonce="n"'}),
+    (403, "Forbidden: wrong password", None), (423, "", {"min-expires": "3600"}),
+    (503, "Service Unavailable", {"retry-after": "30", "x-gb-ver": "3.0"})])
+def test_response_bytes_is_make_response_serialized(data: bytes, status: int, reason: str,
+                                                    extra: dict[str, str] | None) -> None:
+    request = parse_message(data)
+    assert isinstance(request, SipRequest)
+    expected = make_response(request, status, reason, to_tag="t1", extra=extra).serialize()
+    assert response_bytes(request, status, reason, to_tag="t1", extra=extra) == expected

@@ -292,9 +292,15 @@ class SipEndpoint:
         self.layer.send_response(txn, response, self.now)
         self._flush()
 
-    def send_stateless(self, message: SipRequest | SipResponse, addr: Addr,
+    def respond_bytes(self, txn: ServerTransaction, status: int, data: bytes) -> None:
+        """``respond`` with an answer already in wire form (``message.response_bytes``)."""
+        self.layer.send_response_bytes(txn, status, data, self.now)
+        self._flush()
+
+    def send_stateless(self, message: SipRequest | SipResponse | bytes, addr: Addr,
                        transport: str = "udp") -> None:
-        self.layer.send_stateless(message.serialize(), addr, transport)
+        data = message if isinstance(message, bytes) else message.serialize()
+        self.layer.send_stateless(data, addr, transport)
         self._flush()
 
     # -- internals -------------------------------------------------------------------------

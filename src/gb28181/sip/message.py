@@ -42,6 +42,7 @@ __all__ = [
     "parse_name_addr",
     "parse_uri",
     "parse_via",
+    "response_bytes",
     "REASONS",
 ]
 
@@ -776,6 +777,36 @@ def make_response(request: SipRequest, status: int, reason: str = "", *,
         for name, value in extra.items():
             headers[name] = [value]
     return SipResponse(status, reason, headers, body)
+
+
+def response_bytes(request: SipRequest, status: int, reason: str = "", *,
+                   to_tag: str | None = None, extra: dict[str, str] | None = None) -> bytes:
+    """The wire form of ``make_response(request, status, reason, to_tag=…, extra=…)`` without a
+    body, built in one go: what ``make_response(…).serialize()`` gives, byte for byte, at a
+    fraction of the cost. For a registrar, whose every answer is one of these (§8.2.6).
+    ``extra`` names must not be one of the headers copied from the request."""
+    rh = request.headers
+    to = rh["to"][0]
+    if status > 100 and _tag_of(to) is None:
+        to = f"{to};tag={to_tag or new_tag()}"
+    vias, froms, call_ids, cseqs = rh["via"], rh["from"], rh["call-id"], rh["cseq"]
+    text = (f"SIP/2.0 {status} {reason or REASONS.get(status, '')}\r\n"
+            f"Via: {vias[0] if len(vias) == 1 else _JOIN_VIA.join(vias)}\r\n"
+            f"From: {froms[0] if len(froms) == 1 else _JOIN_FROM.join(froms)}\r\n"
+            f"To: {to}\r\n"
+            f"Call-ID: {call_ids[0] if len(call_ids) == 1 else _JOIN_CALL_ID.join(call_ids)}\r\n"
+            f"CSeq: {cseqs[0] if len(cseqs) == 1 else _JOIN_CSEQ.join(cseqs)}\r\n")
+    if extra:
+        names = _CANONICAL
+        text += "".join([f"{names.get(lower) or canonical_name(lower)}: {value}\r\n"
+                         for lower, value in extra.items()])
+    return f"{text}Content-Length: 0\r\n\r\n".encode("utf-8", "surrogateescape")
+
+
+_JOIN_VIA = "\r\nVia: "
+_JOIN_FROM = "\r\nFrom: "
+_JOIN_CALL_ID = "\r\nCall-ID: "
+_JOIN_CSEQ = "\r\nCSeq: "
 
 
 def new_request(method: str, uri: str, *, via: str, from_uri: str, to_uri: str,

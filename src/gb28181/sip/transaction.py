@@ -506,10 +506,13 @@ class TransactionLayer:
 
     def send_response(self, txn: ServerTransaction, response: SipResponse, now: float) -> None:
         """Send the TU's answer within ``txn`` and move the state machine on."""
+        self.send_response_bytes(txn, response.status, response.serialize(), now)
+
+    def send_response_bytes(self, txn: ServerTransaction, status: int, data: bytes,
+                            now: float) -> None:
+        """``send_response`` for an answer already in wire form (``message.response_bytes``)."""
         if txn.state in ("completed", "confirmed", "terminated", "accepted"):
             raise ValueError(f"{txn!r} already has its final response")
-        data = response.serialize()
-        status = response.status
         self._out.append((data, txn.transport, txn.addr))
         txn.response = data
         if status < 200:
