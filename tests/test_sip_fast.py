@@ -1,10 +1,16 @@
-"""The C head reader (gb28181.sip._fast.parse_head) against its pure-Python twin.
+"""The C twins of gb28181.sip._fast against the pure-Python code they stand in for.
+
+parse_head (the SIP head reader) against message.parse_head:
 
 Both read only heads of the plain shape (CRLF lines, no folding, printable ASCII, token
 names, one value per Via field) and give None for anything else; on the plain ones they must
 agree with each other and with the general loop of ``parse_message``, and ``parse_message``
 must give the same message, or the same error, with the C reader as without it. Inputs are
 the vendor captures of test_sip_message, their mutations, and arbitrary bytes.
+
+parse_auth_params (digest parameters) against auth.parse_auth_params run without it: the same
+(scheme, params) for every value it reads, None for the others (non-ASCII, controls, a
+backslash), and never an error, on captured headers, their mutations and arbitrary text.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gb28181.sip import message
+from gb28181.sip import auth, message
 from gb28181.sip.message import SipParseError, parse_head, parse_message
 
 from .test_sip_message import (
@@ -177,3 +183,69 @@ def test_fuzz_mutated_captures(data: bytes) -> None:
 def test_fuzz_insertions_into_plain_heads(base: bytes, pos: int, junk: bytes) -> None:
     pos = min(pos, len(base))
     _check(base[:pos] + junk + base[pos:])
+
+
+# -- digest parameters -------------------------------------------------------------------------
+
+AUTH_CORPUS = [
+    'Digest username="34020000001320000001", realm="3402000000", nonce="18c2.1f.0123456789abcdef", '
+    'uri="sip:34020000002000000001@3402000000", response="0123456789abcdef0123456789abcdef", '
+    "algorithm=MD5",
+    'Digest username="a",realm="b",nonce="c",uri="sip:x",response="d",qop=auth,nc=00000001,'
+    'cnonce="e"',
+    '  Digest   username = "a" ,\trealm=b ,  ', "Digest", "", " ", "Digest ", 'Digest a=""',
+    "Digest a=", "Digest a=,b=1", "Digest a=1,,b=2", 'Digest a="x"y, b=2', 'Digest a="unterminated',
+    'Digest a="q,uoted", B=2', "Digest a b=1", "Digest =1", "Digest a=1 b=2", "Digest a=1, b",
+    'Digest a="x\\"y"', "Digest\tusername=1", "Basic dXNlcjpwYXNz", 'Digest a="\u00e9"',
+    "Digest a=1\x1c", "Digest a=1\n", "Digest " + "K" * 300 + "=v", 'Digest a="x",b="y"z,c=3',
+    "Digest a=1, A=2", 'Digest a=1 , ,', "Digest a=1,\t",
+]
+
+
+def _auth_pure(value: str) -> tuple[str, dict[str, str]]:
+    saved = auth._fast_auth_params
+    auth._fast_auth_params = None
+    try:
+        return auth.parse_auth_params(value)
+    finally:
+        auth._fast_auth_params = saved
+
+
+def _check_auth(value: str) -> None:
+    pure = _auth_pure(value)
+    assert auth.parse_auth_params(value) == pure
+    if fast is not None:
+        got = fast.parse_auth_params(value)
+        assert got is None or got == pure
+        if value.isascii() and "\\" not in value and all(c == "\t" or " " <= c <= "~" for c in value):
+            assert got == pure  # the values it is meant for are all read in C
+
+
+@pytest.mark.parametrize("value", AUTH_CORPUS, ids=range(len(AUTH_CORPUS)))
+def test_auth_corpus(value: str) -> None:
+    _check_auth(value)
+
+
+@pytest.mark.skipif(fast is None, reason="gb28181.sip._fast is not built")
+def test_c_auth_reader_refuses_bad_arguments() -> None:
+    assert fast is not None
+    with pytest.raises(TypeError):
+        fast.parse_auth_params(b"Digest a=1")
+
+
+_AUTHY = st.sampled_from(['Digest ', "username", "=", '"', ",", ", ", " ", "\t", "a", "Z9_-",
+                          "\\", "\u00e9", "\x1c", "\n", "md5", '"sip:1@2"', "=,", '""'])
+
+
+@FUZZ
+@given(st.lists(st.one_of(_AUTHY, st.text(max_size=6)), max_size=40))
+def test_fuzz_auth_params(parts: list[str]) -> None:
+    _check_auth("".join(parts))
+
+
+@FUZZ
+@given(st.sampled_from(AUTH_CORPUS[:2]), st.integers(0, 300), st.text(min_size=0, max_size=4),
+       st.integers(0, 4))
+def test_fuzz_auth_mutations(base: str, pos: int, junk: str, cut: int) -> None:
+    pos = min(pos, len(base))
+    _check_auth(base[:pos] + junk + base[pos + cut:])

@@ -1,4 +1,5 @@
-/* gb28181.sip._fast: the C twin of the SIP parser's header loop (message.parse_head).
+/* gb28181.sip._fast: C twins of the SIP parser's header loop (message.parse_head) and of the
+ * digest parameter reader (auth.parse_auth_params, below).
  *
  * parse_head(data, compact, split) reads the head of a SIP message (RFC 3261 section 7:
  * start line, header fields, an empty line) when it has the plain shape that devices and
@@ -168,15 +169,116 @@ done:
     return result;
 }
 
+/* parse_auth_params(value): `Digest k="v", k2=v2` (RFC 2617 section 3.2.2, RFC 3261 section
+ * 22.4) as (scheme, {lower-case key: value}), exactly as auth.parse_auth_params reads it, for a
+ * value of printable ASCII and tabs without a backslash (no quoted-pair to undo); None for any
+ * other value, which the pure-Python code reads. Parameters are taken up to the first piece
+ * that is not key=value, as there: each is
+ *     LWS key LWS "=" LWS ( DQUOTE *(not DQUOTE) DQUOTE / *(not DQUOTE, comma, LWS) ) LWS
+ * followed by a comma or the end. */
+static int is_key(unsigned char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           c == '_' || c == '-';
+}
+
+static int is_lws(unsigned char c) { return c == ' ' || c == '\t'; }
+
+static PyObject *parse_auth_params(PyObject *module, PyObject *value) {
+    (void)module;
+    if (!PyUnicode_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "parse_auth_params() takes a str");
+        return NULL;
+    }
+    if (PyUnicode_READY(value) < 0) return NULL;
+    if (!PyUnicode_IS_ASCII(value)) Py_RETURN_NONE;
+    const unsigned char *s = PyUnicode_1BYTE_DATA(value);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(value);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!is_text[s[i]] || s[i] == '\\') Py_RETURN_NONE;
+    }
+    /* value.strip(), then scheme, _, rest = value.partition(" "), then rest.strip() */
+    Py_ssize_t a = 0, b = n;
+    while (a < b && is_lws(s[a])) a++;
+    while (b > a && is_lws(s[b - 1])) b--;
+    Py_ssize_t sp = a;
+    while (sp < b && s[sp] != ' ') sp++;
+    PyObject *scheme = ascii_str(s + a, sp - a);
+    if (scheme == NULL) return NULL;
+    PyObject *params = PyDict_New();
+    if (params == NULL) {
+        Py_DECREF(scheme);
+        return NULL;
+    }
+    Py_ssize_t i = sp < b ? sp + 1 : b;
+    while (i < b && is_lws(s[i])) i++;
+    char key[256];
+    while (i < b) {
+        Py_ssize_t p = i;
+        while (p < b && is_lws(s[p])) p++;
+        Py_ssize_t ks = p;
+        while (p < b && is_key(s[p])) p++;
+        Py_ssize_t ke = p;
+        if (ke == ks) break;
+        while (p < b && is_lws(s[p])) p++;
+        if (p >= b || s[p] != '=') break;
+        p++;
+        while (p < b && is_lws(s[p])) p++;
+        Py_ssize_t vs, ve;
+        if (p < b && s[p] == '"') {
+            const unsigned char *q = memchr(s + p + 1, '"', (size_t)(b - p - 1));
+            if (q == NULL) break;
+            vs = p + 1;
+            ve = q - s;
+            p = ve + 1;
+        } else {
+            vs = p;
+            while (p < b && s[p] != '"' && s[p] != ',' && !is_lws(s[p])) p++;
+            ve = p;
+        }
+        while (p < b && is_lws(s[p])) p++;
+        if (p < b && s[p] != ',') break;
+        /* a whole parameter: keep it */
+        PyObject *k;
+        if (ke - ks < (Py_ssize_t)sizeof(key)) {
+            for (Py_ssize_t j = 0; j < ke - ks; j++) {
+                unsigned char c = s[ks + j];
+                key[j] = (char)((c >= 'A' && c <= 'Z') ? c + 32 : c);
+            }
+            k = ascii_str((const unsigned char *)key, ke - ks);
+        } else {
+            PyObject *raw = ascii_str(s + ks, ke - ks);
+            k = raw == NULL ? NULL : PyObject_CallMethod(raw, "lower", NULL);
+            Py_XDECREF(raw);
+        }
+        PyObject *v = k == NULL ? NULL : ascii_str(s + vs, ve - vs);
+        if (v == NULL || PyDict_SetItem(params, k, v) < 0) {
+            Py_XDECREF(k);
+            Py_XDECREF(v);
+            Py_DECREF(scheme);
+            Py_DECREF(params);
+            return NULL;
+        }
+        Py_DECREF(k);
+        Py_DECREF(v);
+        i = p < b ? p + 1 : b; /* past the comma */
+    }
+    PyObject *result = PyTuple_Pack(2, scheme, params);
+    Py_DECREF(scheme);
+    Py_DECREF(params);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"parse_head", (PyCFunction)(void (*)(void))parse_head, METH_FASTCALL,
      "parse_head(data, compact, split) -> (start_line, headers, body_start) or None"},
+    {"parse_auth_params", (PyCFunction)parse_auth_params, METH_O,
+     "parse_auth_params(value) -> (scheme, params) or None"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "gb28181.sip._fast",
-    "C twin of gb28181.sip.message.parse_head (see _fast.c).", -1, methods,
+    "C twins of gb28181.sip.message.parse_head and auth.parse_auth_params (see _fast.c).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 

@@ -20,9 +20,11 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "ACCELERATOR",
+    "accelerated",
     "MAX_MESSAGE_SIZE",
     "NameAddr",
     "SipMessage",
@@ -353,20 +355,21 @@ def parse_head(data: bytes, compact: dict[str, str],
     return lines[0], headers, end + 4
 
 
-def _load_accelerator() -> Callable[[bytes, dict[str, str], frozenset[str]],
-                                     tuple[str, dict[str, list[str]], int] | None] | None:
-    """``_fast.parse_head`` when the C twin is built and not turned off with SIP_ACCEL=0."""
+def accelerated(name: str) -> Callable[..., Any] | None:
+    """The C twin ``_fast.<name>`` (``_fast.c``) when it is built and not turned off with the
+    environment variable SIP_ACCEL=0 (read at import: tests and benchmarks compare both)."""
     if os.environ.get("SIP_ACCEL", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     try:
-        return importlib.import_module(f"{__package__}._fast").parse_head
+        return getattr(importlib.import_module(f"{__package__}._fast"), name)
     except (ImportError, AttributeError):
         return None
 
 
 #: The C head reader, or None: without it every message takes the general loop, which reads
 #: the plain ones exactly as ``parse_head`` does (so the pure-Python twin is only for tests).
-_fast_parse_head = _load_accelerator()
+_fast_parse_head: Callable[[bytes, dict[str, str], frozenset[str]],
+                           tuple[str, dict[str, list[str]], int] | None] | None = accelerated("parse_head")
 #: Which parser runs, for logs and benchmark output.
 ACCELERATOR = "C (gb28181.sip._fast)" if _fast_parse_head is not None else "pure Python"
 
