@@ -41,7 +41,7 @@ from registry.devices import DeviceRegistry
 from registry.models import Device
 
 from .config import Config
-from .ids import IdError, parse_id
+from .ids import IdError, kind_of_type, parse_id
 from .presence import Presence
 from .sip.auth import DigestServer
 from .sip.endpoint import SipEndpoint
@@ -62,15 +62,21 @@ OVERLOAD_RETRY_AFTER = (10, 60)
 
 
 _date_cache: tuple[int, str] = (-1, "")
+_date_ms: tuple[int, str] = (-1, "")
 
 
 def sip_date(now: float) -> str:
     """``Date`` value for time sync: ``yyyy-MM-ddTHH:mm:ss.SSS`` in Beijing time (§9.10.3)."""
-    global _date_cache
-    second = int(now)
+    global _date_cache, _date_ms
+    ms = int(now * 1000)
+    if _date_ms[0] == ms:  # a registration storm answers several in the same millisecond
+        return _date_ms[1]
+    second, fraction = divmod(ms, 1000)
     if _date_cache[0] != second:  # formatting a date costs more than the rest of a 200
         _date_cache = (second, datetime.fromtimestamp(second, BEIJING).strftime("%Y-%m-%dT%H:%M:%S."))
-    return f"{_date_cache[1]}{int((now - second) * 1000):03d}"
+    text = f"{_date_cache[1]}{fraction:03d}"
+    _date_ms = (ms, text)
+    return text
 
 
 class Lockout:
@@ -241,9 +247,10 @@ class Registrar:
             counters.register_rejected("invalid-id")
             reply(403, f"Forbidden: {exc}")
             return
-        if not gid.registrable:
+        type_code = gid.type_code
+        if not 111 <= type_code <= 299:  # GbId.registrable
             counters.register_rejected("invalid-id")
-            reply(403, f"Forbidden: type code {gid.type_code} in {device_id} cannot register "
+            reply(403, f"Forbidden: type code {type_code} in {device_id} cannot register "
                        "(devices are 111-199, platforms 200)")
             return
 
@@ -332,7 +339,7 @@ class Registrar:
 
         registry = self.registry
         if device is None:
-            device = registry.add(Device(device_id=device_id, kind=gid.kind))
+            device = registry.add(Device(device_id=device_id, kind=kind_of_type(type_code)))
         # A registration under a new Call-ID while online is a rebooted device (RFC 3261
         # §10.2.4: a UA keeps its Call-ID across refreshes): it has lost its subscriptions
         # and maybe its catalog, so it is synced again as if it had been offline.
@@ -349,7 +356,7 @@ class Registrar:
         device.expires_at = now + expires
         device.last_seen = now
         if not device.kind:
-            device.kind = gid.kind
+            device.kind = kind_of_type(type_code)
         registry.set_online(device, True, "register", at=now)
         registry.touch(device)
         self.presence.seen(device)

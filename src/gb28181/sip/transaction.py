@@ -199,7 +199,7 @@ class TransactionLayer:
         self._accepted: dict[tuple, ServerTransaction] = {}
         self._out: list[tuple[bytes, str, Addr]] = []
         self._heap: list[tuple[float, int, Any, str]] = []
-        self._fifos: dict[str, deque[tuple[float, Any, str]]] = {}
+        self._fifos: dict[tuple[str, float], deque[tuple[float, Any, str]]] = {}
         self._seq = 0
         self.armed_min = math.inf
         #: New non-INVITE server transactions, checked for an answer in datagrams_to_send().
@@ -239,9 +239,9 @@ class TransactionLayer:
             heapq.heappush(self._heap, (when, self._seq, txn, name))
         else:
             # Same name, same duration for every transaction of a kind: a FIFO stays sorted.
-            fifo = self._fifos.get(f"{name}{delay}")
+            fifo = self._fifos.get((name, delay))
             if fifo is None:
-                fifo = self._fifos[f"{name}{delay}"] = deque()
+                fifo = self._fifos[(name, delay)] = deque()
             fifo.append((when, txn, name))
 
     def get_timer(self) -> float | None:
