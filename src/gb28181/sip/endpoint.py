@@ -501,7 +501,8 @@ class _SipUdpProtocol(asyncio.DatagramProtocol):
             ep = self.endpoint
             if ep.queue_probe.receive(data, ep.now):
                 return
-        self.endpoint._receive(data, (addr[0], addr[1]), "udp")
+        # uvloop and asyncio give IPv4 sources as (host, port) already; IPv6 ones carry two more.
+        self.endpoint._receive(data, addr if len(addr) == 2 else (addr[0], addr[1]), "udp")
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable from a device that went away: nothing to do, the

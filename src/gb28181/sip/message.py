@@ -373,8 +373,8 @@ _fast_parse_head: Callable[[bytes, dict[str, str], frozenset[str]],
 ACCELERATOR = "C (gb28181.sip._fast)" if _fast_parse_head is not None else "pure Python"
 
 
-def _start_line(first: str) -> SipRequest | SipResponse:
-    """An empty message of the kind the start line says (RFC 3261 §7.1, §7.2)."""
+def _start_line(first: str, headers: dict[str, list[str]] | None = None) -> SipRequest | SipResponse:
+    """A message of the kind the start line says (RFC 3261 §7.1, §7.2), with ``headers``."""
     if first.startswith("SIP/"):
         version, _, rest = first.partition(" ")
         if version != "SIP/2.0":
@@ -382,7 +382,7 @@ def _start_line(first: str) -> SipRequest | SipResponse:
         code, _, reason = rest.partition(" ")
         if len(code) != 3 or not code.isascii() or not code.isdigit() or code[0] == "0":
             raise SipParseError(f"invalid status line {first!r}")
-        return SipResponse(int(code), reason.strip())
+        return SipResponse(int(code), reason.strip(), headers)
     parts = first.split(" ")
     if len(parts) != 3 or not parts[1]:
         raise SipParseError(f"invalid request line {first[:80]!r}")
@@ -391,7 +391,7 @@ def _start_line(first: str) -> SipRequest | SipResponse:
         raise SipParseError(f"unsupported SIP version {version[:16]!r} in request line")
     if method not in _KNOWN_METHODS and not _METHOD_RE.match(method):
         raise SipParseError(f"invalid method {method[:32]!r}")
-    return SipRequest(method.upper(), uri)
+    return SipRequest(method.upper(), uri, headers)
 
 
 def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE,
@@ -408,8 +408,7 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE,
     msg: SipRequest | SipResponse
     if plain is not None:
         first, headers, body_start = plain
-        msg = _start_line(first)
-        msg.headers = headers
+        msg = _start_line(first, headers)
     else:
         msg, body_start = _parse_head_general(data)
         headers = msg.headers
@@ -421,7 +420,8 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE,
                 raise SipParseError(f"missing mandatory header {canonical_name(required)}", msg)
     _normalise_numbers(msg)
 
-    length = parse_content_length_safe(headers, msg)
+    lengths = headers.get("content-length")
+    length = 0 if lengths and lengths[0] == "0" else parse_content_length_safe(headers, msg)
     tail = data[body_start:]
     if length is None:
         msg.body = tail if not stream else b""
