@@ -219,7 +219,6 @@ static PyObject *fast_recv(PyObject *module, PyObject *args) {
         for (int i = 0; i < got; i++) {
             const unsigned char *p = g_buf + (size_t)i * SLOT;
             Py_ssize_t n = (Py_ssize_t)msgs[i].msg_len;
-            Lane *lane = NULL;
             if (n > 12 && p[0] == 0x80 && !(p[1] >= 192 && p[1] <= 223)) {
                 unsigned int ssrc = ((unsigned int)p[8] << 24) | (p[9] << 16) | (p[10] << 8) | p[11];
                 PyObject *key = PyLong_FromUnsignedLong(ssrc);
@@ -228,15 +227,19 @@ static PyObject *fast_recv(PyObject *module, PyObject *args) {
                 Py_DECREF(key);
                 if (found == NULL && PyErr_Occurred()) return NULL;
                 if (found != NULL && Py_IS_TYPE(found, &LaneType)) {
-                    lane = (Lane *)found;
+                    Lane *lane = (Lane *)found;
+                    /* held while in use: an allocation may run the GC, whose finalizers run Python */
+                    Py_INCREF(lane);
+                    int rc = 0;
                     if (lane->armed) {
-                        int rc = take(lane, p, n, ssrc, now, out);
-                        if (rc < 0) return NULL;
-                        if (rc > 0) {
-                            taken++;
-                            continue;
-                        }
-                        lane->armed = 0; /* its later packets follow this one through Python */
+                        rc = take(lane, p, n, ssrc, now, out);
+                        if (rc == 0) lane->armed = 0; /* its later packets follow this one through Python */
+                    }
+                    Py_DECREF(lane);
+                    if (rc < 0) return NULL;
+                    if (rc > 0) {
+                        taken++;
+                        continue;
                     }
                 }
             }
