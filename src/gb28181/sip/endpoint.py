@@ -19,6 +19,7 @@ import asyncio
 import errno
 import logging
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ from .transaction import (
 __all__ = ["EndpointStats", "SipEndpoint", "SipTimeoutError", "SipTransportError"]
 
 log = logging.getLogger("gb28181.sip")
+
+#: Linux's SO_RCVBUFFORCE (asm-generic/socket.h), which the socket module does not name.
+_SO_RCVBUFFORCE = 33
 
 
 class SipTimeoutError(TimeoutError):
@@ -174,6 +178,15 @@ class SipEndpoint:
             for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 try:  # a registrar takes bursts of thousands of datagrams: give it room
                     sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
+                except OSError:
+                    pass
+            if sys.platform.startswith("linux"):
+                try:
+                    # Beyond net.core.rmem_max (4 MiB on many hosts, a quarter of a second of a
+                    # storm's REGISTERs) where the process may (CAP_NET_ADMIN): a datagram the
+                    # kernel drops during a commit or a collection comes back as a
+                    # retransmission half a second later, on top of the load that made it late.
+                    sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, 16 * 1024 * 1024)
                 except OSError:
                     pass
             self.port = sock.getsockname()[1]
