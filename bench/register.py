@@ -17,6 +17,15 @@ loopback and measures it from outside with psutil while load runs:
    keepalive figure can be read as a ratio to "doing nothing but receiving and sending".
 
 Needs sipp (apt-get install sip-tester). Prints its figures; copy them to BENCHMARKS.md.
+
+``--in-process N`` measures instead what one REGISTER+401+REGISTER+200 call costs the server's
+own code, without sockets and without a load generator: a GbServer started as ``gb28181 serve``
+starts it (uvloop, SQLite, its collector settings), whose UDP transport is swapped for one that
+keeps what is sent; N new devices register in batches of 200, their datagrams handed to the
+endpoint as the socket would, the second REGISTER answering the 401's nonce. The server's CPU
+(process time, its SQLite thread included) is reported per call and per leg: the first REGISTER,
+the second, and the wait for the group commit and the 200. The client's work (building the
+requests, computing the digests) is timed apart and left out.
 """
 
 from __future__ import annotations
@@ -197,13 +206,137 @@ def run_sipp(sipp: str, port: int, csv: Path, count: int, rate: int, workdir: Pa
     return int(ok.group(1)), int(failed.group(1)) if failed else -1, elapsed
 
 
+_REGISTER = ("REGISTER sip:{server}@{domain} SIP/2.0\r\n"
+             "Via: SIP/2.0/UDP 127.0.0.1:{port};rport;branch=z9hG4bK-{n}-{cseq}\r\n"
+             "From: <sip:{dev}@{domain}>;tag={n}SIPpTag00{n}\r\n"
+             "To: <sip:{dev}@{domain}>\r\n"
+             "Call-ID: {n}-inproc@127.0.0.1\r\n"
+             "CSeq: {cseq} REGISTER\r\n"
+             "Contact: <sip:{dev}@127.0.0.1:{port}>\r\n"
+             "{auth}"
+             "Max-Forwards: 70\r\n"
+             "User-Agent: SIPp-GB28181-sim\r\n"
+             "Expires: 3600\r\n"
+             "Content-Length: 0\r\n\r\n")
+
+
+class _KeptUdp:
+    """Stands in for the endpoint's UDP transport: keeps what is sent; the overload probe's
+    datagrams come back as the socket would bring them."""
+
+    def __init__(self, endpoint) -> None:
+        self.endpoint = endpoint
+        self.sent: list[tuple[bytes, tuple]] = []
+
+    def sendto(self, data: bytes, addr) -> None:
+        if not data[0]:
+            ep = self.endpoint
+            asyncio.get_running_loop().call_soon(lambda: ep.queue_probe.receive(data, ep.now))
+            return
+        self.sent.append((data, addr))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+async def in_process(calls: int, batch: int = 200) -> None:
+    import gc
+
+    from gb28181.config import load_config
+    from gb28181.server import GbServer
+    from gb28181.sip import message
+    from gb28181.sip.auth import authorization_header
+
+    parser = getattr(message, "ACCELERATOR", "pure Python")  # older trees have only Python
+
+    challenge = re.compile(rb"WWW-Authenticate: (.*?)\r\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config(None, data_dir=tmp, sip={"host": "127.0.0.1", "port": 0},
+                             http={"host": "127.0.0.1", "port": 0}, api={"token": "x" * 20},
+                             media={"host": "127.0.0.1", "rtp_port": 0, "workers": 0},
+                             registration={"query_device_info": False},
+                             catalog={"query_on_register": False})
+        server = GbServer(config)
+        await server.start()
+        endpoint = server.endpoint
+        socket_transport, kept = endpoint._udp, _KeptUdp(endpoint)
+        endpoint._udp = kept  # type: ignore[assignment]
+        gc.collect()
+        gc.freeze()  # as `gb28181 serve` does (cli.py)
+        gc.set_threshold(20_000, 20, 20)
+        legs = [0.0, 0.0, 0.0]
+        client = 0.0
+        done = n = 0
+        start = time.process_time()
+        try:
+            while done < calls:
+                t = time.process_time()
+                firsts = []
+                for _ in range(min(batch, calls - done)):
+                    n += 1
+                    dev, port = f"3402000000132{n:07d}", 10_000 + n % 50_000
+                    firsts.append((n, dev, port, _REGISTER.format(
+                        server=SERVER_ID, domain=DOMAIN, port=port, n=n, dev=dev, cseq=1,
+                        auth="").encode()))
+                client += time.process_time() - t
+                t = time.process_time()
+                for _, _, port, data in firsts:
+                    endpoint._receive(data, ("127.0.0.1", port), "udp")
+                legs[0] += time.process_time() - t
+                t = time.process_time()
+                seconds = []
+                for (i, dev, port, _), (answer, _) in zip(firsts, kept.sent, strict=True):
+                    m = challenge.search(answer)
+                    assert m is not None, answer[:80]
+                    auth = authorization_header(m.group(1).decode(), username=dev, password="12345678",
+                                                method="REGISTER", uri=f"sip:{SERVER_ID}@{DOMAIN}")
+                    seconds.append((port, _REGISTER.format(
+                        server=SERVER_ID, domain=DOMAIN, port=port, n=i, dev=dev, cseq=2,
+                        auth=f"Authorization: {auth}\r\n").encode()))
+                kept.sent.clear()
+                client += time.process_time() - t
+                t = time.process_time()
+                for port, data in seconds:
+                    endpoint._receive(data, ("127.0.0.1", port), "udp")
+                legs[1] += time.process_time() - t
+                t = time.process_time()
+                while len(kept.sent) < len(seconds):  # the group commit, then the 200s
+                    await asyncio.sleep(0.001)
+                legs[2] += time.process_time() - t
+                ok = sum(1 for answer, _ in kept.sent if answer.startswith(b"SIP/2.0 200 "))
+                if ok != len(seconds):
+                    raise SystemExit(f"bench: {len(seconds) - ok} of {len(seconds)} REGISTERs not answered 200")
+                kept.sent.clear()
+                done += len(seconds)
+            cpu = time.process_time() - start - client
+        finally:
+            endpoint._udp = socket_transport
+            await server.stop()
+    us = [leg / done * 1e6 for leg in legs]
+    print(f"in-process, SIP parser {parser}: {done} REGISTER+401+REGISTER+200 calls, server "
+          f"CPU {cpu / done * 1e6:.1f} us per call (first REGISTER {us[0]:.1f} us, second "
+          f"{us[1]:.1f} us, group commit and 200 {us[2]:.1f} us); client work left out "
+          f"({client:.2f} s)")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=int, default=100_000, help="devices to register (default 100000)")
     p.add_argument("--rate", type=int, default=6000, help="sipp REGISTER+auth calls/s offered (default 6000)")
     p.add_argument("--window", type=float, default=30.0, help="seconds of keepalive load per phase (default 30)")
     p.add_argument("--sipp", default=shutil.which("sipp"), help="path of sipp")
+    p.add_argument("--in-process", type=int, metavar="N", default=0,
+                   help="instead: N REGISTER+401+REGISTER+200 calls through the server's code "
+                        "without sockets, CPU per call (see above)")
     args = p.parse_args()
+    if args.in_process:
+        sys.path.insert(0, str(ROOT / "src"))
+        import uvloop
+        uvloop.run(in_process(args.in_process))
+        return 0
     if not args.sipp:
         raise SystemExit("bench: sipp not found; apt-get install sip-tester")
     if not (SIPP_DIR / "gb_register_uac.xml").exists():
