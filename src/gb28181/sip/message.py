@@ -434,8 +434,9 @@ def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE,
 
 
 def _parse_head_general(data: bytes) -> tuple[SipRequest | SipResponse, int]:
-    """Start line and headers of any message (the odd shapes of PROTOCOL.md §9 included),
-    and the index where its body starts."""
+    """Start line and headers of any message, and the index where its body starts: leading
+    CRLFs, LF-only or mixed line ends, folded lines (RFC 3261 §7.3.1), compact names (§7.3.3),
+    comma-separated Vias (§7.3.1) and odd bytes included."""
     # Leading CRLFs are keep-alive pings or padding (RFC 5626 §3.5.1); skip them.
     start = 0
     while start < len(data) and data[start] in (13, 10):
