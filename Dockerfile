@@ -8,7 +8,7 @@ COPY src ./src
 COPY simulators ./simulators
 COPY configs ./configs
 # gcc only for the build: the media receive path's C twin (media._fast, setup.py); without a
-# compiler the pure-Python path would run instead, at about 1.7x the CPU per packet.
+# compiler the pure-Python path would run instead, at about 1.4x the CPU per packet.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && pip install --no-cache-dir . \
     && apt-get purge -y gcc libc6-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
