@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["BUSINESS_GROUP", "GROUP_TYPES", "VIRTUAL_ORG", "GbId", "IdError", "kind_of_type", "parse_id",
-           "type_digits"]
+           "registrable_type", "type_digits"]
 
 #: Type digits of catalog groups (Annex D.1, Annex O): business group, virtual organisation.
 BUSINESS_GROUP, VIRTUAL_ORG = "215", "216"
@@ -22,6 +22,11 @@ def type_digits(gid: str) -> str:
     """Digits 11-13 (the type code) of a 20-digit ID, as text; "" for anything else. For the hot
     paths that only ask "is this a 215/216 group?" without building a ``GbId``."""
     return gid[10:13] if len(gid) == 20 and gid.isascii() and gid.isdigit() else ""
+
+
+def registrable_type(type_code: int) -> bool:
+    """Whether something with this type code may REGISTER: devices 111-199, platforms 200-299."""
+    return 111 <= type_code <= 299
 
 
 class IdError(ValueError):
@@ -87,7 +92,7 @@ class GbId:
     @property
     def registrable(self) -> bool:
         """Whether something with this type code may REGISTER (devices and platforms do)."""
-        return 111 <= self.type_code <= 299
+        return registrable_type(self.type_code)
 
     def __str__(self) -> str:
         return self.value

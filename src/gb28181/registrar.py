@@ -41,7 +41,7 @@ from registry.devices import DeviceRegistry
 from registry.models import Device
 
 from .config import Config
-from .ids import IdError, kind_of_type, parse_id
+from .ids import IdError, kind_of_type, parse_id, registrable_type, type_digits
 from .presence import Presence
 from .sip.auth import DigestServer
 from .sip.endpoint import SipEndpoint
@@ -241,15 +241,16 @@ class Registrar:
             counters.register_rejected("bad-request")
             reply(400, f"Bad Request: unreadable From/To header ({exc})")
             return
-        if len(device_id) != 20 or not device_id.isascii() or not device_id.isdigit():
+        digits = type_digits(device_id)  # without building a GbId per REGISTER
+        if not digits:  # not 20 digits
             try:
-                parse_id(device_id)  # names the fault (ids.parse_id's checks, inline below)
+                parse_id(device_id)  # names the fault
             except IdError as exc:
                 counters.register_rejected("invalid-id")
                 reply(403, f"Forbidden: {exc}")
                 return
-        type_code = int(device_id[10:13])  # GbId.type_code
-        if not 111 <= type_code <= 299:  # GbId.registrable
+        type_code = int(digits)
+        if not registrable_type(type_code):
             counters.register_rejected("invalid-id")
             reply(403, f"Forbidden: type code {type_code} in {device_id} cannot register "
                        "(devices are 111-199, platforms 200)")
