@@ -14,11 +14,9 @@ Annex J). Handling is ``cascade.manager``; the API reaches it only through its f
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 
-from .api import _error, _server
+from .api import _bad, _error, _server
 from .cascade.manager import UpstreamError
 from .config import UpstreamSection
 from .openapi import doc
@@ -30,11 +28,9 @@ async def _json_object(request: web.Request) -> dict:
     try:
         data = await request.json()
     except (ValueError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(text=json.dumps({"error": "the body must be a JSON object"}),
-                                 content_type="application/json") from None
+        raise _bad("the body must be a JSON object") from None
     if not isinstance(data, dict):
-        raise web.HTTPBadRequest(text=json.dumps({"error": "the body must be a JSON object"}),
-                                 content_type="application/json")
+        raise _bad("the body must be a JSON object")
     return data
 
 
