@@ -51,7 +51,7 @@ import psutil
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from relay import cpu_seconds, pct, read_flv  # noqa: E402
+from relay import cpu_seconds, pct, read_flv, tree_cpu  # noqa: E402
 
 # bench/registry.py would shadow the registry package the server's modules import.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
@@ -170,14 +170,6 @@ def level_procs(server: ServedServer) -> list[psutil.Process]:
     return procs
 
 
-def procs_cpu(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += cpu_seconds(p)
-    return total
-
-
 # -- figures --------------------------------------------------------------------------------
 
 def latencies_ms(viewers: list[Viewer]) -> list[float]:
@@ -228,15 +220,15 @@ async def measure(args: argparse.Namespace, urls: dict[str, dict[str, str]],
             procs = {lv: level_procs(chain[lv]) for lv in LEVELS}
             simp, me = psutil.Process(sim.proc.pid), psutil.Process()
             sim_family = [simp, *simp.children(recursive=True)]
-            cpu0 = {lv: procs_cpu(p) for lv, p in procs.items()}
-            sim0, me0, sys0 = procs_cpu(sim_family), cpu_seconds(me), psutil.cpu_times()
+            cpu0 = {lv: tree_cpu(p) for lv, p in procs.items()}
+            sim0, me0, sys0 = tree_cpu(sim_family), cpu_seconds(me), psutil.cpu_times()
             w0 = time.perf_counter()
             Window.active = True
             await asyncio.sleep(args.seconds)
             Window.active = False
             window = time.perf_counter() - w0
-            cpu = {lv: procs_cpu(p) - cpu0[lv] for lv, p in procs.items()}
-            sim_cpu, me_cpu, sys1 = procs_cpu(sim_family) - sim0, cpu_seconds(me) - me0, psutil.cpu_times()
+            cpu = {lv: tree_cpu(p) - cpu0[lv] for lv, p in procs.items()}
+            sim_cpu, me_cpu, sys1 = tree_cpu(sim_family) - sim0, cpu_seconds(me) - me0, psutil.cpu_times()
             load = os.getloadavg()
         finally:
             for t in tasks:

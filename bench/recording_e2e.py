@@ -57,8 +57,8 @@ import psutil
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from cascade import cameras, level_procs, procs_cpu, table, wait  # noqa: E402
-from relay import pct, read_flv  # noqa: E402
+from cascade import cameras, level_procs, table, wait  # noqa: E402
+from relay import pct, read_flv, tree_cpu  # noqa: E402
 
 # bench/registry.py would shadow the registry package the server's modules import.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
@@ -93,7 +93,7 @@ class Sampler(threading.Thread):
         self.stop = threading.Event()
 
     def sample(self) -> tuple[float, float, int]:
-        s = (time.time(), procs_cpu(self.procs), disk_bytes(self.root))
+        s = (time.time(), tree_cpu(self.procs), disk_bytes(self.root))
         self.samples.append(s)
         return s
 
