@@ -57,7 +57,7 @@ import psutil
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from cascade import cameras, level_procs, table, wait  # noqa: E402
+from cascade import cameras, interrupted, level_procs, table, wait  # noqa: E402
 from relay import pct, read_flv, tree_cpu  # noqa: E402
 
 # bench/registry.py would shadow the registry package the server's modules import.
@@ -446,10 +446,6 @@ async def index_bench(args: argparse.Namespace, work: Path) -> None:
     ]))
     print(f"searches returned {found / len(search):.1f} segments each on average (24-25 expected); "
           f"the summary has {len(out):,} channel rows")
-
-
-def interrupted(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def main() -> int:
