@@ -40,6 +40,10 @@ import psutil
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from relay import tree_cpu  # noqa: E402
+
+# bench/registry.py would shadow the registry package the server's modules import.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(ROOT))
 
@@ -134,15 +138,6 @@ def server_procs(server: ServedServer) -> list[psutil.Process]:
     return procs + [psutil.Process(pid) for pid in sorted(pids)]
 
 
-def cpu(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            t = p.cpu_times()
-            total += t.user + t.system
-    return total
-
-
 async def scenario(name: str, server: ServedServer, targets: list[str], args: argparse.Namespace) -> dict:
     procs = server_procs(server)
     async with aiohttp.ClientSession() as http:
@@ -157,9 +152,9 @@ async def scenario(name: str, server: ServedServer, targets: list[str], args: ar
         await asyncio.sleep(args.settle)
         LATENCIES.clear()
         frames0 = [v.frames for v in viewers]
-        c0, w0 = cpu(procs), time.monotonic()
+        c0, w0 = tree_cpu(procs), time.monotonic()
         await asyncio.sleep(args.seconds)
-        used, wall = cpu(procs) - c0, time.monotonic() - w0
+        used, wall = tree_cpu(procs) - c0, time.monotonic() - w0
         lat = list(LATENCIES)
         got = [v.frames - f for v, f in zip(viewers, frames0, strict=True)]
         await asyncio.gather(*(v.stop(http) for v in viewers))
