@@ -190,7 +190,7 @@ class MediaReceiver:
         self._udp: asyncio.DatagramTransport | None = None
         # With the C twin (media._fast): the socket read in batches by `_readable`, and the
         # lanes of the UDP routes, SSRC -> the stream's Lane, kept with `_by_ssrc`.
-        self._fast = accel.fast if sys.platform.startswith("linux") else None
+        self._fast = accel.fast  # None where it was not built (recvmmsg is Linux's)
         self._sock: socket.socket | None = None
         self._lanes: dict[int, object] = {}
         self._batch: list = []
