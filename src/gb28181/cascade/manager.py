@@ -59,6 +59,15 @@ class UpstreamError(ValueError):
         self.status = status
 
 
+def _validated(data: dict) -> UpstreamSection:
+    """``data`` as an upstream's settings; UpstreamError (400) naming each fault."""
+    try:
+        return UpstreamSection.model_validate(data)
+    except ValidationError as exc:
+        raise UpstreamError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}"
+                                      for e in exc.errors())) from None
+
+
 class CascadeManager:
     """See the module docstring."""
 
@@ -174,11 +183,7 @@ class CascadeManager:
         return d
 
     async def add(self, data: dict) -> dict:
-        try:
-            cfg = UpstreamSection.model_validate(data)
-        except ValidationError as exc:
-            raise UpstreamError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}"
-                                          for e in exc.errors())) from None
+        cfg = _validated(data)
         assert cfg.id is not None
         if cfg.id in self.uplinks:
             raise UpstreamError(f"upstream {cfg.id} exists; PATCH it or choose another id", 409)
@@ -193,11 +198,7 @@ class CascadeManager:
     async def update(self, upstream_id: str, patch: dict) -> dict:
         uplink = self._editable(upstream_id)
         merged = {**uplink.config.model_dump(), **patch, "id": upstream_id}
-        try:
-            cfg = UpstreamSection.model_validate(merged)
-        except ValidationError as exc:
-            raise UpstreamError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}"
-                                          for e in exc.errors())) from None
+        cfg = _validated(merged)
         other = self.by_server_id(cfg.server_id)
         if other is not None and other is not uplink:
             raise UpstreamError(f"upper platform {cfg.server_id} is already upstream {other.id}", 409)
