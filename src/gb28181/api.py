@@ -30,6 +30,7 @@ from .metrics import CONTENT_TYPE, render
 from .queries import QueryError
 from .registrar import BEIJING
 from .timeparse import parse_when
+from .users import API_TOKEN, PLAY_URL, PRINCIPAL, Scope, needed_role
 
 if TYPE_CHECKING:
     from .server import GbServer
@@ -125,6 +126,12 @@ def _device_or_404(request: web.Request) -> Device:
     return device
 
 
+def _scope(request: web.Request) -> Scope | None:
+    """The scope of the user asking, or None when it sees everything (no user, or no scope)."""
+    principal = request.get(PRINCIPAL)
+    return None if principal is None or principal.scope.everything else principal.scope
+
+
 @web.middleware
 async def _count_requests(request: web.Request, handler):
     """Every answer counted by method, route (its template, so IDs do not make new series) and
@@ -147,7 +154,6 @@ async def _count_requests(request: web.Request, handler):
 async def _auth_and_errors(request: web.Request, handler):
     """Who is asking (``request[users.PRINCIPAL]``), may they (users.RULES, users.Scope), and
     every error as JSON."""
-    from .users import API_TOKEN, PLAY_URL, PRINCIPAL, needed_role
     server = _server(request)
     path = request.path
     # The node link checks the node token itself (nodes.NodeManager.link). The console's static
@@ -236,12 +242,9 @@ async def list_devices(request: web.Request) -> web.Response:
     limit = _int_param(request, "limit", 100, 1, 1000)
     kind = request.query.get("kind") or None
     online = None if status is None else status == "online"
-    from .users import PRINCIPAL
     server = _server(request)
-    principal = request.get(PRINCIPAL)
-    if principal is not None and not principal.scope.everything:
+    if (scope := _scope(request)) is not None:
         # A user's scope is no store query: filter the devices in memory, then page.
-        scope = principal.scope
         seen = [d for d in server.registry if (online is None or d.online == online)
                 and (kind is None or d.kind == kind)
                 and scope.covers_device(d.device_id, server.channels.of_device(d.device_id))]
@@ -382,10 +385,8 @@ async def list_channels(request: web.Request, device_id: str | None = None) -> w
                    tier=tier, state=state.upper() if state else None, kind=q.get("kind") or None,
                    text=q.get("text") or None, parent_id=q.get("parent_id") or None,
                    missing_location=None if missing is None else missing == "true")
-    from .users import PRINCIPAL
     channels = _server(request).channels
-    principal = request.get(PRINCIPAL)
-    scope = principal.scope if principal is not None and not principal.scope.everything else None
+    scope = _scope(request)
     if status == "online" or scope is not None:
         # "online" spans three states (ON, VLOST, DEFECT), and a user's scope is no store
         # filter: both are applied to the full match here, in memory.
@@ -551,10 +552,8 @@ async def tree(request: web.Request) -> web.Response:
     leaves = request.query.get("channels") == "true"
     channels = list(_server(request).channels)
     names = {c.channel_id: c.name for c in channels if c.kind in ("civil-code", "business-group", "virtual-org")}
-    from .users import PRINCIPAL
-    principal = request.get(PRINCIPAL)
-    if principal is not None and not principal.scope.everything:
-        channels = [c for c in channels if principal.scope.covers(c)]  # counts in scope only
+    if (scope := _scope(request)) is not None:
+        channels = [c for c in channels if scope.covers(c)]  # counts in scope only
     root = _node("", "root", "root")
     index: dict[str, dict] = {"": root}
 
@@ -625,11 +624,10 @@ async def online_report(request: web.Request) -> web.Response:
 def scope_filter(request: web.Request) -> Callable[[str, str], bool] | None:
     """For a user with a scope: whether (channel ID, device ID) is in it (either may be ""); None
     for everyone else. Alarms, streams and the event feed of other areas are left out with it."""
-    from .users import PRINCIPAL
-    principal = request.get(PRINCIPAL)
-    if principal is None or principal.scope.everything:
+    scope = _scope(request)
+    if scope is None:
         return None
-    scope, channels = principal.scope, _server(request).channels
+    channels = _server(request).channels
 
     def sees(channel_id: str, device_id: str) -> bool:
         channel = channels.get(channel_id) if channel_id else None
@@ -644,7 +642,6 @@ def scope_filter(request: web.Request) -> Callable[[str, str], bool] | None:
 def _who(request: web.Request) -> tuple[str, str]:
     """(who, from where) for the audit log: the user's name, or the credential used
     ("api-token", "play-url"), and the client address."""
-    from .users import PRINCIPAL
     principal = request.get(PRINCIPAL)
     if principal is not None:
         return principal.name, request.remote or ""
