@@ -916,7 +916,6 @@ class SqliteStore(Store):
 
     async def segments(self, channel_id: str | None = None, start: float | None = None,
                        end: float | None = None, *, tier: int | None = None,
-                       ended_before: float | None = None, oldest_first: bool = True,
                        offset: int = 0, limit: int = 1000,
                        count: bool = True) -> tuple[int, list[RecordSegment]]:
         where: list[str] = []
@@ -933,14 +932,10 @@ class SqliteStore(Store):
         if end is not None:  # ... and starts before end
             where.append("start < ?")
             params.append(end)
-        if ended_before is not None:
-            where.append("end < ?")
-            params.append(ended_before)
         clause = (" WHERE " + " AND ".join(where)) if where else ""
-        order = "start, id" if oldest_first else "start DESC, id DESC"
         db = self._conn()
         try:
-            rows = await db.execute_fetchall(f"{_SELECT_SEGMENTS}{clause} ORDER BY {order} LIMIT ? OFFSET ?",
+            rows = await db.execute_fetchall(f"{_SELECT_SEGMENTS}{clause} ORDER BY start, id LIMIT ? OFFSET ?",
                                              [*params, limit, offset])
             page = [_row_segment(row) for row in rows]
             if not count:

@@ -65,11 +65,6 @@ class RecordSegment:
     created_at: float = 0.0
     id: int | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "channel_id": self.channel_id, "path": self.path, "start": self.start,
-                "end": self.end, "bytes": self.bytes, "frames": self.frames, "codec": self.codec,
-                "gap_before": self.gap_before, "tier": self.tier, "state": self.state}
-
 
 class StoreError(RuntimeError):
     """The store cannot be opened, read or written; the message says what to fix."""
@@ -270,12 +265,11 @@ class Store(abc.ABC):
 
     async def segments(self, channel_id: str | None = None, start: float | None = None,
                        end: float | None = None, *, tier: int | None = None,
-                       ended_before: float | None = None, oldest_first: bool = True,
                        offset: int = 0, limit: int = 1000,
                        count: bool = True) -> tuple[int, list[RecordSegment]]:
         """(matching, a page of them): segments overlapping [start, end), of one channel or
-        tier, or ended before ``ended_before``; by start time. Without ``count`` the first is
-        the page's length: counting every match is a scan a caller that pages not need not pay."""
+        tier; by start time. Without ``count`` the first is the page's length: counting every
+        match is a scan a caller that pages not need not pay."""
         raise NotImplementedError(f"{type(self).__name__} does not index recordings")
 
     async def segment_paths(self) -> dict[str, str]:
