@@ -288,8 +288,7 @@ class SegmentRecorder:
 
     def _fail(self, error: str) -> None:
         if self._writer is not None and self._writer.opened:
-            if not self._writer.closed:
-                self._writer.close()  # what can still be finished is; the .part stays for repair
+            # What can still be finished is (_close_segment closes it); the .part stays for repair.
             self._close_segment("failed", error)
         else:
             # The file could not even be made (a read-only or full directory): say so all the same.
