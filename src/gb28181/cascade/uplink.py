@@ -26,15 +26,15 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import UpstreamSection
+from ..queries import MANSCDP_CONTENT_TYPE
 from ..sip.auth import authorization_header
 from ..sip.endpoint import SipEndpoint, SipTimeoutError, SipTransportError
 from ..sip.message import SipRequest, SipResponse, new_call_id, new_request, new_tag
 
-__all__ = ["Uplink", "MANSCDP"]
+__all__ = ["Uplink"]
 
 log = logging.getLogger("gb28181.cascade")
 
-MANSCDP = "Application/MANSCDP+xml"
 REQUEST_TIMEOUT = 10.0  # seconds for the upper to answer one of our requests
 
 
@@ -248,7 +248,7 @@ class Uplink:
         return await self.endpoint.request(req, self.addr, self.transport, timeout=timeout)
 
     # -- requests to the upper ------------------------------------------------------------------------
-    def message_request(self, body: bytes, content_type: str = MANSCDP) -> SipRequest:
+    def message_request(self, body: bytes, content_type: str = MANSCDP_CONTENT_TYPE) -> SipRequest:
         return new_request(
             "MESSAGE", self.request_uri(), via=self.endpoint.via(self.transport, peer=self.config.host),
             from_uri=self.local_uri(), to_uri=self.remote_uri(), body=body,
