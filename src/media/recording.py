@@ -232,12 +232,11 @@ class SegmentRecorder:
         return bool(sets) and sets != w.config
 
     def _open_segment(self, now: float) -> Mp4Writer:
-        final = segment_path(self.root, self.channel, now)
+        final = base = segment_path(self.root, self.channel, now)
         n = 1
         while final.exists() or final.with_name(final.name + ".part").exists():
             n += 1  # two segments in one second (a gap or a codec change): a suffix tells them apart
-            stem = segment_path(self.root, self.channel, now).stem
-            final = final.with_name(f"{stem}-{n}.mp4")
+            final = base.with_name(f"{base.stem}-{n}.mp4")
         facts = {"channel": self.channel, "start": round(now, 6), "gap_before": self._gap_next}
         self._writer = Mp4Writer(final.with_name(final.name + ".part"), fragmented=True,
                                  metadata={_TAG: json.dumps(facts)})
