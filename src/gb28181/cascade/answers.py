@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from registry.models import Channel, Device
 
-from .. import manscdp
+from .. import __version__, manscdp
 from ..control import DeviceControl
 from ..queries import DeviceQueries, QueryError
 from ..records import CMD_TYPE as RECORD_INFO
@@ -168,7 +168,7 @@ class UpperQueries:
             if msg.cmd_type == "DeviceInfo":
                 fields = [("DeviceName", cfg.server.name), ("Result", "OK"),
                           ("Manufacturer", "gb28181"), ("Model", "platform"),
-                          ("Firmware", _version()), ("Channel", self.shared_count(uplink))]
+                          ("Firmware", __version__), ("Channel", self.shared_count(uplink))]
             else:
                 fields = [("Result", "OK"), ("Online", "ONLINE"), ("Status", "OK"),
                           ("DeviceTime", manscdp.format_time(_now_beijing())),
@@ -301,17 +301,5 @@ def _record_item(raw: dict[str, Any]) -> list[tuple[str, Any]]:
             if isinstance(k, str) and k[:1].isalpha()]
 
 
-def _now_beijing():
-    from datetime import datetime
-
-    from ..registrar import BEIJING
+def _now_beijing() -> datetime:
     return datetime.now(BEIJING)
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("gb28181")
-    except Exception:
-        return "0"
-
