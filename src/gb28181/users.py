@@ -233,15 +233,17 @@ class UserService:
 
     def _index(self, user: UserRecord) -> None:
         self._principals[user.name] = Principal(user.name, user.role, Scope.of(user.scopes))
-        for h in [h for h, n in self._tokens.items() if n == user.name]:
-            del self._tokens[h]
+        self._drop_tokens(user.name)
         for token in user.tokens:
             self._tokens[token["hash"]] = user.name
 
-    def _forget(self, name: str) -> None:
-        self._principals.pop(name, None)
+    def _drop_tokens(self, name: str) -> None:
         for h in [h for h, n in self._tokens.items() if n == name]:
             del self._tokens[h]
+
+    def _forget(self, name: str) -> None:
+        self._principals.pop(name, None)
+        self._drop_tokens(name)
         self.end_sessions(name)
 
     def get(self, name: str) -> UserRecord:
