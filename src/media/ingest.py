@@ -259,16 +259,8 @@ class RtpIngest:
             asm = self._assembler
             asm._ts = lane.ts
             asm._first_seq = lane.first_seq
-        n = lane.nbytes
+        self.stats.record_packets(k, lane.nbytes, lane.last_at)
         lane.nbytes = 0
-        stats = self.stats
-        stats.packets += k
-        stats.bytes += n
-        now = stats.last_packet_at = lane.last_at
-        if stats._cur_start <= now < stats._cur_end:
-            stats._cur[1] += n
-        else:
-            stats._bucket(now)[1] += n
 
     def lane_sync(self) -> None:
         """Hand the fast path's state to the lane, armed if the fast path is."""

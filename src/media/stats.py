@@ -130,7 +130,11 @@ class StreamStats:
 
     def record_packet(self, size: int, now: float) -> None:
         """A valid RTP packet of `size` bytes arrived at `now`."""
-        self.packets += 1
+        self.record_packets(1, size, now)
+
+    def record_packets(self, count: int, size: int, now: float) -> None:
+        """`count` valid RTP packets of `size` bytes in all, the last at `now`."""
+        self.packets += count
         self.bytes += size
         if self.first_packet_at is None:
             self.first_packet_at = now
