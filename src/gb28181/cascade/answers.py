@@ -236,8 +236,7 @@ class UpperQueries:
     async def _platform_records(self, uplink: Uplink, channel: Channel, query: RecordQuery) -> list[dict]:
         """RecordInfo items (A.2.6.6) of the platform's own segments in the range, one per file,
         clipped to it; none when the platform has none there (or does not serve them up)."""
-        recording = getattr(self.manager.config, "recording", None)
-        if not getattr(recording, "serve_cascade", True) or query.type not in ("all", "time"):
+        if not self.manager.config.recording.serve_cascade or query.type not in ("all", "time"):
             return []
         playbacks = self.manager.sessions.playbacks
         start, end = query.start.timestamp(), query.end.timestamp()

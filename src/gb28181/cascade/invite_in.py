@@ -294,8 +294,7 @@ class UpperSessions:
     async def _history_source(self, session: UpSession, offer: SessionDescription) -> str:
         """Play the range from the platform's own recordings when they cover it (no INVITE to
         the device), unless ``recording.serve_cascade`` is off."""
-        recording = getattr(self.manager.config, "recording", None)
-        if not getattr(recording, "serve_cascade", True):
+        if not self.manager.config.recording.serve_cascade:
             return "device"
         try:
             return await self.playbacks.recorded_source(session.channel_id, offer.start, offer.stop)
