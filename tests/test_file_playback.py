@@ -11,16 +11,15 @@ through an in-process server an HTTP-FLV viewer of a platform playback decodes.
 from __future__ import annotations
 
 import asyncio
-import fractions
 import time
 from datetime import datetime
 
 import pytest
 
 from gb28181.registrar import BEIJING
-from media.nal import iter_nal_units, nal_type
+from media.mp4 import Mp4Writer
 from media.node import MediaNode, NodeError
-from media.ps import PsDemuxer
+from media.ps import PsDemuxer, PsFrame
 from registry.models import Channel
 from simulators.media import get_clip, parse_sim_sei
 
@@ -33,25 +32,14 @@ CHANNEL = "34020000001320000001"
 
 def write_segment(path, t0: float, count: int, first: int = 0) -> dict:
     """A fragmented MP4 of ``count`` frames from recorded time ``t0``, as the recorder writes."""
-    import av
-
     clip = get_clip("h264", "320x240", FPS, GOP, 300)
-    container = av.open(str(path), "w", format="mp4",
-                        options={"movflags": "frag_keyframe+empty_moov+default_base_moof"})
-    stream = container.add_stream("h264")
-    stream.width, stream.height = 320, 240
-    stream.time_base = fractions.Fraction(1, 90000)
-    stream.codec_context.extradata = b"".join(b"\x00\x00\x00\x01" + n for n in iter_nal_units(clip.frames[0])
-                                              if nal_type(n, "h264") in (7, 8))
+    writer = Mp4Writer(path, fragmented=True)
     for i in range(count):
         k = (first + i) % len(clip)
-        packet = av.Packet(clip.access_unit(k, first + i, round((t0 + i / FPS) * 1e9)))
-        packet.stream = stream
-        packet.pts = packet.dts = i * 90000 // FPS
-        packet.time_base = stream.time_base
-        packet.is_keyframe = clip.keyframes[k]
-        container.mux(packet)
-    container.close()
+        ts = i * 90000 // FPS
+        au = clip.access_unit(k, first + i, round((t0 + i / FPS) * 1e9))
+        writer.write_frame(PsFrame("video", "h264", au, ts, ts, clip.keyframes[k]), 0)
+    writer.close()
     return {"path": str(path), "start": t0, "end": t0 + (count - 1) / FPS}
 
 
