@@ -47,6 +47,7 @@ from aiortc.sdp import H264Profile, parse_h264_profile_level_id
 from .hub import Consumer, Stream, StreamClosed
 from .nal import H264_NAL_SPS, find_nal
 from .packet import MediaPacket
+from .ps import PsFrame
 
 __all__ = ["OfferPlan", "OfferRefused", "PortRange", "WebrtcOut", "WhepSession", "finish_answer",
            "plan_offer"]
@@ -306,6 +307,14 @@ class PortRange:
 
 # -- tracks and sessions ---------------------------------------------------------------------------
 
+def _av_packet(frame: PsFrame, timestamp: int) -> av.Packet:
+    """The frame as aiortc's encoders take it: its bytes, stamped on the PS clock."""
+    out = av.Packet(frame.data)
+    out.pts = frame.pts if frame.pts is not None else timestamp
+    out.time_base = _TIME_BASE
+    return out
+
+
 class _AudioTrack(MediaStreamTrack):
     """G.711 frames the video track found in the stream's packets."""
 
@@ -352,22 +361,11 @@ class _VideoTrack(MediaStreamTrack):
 
     def _take(self, packet: MediaPacket) -> None:
         for frame in packet.frames:
-            pts = frame.pts if frame.pts is not None else packet.timestamp
             if frame.stream == "video":
-                if frame.codec != "h264":
-                    continue
-                out = av.Packet(frame.data)
+                if frame.codec == "h264":
+                    self.pending.append(_av_packet(frame, packet.timestamp))
             elif self.audio is not None and frame.codec in _G711:
-                out = av.Packet(frame.data)
-            else:
-                continue
-            out.pts = pts
-            out.time_base = _TIME_BASE
-            if frame.stream == "video":
-                self.pending.append(out)
-            else:
-                assert self.audio is not None
-                self.audio.push(out)
+                self.audio.push(_av_packet(frame, packet.timestamp))
 
     async def recv(self) -> av.Packet:
         while not self.pending:
