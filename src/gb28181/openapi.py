@@ -422,8 +422,7 @@ def _response(status: int, spec: Response, comps: _Components) -> Schema:
     media = _media(spec)
     if media:
         return {"description": "; ".join(m.description for m in media if m.description) or phrase,
-                "content": {m.content_type: ({"schema": comps.schema(m.schema)} if m.schema is not None else {})
-                            for m in media}}
+                "content": _content(media, comps)}
     if isinstance(spec, str):
         out: Schema = {"description": spec}
         if status >= 400:
@@ -451,6 +450,11 @@ def _media(spec: object) -> list[Media]:
     return []
 
 
+def _content(media: list[Media], comps: _Components) -> Schema:
+    return {m.content_type: ({"schema": comps.schema(m.schema)} if m.schema is not None else {})
+            for m in media}
+
+
 def _phrase(status: int) -> str:
     try:
         return HTTPStatus(status).phrase
@@ -463,9 +467,7 @@ def _body(described: Doc, comps: _Components) -> Schema:
     if isinstance(body, type):
         content = {"application/json": {"schema": comps.ref(body, described.partial)}}
     else:
-        media = _media(body)
-        content = {m.content_type: ({"schema": comps.schema(m.schema)} if m.schema is not None else {})
-                   for m in media}
+        content = _content(_media(body), comps)
     return {"required": described.body_required, "content": content}
 
 
