@@ -217,9 +217,9 @@ class RecordingManager:
         """Arm the channels that should record now and do not; disarm those that should not."""
         now = self.clock()
         planned = self.planned()
-        for channel_id, mode in planned.items():
-            if not wanted(mode, self.config, now, self.alarm_until.get(channel_id, 0.0)):
-                continue
+        recording_now = {channel_id: mode for channel_id, mode in planned.items()
+                         if wanted(mode, self.config, now, self.alarm_until.get(channel_id, 0.0))}
+        for channel_id, mode in recording_now.items():
             rec = self.active.get(channel_id)
             if rec is None:
                 rec = self.active[channel_id] = ChannelRecording(channel_id, mode)
@@ -238,8 +238,8 @@ class RecordingManager:
                 rec.state = "starting"
                 self._spawn(self._arm(rec))
         for rec in list(self.active.values()):
-            mode = planned.get(rec.channel_id, "off")
-            if not wanted(mode, self.config, now, self.alarm_until.get(rec.channel_id, 0.0)):
+            if rec.channel_id not in recording_now:
+                mode = planned.get(rec.channel_id, "off")
                 if rec.state == "recording":
                     self._spawn(self._disarm(rec, f"plan {mode}"))
                 elif rec.state in ("idle", "waiting"):
