@@ -30,7 +30,7 @@ from .metrics import CONTENT_TYPE, render
 from .queries import QueryError
 from .registrar import BEIJING
 from .timeparse import parse_when
-from .users import API_TOKEN, PLAY_URL, PRINCIPAL, Scope, needed_role
+from .users import API_TOKEN, PLAY_URL, PRINCIPAL, SESSION_COOKIE, Scope, needed_role
 
 if TYPE_CHECKING:
     from .server import GbServer
@@ -171,7 +171,7 @@ async def _auth_and_errors(request: web.Request, handler):
     if not public:
         header = request.headers.get("Authorization", "")
         token = header[7:].strip() if header[:7].lower() == "bearer " else request.query.get("token", "")
-        cookie = request.cookies.get("gb28181_session", "")
+        cookie = request.cookies.get(SESSION_COOKIE, "")
         users = server.users
         user, via = None, "token"
         if token:

@@ -25,11 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .api import _body, _error, _server, _who
 from .ids import GROUP_TYPES, type_digits
 from .openapi import doc
-from .users import NAME_RE, PRINCIPAL, ROLES, LockedOut, UserError, user_json
+from .users import NAME_RE, PRINCIPAL, ROLES, SESSION_COOKIE, LockedOut, UserError, user_json
 
 __all__ = ["add_user_routes"]
 
-SESSION_COOKIE = "gb28181_session"
 _ROLE = f"^({'|'.join(ROLES)})$"
 _NAME = f"^{NAME_RE.pattern}$"
 

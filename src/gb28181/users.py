@@ -52,6 +52,7 @@ LOCKOUT = 600.0           # ... lock the name out at that address for 10 minutes
 SESSION_IDLE = 12 * 3600.0  # a console session ends after 12 h without a request
 MAX_SESSIONS = 10_000     # bounded: a login loop must not grow memory without end
 TOKEN_PREFIX = "gbu_"     # tells a user token from api.token in logs and secret scanners
+SESSION_COOKIE = "gb28181_session"  # the console session's cookie (set by api_users, read by api)
 
 
 def role_at_least(role: str, needed: str) -> bool:
