@@ -27,6 +27,7 @@ from registry.models import CHANNEL_STATES, Channel, Device
 
 from .ids import IdError, parse_id
 from .metrics import CONTENT_TYPE, render
+from .openapi import DOCS_PATH, OPENAPI_PATH
 from .queries import QueryError
 from .registrar import BEIJING
 from .timeparse import parse_when
@@ -158,7 +159,7 @@ async def _auth_and_errors(request: web.Request, handler):
     path = request.path
     # The node link checks the node token itself (nodes.NodeManager.link). The console's static
     # files, the API description and the sign-in hold no data, and must load before one signs in.
-    public = (path in ("/healthz", LINK_PATH, "/", "/api/docs", "/api/v1/openapi.json")
+    public = (path in ("/healthz", LINK_PATH, "/", DOCS_PATH, OPENAPI_PATH)
               or path.startswith("/console/")
               or (path == "/api/v1/session" and request.method == "POST")
               or (path == "/metrics" and server.config.api.metrics_public))
