@@ -356,9 +356,10 @@ class UpperSubscriptions:
         device_id = str(data.get("device_id") or "")
         now = time.monotonic()
         for sub in [s for s in self.subs.values() if s.kind == "MobilePosition"]:
-            if not self._shared_target(sub.uplink, target, device_id):
-                continue
+            # The interval first: it is a dict look-up, the share test may walk the device's channels.
             if now - sub.last_position.get(target, -1e9) < sub.interval:
+                continue
+            if not self._shared_target(sub.uplink, target, device_id):
                 continue
             sub.last_position[target] = now
             fields = [("Time", (data.get("time") or "")[:19]), ("Longitude", data.get("longitude")),
