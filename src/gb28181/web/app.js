@@ -100,8 +100,8 @@
     } catch (err) { /* no session (401), or a server without user accounts (404) */ }
     if (state.token) {
       try {
-        await api("/api/v1/console/config", { quiet: true });
-        return signedIn({ name: "API token", role: "token" });
+        const config = await api("/api/v1/console/config", { quiet: true });
+        return signedIn({ name: "API token", role: "token" }, config);
       } catch (err) {
         sessionStorage.removeItem(TOKEN_KEY);
         state.token = null;
@@ -143,10 +143,10 @@
     if (!token) return;
     state.token = token;
     try {
-      await api("/api/v1/console/config", { quiet: true });
+      const config = await api("/api/v1/console/config", { quiet: true });
       sessionStorage.setItem(TOKEN_KEY, token);
       $("signin-token").value = "";
-      signedIn({ name: "API token", role: "token" });
+      signedIn({ name: "API token", role: "token" }, config);
     } catch (err) {
       state.token = null;
       $("signin-error").textContent = err.status === 401 ? "The API token was refused." : err.message;
@@ -167,13 +167,14 @@
     showSignin(message);
   }
 
-  async function signedIn(user) {
+  /** config: the console config when the caller has fetched it already (checking a token). */
+  async function signedIn(user, config) {
     state.user = user;
     $("signin").hidden = true;
     $("console").hidden = false;
     $("who").textContent = user.name + (user.role && user.role !== "token" ? " (" + user.role + ")" : "");
     try {
-      state.config = await api("/api/v1/console/config");
+      state.config = config || await api("/api/v1/console/config");
     } catch (err) {
       state.config = { tiles_url: "", tiles_attribution: "", tier_targets: { 1: 0.95, 2: 0.9 } };
     }
