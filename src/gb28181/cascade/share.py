@@ -119,12 +119,19 @@ class _Groups:
         for i, gid in enumerate(chain):
             self.up.setdefault(gid, chain[i + 1] if i + 1 < len(chain) else None)
 
-    def top(self, gid: str) -> str:
+    def above(self, gid: str) -> list[str]:
+        """The groups above ``gid`` on the chosen edges, nearest first (a cycle ends the walk)."""
+        out: list[str] = []
         seen = {gid}
         while (nxt := self.up.get(gid)) and nxt not in seen:
             seen.add(nxt)
+            out.append(nxt)
             gid = nxt
-        return gid
+        return out
+
+    def top(self, gid: str) -> str:
+        above = self.above(gid)
+        return above[-1] if above else gid
 
 
 def _matches(channel: Channel, share: Share, chain: Sequence[str]) -> bool:
@@ -250,14 +257,7 @@ def catalog_items(channels: Iterable[Channel], *, local_id: str, share: Share,
         items.append(item(Channel(code, local_id, kind="civil-code", name=name(code, civil_names)),
                           parent_id=""))
 
-    def depth(gid: str) -> int:
-        n, seen_up = 0, {gid}
-        while (nxt := tree.up.get(gid)) and nxt not in seen_up:
-            seen_up.add(nxt)
-            gid, n = nxt, n + 1
-        return n
-
-    for gid in sorted(tree.up, key=lambda g: (depth(g), type_digits(g), g)):
+    for gid in sorted(tree.up, key=lambda g: (len(tree.above(g)), type_digits(g), g)):
         reg = registry.get(gid)
         kind = "business-group" if type_digits(gid) == BUSINESS_GROUP else "virtual-org"
         group = Channel(gid, local_id, kind=kind, name=name(gid, {gid: reg.name.strip()} if reg else {}))
