@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import os
 import random
 import socket
 import time
@@ -36,6 +35,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from .hub import Consumer, Stream, StreamClosed
+from .receiver_tcp import listen_socket
 from .rtp import DEFAULT_MTU, packetize
 from .rtp_tcp import frame_rfc4571
 
@@ -111,19 +111,11 @@ class _UdpSender(asyncio.DatagramProtocol):
 
 def _listen_socket(host: str, port: int, port_range: tuple[int, int] | None) -> socket.socket:
     """A listening TCP socket on host, on the first free port of port_range (else `port`)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     ports = range(port_range[0], port_range[1] + 1) if port_range is not None else (port,)
     for p in ports:
-        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            if os.name != "nt":  # rebind over TIME_WAIT; a live listener still gets EADDRINUSE
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, p))
-            sock.listen(4)
-            sock.setblocking(False)
-            return sock
+            return listen_socket(host, p, 4)
         except OSError as exc:
-            sock.close()
             if exc.errno != errno.EADDRINUSE or p == ports[-1]:
                 raise
     raise AssertionError("unreachable")

@@ -42,7 +42,7 @@ from .rtp_tcp import TcpRtpFramer
 if TYPE_CHECKING:
     from .receiver import MediaReceiver
 
-__all__ = ["TcpHandle", "TcpListeners", "TCP_PENDING_S", "TCP_PENDING_MAX"]
+__all__ = ["TcpHandle", "TcpListeners", "TCP_PENDING_S", "TCP_PENDING_MAX", "listen_socket"]
 
 log = logging.getLogger("media.receiver")
 
@@ -298,6 +298,22 @@ class _Listener:
             conn.abort("closed")
 
 
+def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A non-blocking TCP socket listening on host:port (0: an ephemeral port); OSError as bind raises it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if os.name != "nt":  # rebind over TIME_WAIT; a live listener still gets EADDRINUSE
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class TcpListeners:
     """The passive-TCP ports of a MediaReceiver and their pending connections.
 
@@ -383,18 +399,7 @@ class TcpListeners:
         return best, False
 
     def _bind(self, port: int) -> _Listener:
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            if os.name != "nt":  # rebind over TIME_WAIT; a live listener still gets EADDRINUSE
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, port))
-            sock.listen(_BACKLOG)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        listener = _Listener(self, sock)
+        listener = _Listener(self, listen_socket(self.host, port, _BACKLOG))
         self.listeners[listener.port] = listener
         return listener
 
