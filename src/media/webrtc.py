@@ -105,7 +105,7 @@ def _fmtp(section: list[str], pt: int) -> dict[str, str]:
 def _rtpmaps(section: list[str]) -> dict[int, str]:
     """Payload type → encoding name (upper case) of a media section, static ones included."""
     fmt = section[0].split()[3:]
-    names = {int(pt): name for pt, name in (("0", "PCMU"), ("8", "PCMA")) if pt in fmt}
+    names = {pt: name for name, pt in _G711.values() if str(pt) in fmt}
     for line in section:
         if m := _RTPMAP.match(line):
             names[int(m.group(1))] = m.group(2).upper()
@@ -219,7 +219,7 @@ def plan_offer(offer: str, video_codec: str | None, stream_profile: str | None =
     audio_pt, audio = None, None
     audios = [i for i in media if sections[i][0].startswith("m=audio ")]
     if audio_codec in _G711 and audios:
-        name, _static = _G711[audio_codec]
+        name = _G711[audio_codec][0]
         ai = audios[0]
         pts = [p for p, n in _rtpmaps(sections[ai]).items() if n == name]
         if pts:
