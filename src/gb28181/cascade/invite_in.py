@@ -226,7 +226,7 @@ class UpperSessions:
             if transport == "tcp-passive":
                 port = await self._forward(session)
             elif transport == "udp":
-                port = (await self._node_port(session)) or 9
+                port = self._node_port(session)
         except NodeCallError as exc:
             self.sessions.pop(req.call_id, None)
             await self._release(session, str(exc))
@@ -302,14 +302,11 @@ class UpperSessions:
             log.exception("recordings of %s for upper platform %s", session.channel_id, session.uplink.id)
             return "device"
 
-    async def _node_port(self, session: UpSession) -> int | None:
+    def _node_port(self, session: UpSession) -> int:
+        """The RTP port of the node that sends (that of the in-process relay when it names none), else 9."""
         assert session.leg is not None
-        info = session.leg.node.as_dict()
-        port = info.get("rtp_port")
-        if port:
-            return int(port)
-        local = self.manager.config.media.rtp_port
-        return local or None
+        port = session.leg.node.as_dict().get("rtp_port")
+        return (int(port) if port else self.manager.config.media.rtp_port) or 9
 
     async def _forward(self, session: UpSession) -> int:
         assert session.leg is not None
