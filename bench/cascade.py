@@ -111,17 +111,6 @@ async def view(session: aiohttp.ClientSession, v: Viewer) -> None:
 
 # -- set-up ---------------------------------------------------------------------------------
 
-class Chain(CascadeChain):
-    """CascadeChain whose servers are known before they are up, so a failed start is cleaned."""
-
-    def start(self) -> Chain:
-        for level, upper in (("province", None), ("city", "province"), ("county", "city")):
-            server = self._server(level, upper)
-            self.servers[level] = server
-            server.start()
-        return self
-
-
 def cameras(server: ServedServer) -> list[str]:
     """The channel IDs of the cameras a server lists ON, in order."""
     found: list[str] = []
@@ -197,7 +186,7 @@ def table(head: list[str], rows: list[list[str]]) -> str:
 # -- the run --------------------------------------------------------------------------------
 
 async def measure(args: argparse.Namespace, urls: dict[str, dict[str, str]],
-                  chain: Chain, sim: SimProcess) -> None:
+                  chain: CascadeChain, sim: SimProcess) -> None:
     n = args.streams
     viewers = {lv: [Viewer(lv, cid, urls[lv][cid]) for cid in urls["province"]] for lv in LEVELS}
     everyone = [v for lv in LEVELS for v in viewers[lv]]
@@ -293,7 +282,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     n = args.streams
     env = {"GB28181_MEDIA__DEFAULT_TRANSPORT": args.transport, "GB28181_LOG__LEVEL": "warning",
            "GB28181_MEDIA__WORKERS": str(args.workers)}
-    chain = Chain(work, **env)
+    chain = CascadeChain(work, **env)
     sim: SimProcess | None = None
     try:
         t0 = time.perf_counter()

@@ -311,7 +311,9 @@ class CascadeChain:
 
     def start(self) -> CascadeChain:
         for level, upper in (("province", None), ("city", "province"), ("county", "city")):
-            self.servers[level] = self._server(level, upper).start()
+            # Known before it is up, so that stop() also ends a level whose start failed.
+            server = self.servers[level] = self._server(level, upper)
+            server.start()
         return self
 
     def __getitem__(self, level: str) -> ServedServer:
